@@ -1,0 +1,78 @@
+"""Kernels that compute ``x @ W.T`` for a packed ``QuantizedLinear``, registered as plugins.
+
+Each kernel declares what it can run (``why_not`` returns the reason it cannot, or None) and a
+priority; ``select_kernel`` picks the highest-priority valid kernel for a layer and an input, logs
+why the others were skipped, and falls back to the pure-torch reference, which runs anything on any
+device. ``LPQ_KERNEL=<name>`` forces one kernel (``LPQ_KERNEL=reference`` for the reference).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import LpqError
+
+if TYPE_CHECKING:
+    from ..nn import QuantizedLinear
+
+log = logging.getLogger("lpq.kernels")
+
+_KERNELS: list["Kernel"] = []
+
+
+class Kernel:
+    name: str = ""
+    formats: tuple[str, ...] = ()
+    priority: int = 0
+
+    def why_not(self, layer: "QuantizedLinear", x: torch.Tensor) -> str | None:
+        """None if this kernel can run ``layer`` on input ``x``, else the reason it cannot."""
+        if layer.spec.format not in self.formats:
+            return f"format {layer.spec.format!r} not supported"
+        return None
+
+    def prepare(self, layer: "QuantizedLinear") -> None:
+        """One-time work at selection, e.g. repacking the weights into the kernel's own layout."""
+
+    def forward(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_kernel(kernel: Kernel) -> Kernel:
+    _KERNELS.append(kernel)
+    _KERNELS.sort(key=lambda k: -k.priority)
+    return kernel
+
+
+def available_kernels() -> list[str]:
+    return [k.name for k in _KERNELS]
+
+
+def get_kernel(name: str) -> Kernel:
+    for k in _KERNELS:
+        if k.name == name:
+            return k
+    raise LpqError(f"LPQ_KERNEL={name} names no kernel: choose one of {', '.join(available_kernels())}")
+
+
+def select_kernel(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel:
+    forced = os.environ.get("LPQ_KERNEL")
+    if forced:
+        kernel = get_kernel(forced)
+        reason = kernel.why_not(layer, x)
+        if reason:
+            raise LpqError(f"LPQ_KERNEL={forced} cannot run this layer: {reason}")
+        return kernel
+    for kernel in _KERNELS:
+        reason = kernel.why_not(layer, x)
+        if reason is None:
+            return kernel
+        log.debug("kernel %s skipped for %s: %s", kernel.name, layer.extra_repr(), reason)
+    raise LpqError(f"no kernel can run format {layer.spec.format!r}")  # the reference runs everything
+
+
+from . import reference  # noqa: E402,F401

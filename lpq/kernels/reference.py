@@ -1,0 +1,23 @@
+"""The reference kernel: the format's own pure-torch dequantize, then a dense matmul. Any device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import Kernel, register_kernel
+
+
+class ReferenceKernel(Kernel):
+    name = "reference"
+    priority = -100
+
+    def why_not(self, layer, x):
+        return None
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        w = layer.dequantize().to(x.dtype)  # [N, K]
+        return F.linear(x, w, layer.bias)
+
+
+REFERENCE = register_kernel(ReferenceKernel())
