@@ -81,7 +81,7 @@ def dequantize_codes(
 ) -> torch.Tensor:
     """W = s * (q - z): codes [N, K], scales/zeros [G, N], g_idx [K] -> [N, K] float32."""
     g = g_idx.long()
-    return scales.float()[g].t() * (codes.float() - zeros.float()[g].t())
+    return (codes.t().float() - zeros.float()[g]).mul_(scales.float()[g]).t()
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

@@ -54,24 +54,33 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
-    """Inverse of :func:`pack_rows`: [K * bits / 32, N] int32 -> [K, N] int32 codes."""
+    """Inverse of :func:`pack_rows`: [K * bits / 32, N] int32 -> [K, N] int32 codes.
+
+    Works in int32 throughout: arithmetic right shifts are fine because every code is masked after.
+    """
     n_words, n = packed.shape
     per_chunk, words_per_chunk = chunk_shape(bits)
     if n_words % words_per_chunk:
         raise ValueError(f"{n_words} packed words do not hold whole runs of {bits}-bit codes")
-    chunks = n_words // words_per_chunk
-    w = packed.to(torch.int64).reshape(chunks, words_per_chunk, n) & _MASK32
-    start = torch.arange(per_chunk, device=packed.device) * bits
-    lo_idx = start // 32
-    hi_idx = (lo_idx + 1).clamp(max=words_per_chunk - 1)
+    mask = (1 << bits) - 1
+    packed = packed.to(torch.int32)
+    start = torch.arange(per_chunk, device=packed.device, dtype=torch.int32) * bits
     offset = (start % 32).view(1, -1, 1)
-    lo = w[:, lo_idx, :]  # [chunks, codes, N]
-    hi = w[:, hi_idx, :]
-    both = lo | (hi << 32)  # a straddling code reads its high bits from the next word
-    codes = ((both >> offset) & ((1 << bits) - 1)).reshape(chunks * per_chunk, n).to(torch.int32)
-    if k is not None:
-        codes = codes[:k]
-    return codes
+    if words_per_chunk == 1:  # 2, 4, 8 bits: whole codes per word, one shift-and-mask
+        codes = (packed.unsqueeze(1) >> offset) & mask  # [words, codes per word, N]
+    else:  # 3 bits: codes that straddle two words take their high bits from the next word
+        w = packed.reshape(n_words // words_per_chunk, words_per_chunk, n)
+        lo_idx = (start // 32).long()
+        straddle = (offset + bits > 32)
+        hi_idx = (lo_idx + 1).clamp(max=words_per_chunk - 1)
+        hi_shift = torch.where(straddle, 32 - offset, torch.zeros_like(offset))
+        hi = torch.where(straddle, w[:, hi_idx, :] << hi_shift, torch.zeros((), dtype=torch.int32, device=w.device))
+        # the low part of a straddling code is the top (32 - offset) bits of its word: mask away the
+        # sign extension of the arithmetic shift before the high bits are OR-ed in
+        lo_mask = torch.where(straddle, (1 << (32 - offset).clamp(max=31)) - 1, torch.full_like(offset, mask))
+        codes = (((w[:, lo_idx, :] >> offset) & lo_mask) | hi) & mask
+    codes = codes.reshape(-1, n)
+    return codes[:k] if k is not None else codes
 
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:

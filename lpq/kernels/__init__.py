@@ -76,3 +76,4 @@ def select_kernel(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel:
 
 
 from . import reference  # noqa: E402,F401
+from . import uniform_cuda  # noqa

@@ -16,7 +16,8 @@ class ReferenceKernel(Kernel):
         return None
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        w = layer.dequantize().to(x.dtype)  # [N, K]
+        dense = layer.kernel_state.get("dense")  # set by lpq.evaluate.dense_weights() on the CPU
+        w = dense if dense is not None and dense.dtype == x.dtype else layer.dequantize().to(x.dtype)  # [N, K]
         return F.linear(x, w, layer.bias)
 
 

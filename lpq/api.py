@@ -1,0 +1,228 @@
+"""The Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import calibration_tokens
+from .checkpoint import check_output, load_quantized, make_quant_config, replace_with_quantized, save_quantized
+from .driver import QuantizationRun, RunOptions
+from .errors import CheckpointError, LpqError, OutOfMemory
+from .methods import get_method
+from .models.loading import ModelSource, load_model, load_tokenizer, resolve_source
+from .nn import QuantizedLinear
+from .progress import disable_transformers_progress, info, track
+from .spec import QuantSpec
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LpqError("--device cuda was asked for, but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise LpqError(f"--dtype {dtype} is not supported: choose auto, float32, float16 or bfloat16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    out: Path | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory_gb: float = 0.0
+    layers: int = 0
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.lpq-partial"
+
+
+def _manifest(model_name: str, spec: QuantSpec, method_options: dict, ignore, overrides, calib: dict | None) -> dict:
+    return {"model": model_name, "spec": spec.to_dict(), "method_options": method_options, "ignore": list(ignore),
+            "overrides": overrides, "calibration": calib}
+
+
+def pack_model(model: nn.Module, results: dict, dtype: torch.dtype) -> None:
+    """Replace each quantized linear with a QuantizedLinear holding its packed tensors."""
+    from .models.arch import linear_shape
+
+    for name, qw in track(list(results.items()), "packing"):
+        old = model.get_submodule(name)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        if linear_shape(old) != (qw.in_features, qw.out_features):
+            raise RuntimeError(f"shape of {name} changed during quantization")
+        new = QuantizedLinear.from_quantized(qw, bias, dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize(
+    model: str | nn.Module = "smollm2-135m",
+    out: str | Path | None = None,
+    *,
+    method: str = "rtn",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = False,
+    act_order: bool = False,
+    method_options: dict[str, Any] | None = None,
+    ignore: list[str] | tuple[str, ...] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+    tokenizer=None,
+    calib: str | None = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    calib_batch_size: int = 1,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    trust_remote_code: bool = False,
+) -> QuantizeResult:
+    """Quantize a causal LM and (if ``out`` is given) save it packed.
+
+    ``model`` is a built-in name (smollm2-135m), a local directory, a .gguf file, a hub id, or an
+    already-loaded transformers model (then pass ``tokenizer`` to save one alongside).
+    ``calib`` is a text file, 'wikitext2' or 'self' (sampled from the model; the default when the
+    method needs data and none is given). Returns the packed model, timings and peak memory.
+    """
+    disable_transformers_progress()
+    dev = resolve_device(device)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, method=method, act_order=act_order,
+                     options=dict(method_options or {}))
+    method_plugin = get_method(method, **(method_options or {}))
+    out_path = check_output(out, overwrite or resume) if out is not None else None
+    if resume and out_path is None:
+        raise LpqError("--resume needs --out (the partial work is kept beside the output directory)")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if isinstance(model, nn.Module):
+        model_name = getattr(model.config, "_name_or_path", type(model).__name__)
+        loaded = model
+    else:
+        source: ModelSource = resolve_source(model)
+        if source.quantized:
+            raise LpqError(f"{model} is already quantized: quantize the original model instead")
+        model_name = model
+        work_dtype = resolve_dtype(dtype, dev)
+        loaded = load_model(source, work_dtype, trust_remote_code)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source, trust_remote_code)
+    seconds["load"] = time.perf_counter() - t0
+    model_dtype = next(loaded.parameters()).dtype
+
+    calib_record = None
+    tokens = None
+    work_dir = _work_dir(out_path) if out_path is not None else None
+    if method_plugin.needs_calibration:
+        calib = calib or "self"
+        calib_record = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    manifest = _manifest(model_name, spec, method_options or {}, ignore, overrides or {}, calib_record)
+    if work_dir is not None:
+        if work_dir.exists() and resume:
+            saved = json.loads((work_dir / "manifest.json").read_text()) if (work_dir / "manifest.json").is_file() else None
+            if saved != json.loads(json.dumps(manifest)):
+                raise LpqError(f"the partial run in {work_dir} used other settings: start over with --overwrite")
+            info(f"resuming the partial run in {work_dir}")
+        elif work_dir.exists() and not overwrite:
+            raise LpqError(f"an interrupted run left {work_dir}: continue it with --resume or start over with --overwrite")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir.mkdir(parents=True)
+            (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if method_plugin.needs_calibration:
+        t0 = time.perf_counter()
+        cached = work_dir / "calibration.pt" if work_dir is not None else None
+        if cached is not None and cached.is_file():
+            tokens = torch.load(cached, weights_only=True)
+        else:
+            if tokenizer is None:
+                raise LpqError("calibration needs a tokenizer: pass tokenizer=...")
+            tokens = calibration_tokens(calib, loaded, tokenizer, nsamples, seqlen, seed, dev)
+            if cached is not None:
+                torch.save(tokens, cached)
+        seconds["calib_data"] = time.perf_counter() - t0
+
+    try:
+        run = QuantizationRun(
+            loaded,
+            RunOptions(method=method_plugin, spec=spec, ignore=list(ignore), overrides=dict(overrides or {}),
+                       device=str(dev), calib_batch_size=calib_batch_size, work_dir=work_dir, resume=resume),
+            calib_tokens=tokens,
+            tokenizer=tokenizer,
+        )
+        results = run.run()
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(
+            f"out of memory on {dev} while quantizing: lower --nsamples or --calib-batch-size, or use --device cpu"
+        ) from None
+    seconds.update({k: v for k, v in run.timer.seconds.items()})
+
+    t0 = time.perf_counter()
+    pack_model(loaded, results, model_dtype)
+    seconds["pack"] = time.perf_counter() - t0
+    qconfig = make_quant_config(spec, run.specs, calib_record, method_options)
+    loaded.config.quantization_config = qconfig
+    if out_path is not None:
+        t0 = time.perf_counter()
+        save_quantized(loaded, tokenizer, out_path, qconfig, overwrite=overwrite or resume, max_shard_size=max_shard_size)
+        seconds["save"] = time.perf_counter() - t0
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    seconds["total"] = time.perf_counter() - start
+    return QuantizeResult(loaded, out_path, seconds, _peak_memory_gb(dev), len(results))
+
+
+def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto"):
+    """Load a packed lpq (or GPTQ) directory as a transformers model that runs ``generate()``."""
+    disable_transformers_progress()
+    dev = resolve_device(device)
+    return load_quantized(path, dev, resolve_dtype(dtype, dev))
+
+
+def load_any(name: str, device: str = "auto", dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) for a quantized directory or any unquantized model lpq can read."""
+    disable_transformers_progress()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    source = resolve_source(name)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if source.quantized:
+        model = load_quantized(source.path, dev, dt)
+    else:
+        model = load_model(source, dt, trust_remote_code).to(dev)
+    return model, tokenizer

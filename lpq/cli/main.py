@@ -1,0 +1,207 @@
+"""The ``lpq`` command line: a thin layer over the Python API in ``lpq.api``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import api
+from ..errors import LpqError
+from ..models.loading import DEFAULT_MODEL
+from ..progress import console, info, set_quiet
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="lpq")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or log lines.")
+def cli(quiet: bool) -> None:
+    """lpq: quantize causal language models to 2-8 bits, save them packed, run and evaluate them."""
+    set_quiet(quiet)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise LpqError(f"--option {pair!r} is not KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--method", default="rtn", show_default=True, help="Quantization method (rtn, gptq, ...).")
+@click.option("--bits", type=int, default=4, show_default=True, help="Code width: 2, 3, 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per scale/zero; -1 = per output channel.")
+@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid or asymmetric min-max.")
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (stores g_idx).")
+@click.option("--static-groups", is_flag=True, default=None, help="GPTQ: fix group grids before act-order permutation.")
+@click.option("--damp", type=float, default=None, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01).")
+@click.option("--true-sequential/--no-true-sequential", default=None, help="GPTQ: quantize a block's linears stage by stage (default on).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Another method option (repeatable).")
+@click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave linears whose qualified name matches this glob unquantized (repeatable).")
+@click.option("--calib", default=None, metavar="FILE|wikitext2|self", help="Calibration text; default: sampled from the model (self).")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-batch-size", type=int, default=1, show_default=True, help="Calibration windows per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (the model stays on the CPU; blocks stream through).")
+@click.option("--dtype", default="auto", show_default=True, help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+@click.option("--out", "out", default=None, help="Output directory [default: out/<model>-<method>-w<bits>-g<group>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, options, ignore,
+             calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, overwrite, resume, max_shard_size,
+             trust_remote_code, as_json):
+    """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
+    method_options = _parse_options(options)
+    for key, value in (("static_groups", static_groups), ("damp", damp), ("true_sequential", true_sequential)):
+        if value is not None:
+            method_options[key] = value
+    if out is None:
+        g = "pc" if group_size == -1 else f"g{group_size}"
+        stem = model.rstrip("/").split("/")[-1].removesuffix(".gguf")
+        out = f"out/{stem}-{method}-w{bits}-{g}"
+    result = api.quantize(
+        model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+        method_options=method_options, ignore=list(ignore), calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        calib_batch_size=calib_batch_size, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
+        max_shard_size=max_shard_size, trust_remote_code=trust_remote_code,
+    )
+    from ..inspect import inspect as inspect_dir
+
+    report = inspect_dir(result.out)
+    summary = {"out": str(result.out), "layers": result.layers, "bpw": report["bpw"],
+               "size_bytes": report["total_bytes"], "seconds": result.seconds, "peak_memory_gb": result.peak_memory_gb}
+    if as_json:
+        _print_json(summary)
+    else:
+        info(f"wrote {result.out}: {result.layers} layers at {report['bpw']:.3f} bits per weight, "
+             f"{report['total_bytes'] / 1e6:.1f} MB ({report['size_vs_fp16']:.1%} of fp16) in {result.seconds['total']:.1f} s")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("directory")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(directory, as_json):
+    """Per-layer method, bits, group size and bytes of a packed DIRECTORY; average bits per weight."""
+    from rich.table import Table
+
+    from ..inspect import inspect as inspect_dir
+
+    report = inspect_dir(directory)
+    if as_json:
+        _print_json(report)
+        return
+    table = Table(title=f"{directory} ({report['method']})")
+    for col in ("layer", "method", "bits", "group", "shape (out x in)", "bytes", "bpw"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for layer in report["layers"]:
+        g = "per-ch" if layer["group_size"] == -1 else str(layer["group_size"])
+        table.add_row(layer["name"], layer["method"], str(layer["bits"]), g,
+                      f"{layer['out_features']} x {layer['in_features']}", f"{layer['bytes']:,}", f"{layer['bpw']:.3f}")
+    out = console.__class__(highlight=False, width=max(console.width, 140) if not console.is_terminal else None)
+    out.print(table)
+    out.print(
+        f"quantized layers: {report['quantized_layers']}, average {report['bpw']:.3f} bits per weight "
+        f"(scales, zeros and every other overhead counted)\n"
+        f"whole model: {report['total_bytes'] / 1e6:.1f} MB, {report['model_bpw']:.3f} bits per parameter, "
+        f"{report['size_vs_fp16']:.1%} of fp16 ({report['fp16_bytes'] / 1e6:.1f} MB)"
+    )
+
+
+@cli.group(name="eval", context_settings=CONTEXT)
+def eval_group():
+    """Evaluate a model: perplexity on a text, or KL divergence to a reference model."""
+
+
+def _eval_options(f):
+    for opt in reversed([
+        click.option("--text", default="wikitext2", show_default=True, metavar="FILE|wikitext2", help="Evaluation text."),
+        click.option("--seqlen", type=int, default=2048, show_default=True, help="Window length in tokens."),
+        click.option("--windows", type=int, default=None, help="Evaluate only the first N windows [default: all]."),
+        click.option("--batch-size", type=int, default=1, show_default=True, help="Windows per forward pass."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--dtype", default="auto", show_default=True, help="auto: float32 on CPU, float16 on GPU."),
+        click.option("--trust-remote-code", is_flag=True),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@eval_group.command(context_settings=CONTEXT)
+@click.argument("model")
+@_eval_options
+def perplexity(model, text, seqlen, windows, batch_size, device, dtype, trust_remote_code, as_json):
+    """Perplexity of MODEL (packed directory or any model lpq can load) on a text."""
+    from .. import evaluate
+
+    body = evaluate.load_eval_text(text)
+    m, tok = api.load_any(model, device, dtype, trust_remote_code)
+    res = evaluate.perplexity(m, tok, body, seqlen, windows, batch_size)
+    if as_json:
+        _print_json({"model": model, **res.to_dict()})
+    else:
+        click.echo(f"perplexity {res.perplexity:.4f} ({res.windows} windows of {res.seqlen}, {res.tokens} tokens)")
+
+
+@eval_group.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--reference", required=True, help="The unquantized model to compare with.")
+@_eval_options
+def kl(model, reference, text, seqlen, windows, batch_size, device, dtype, trust_remote_code, as_json):
+    """Mean KL(reference || MODEL) per token and the share of changed top-1 predictions."""
+    from .. import evaluate
+
+    body = evaluate.load_eval_text(text)
+    m, tok = api.load_any(model, device, dtype, trust_remote_code)
+    ref, _ = api.load_any(reference, device, dtype, trust_remote_code)
+    res = evaluate.kl_divergence(m, ref, tok, body, seqlen, windows, batch_size)
+    if as_json:
+        _print_json({"model": model, "reference": reference, **res.to_dict()})
+    else:
+        click.echo(f"KL {res.kl:.5f} nats/token, top-1 changed {res.top1_changed:.2%} "
+                   f"({res.windows} windows of {res.seqlen}, {res.tokens} tokens)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, without a traceback."""
+    import torch
+
+    try:
+        cli.main(args=argv, prog_name="lpq", standalone_mode=False)
+    except LpqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written to the output directory; finished blocks are kept for --resume", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written to the output directory; finished blocks are kept for --resume", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except torch.OutOfMemoryError:
+        click.echo("error: out of memory: use --device cpu, a smaller --nsamples or --calib-batch-size, or a smaller --batch-size", err=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

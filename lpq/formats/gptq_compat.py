@@ -1,0 +1,166 @@
+"""Interoperability with GPTQ checkpoints, as pure transforms of one linear layer's state dict.
+
+lpq's ``uniform`` format already uses GPTQ's tensor layout, so only two things differ:
+
+* ``qzeros``. A GPTQ checkpoint in the original (v1, ``checkpoint_format: "gptq"``) convention stores
+  every zero point minus one, each ``bits``-wide field taken modulo 2**bits (a zero point of 0 is
+  stored as 2**bits - 1 and comes back as 0 when the reader adds one and masks). lpq stores the zero
+  points as they are, which is GPTQ's v2 convention (``checkpoint_format: "gptq_v2"``). Readers that
+  add one *without* masking (the classic CUDA / exllama kernels) read a stored field of 2**bits - 1 as
+  2**bits; that is a limit of the v1 convention itself: only a group whose weights are all >= 0 can
+  get a zero point of 0 on lpq's asymmetric grid, and symmetric grids never do.
+* ``g_idx``. GPTQ checkpoints carry it for every layer (the group of each input column; without
+  act-order it is k // group_size, with a per-channel grid all zeros); lpq stores it only with
+  act-order.
+
+The bit layout is the same in both: ``qweight`` int32 [K*b/32, N] holds the codes of each output
+column as one little-endian bit stream along K (for 3 bits, 32 codes fill 3 words: code 10 straddles
+words 0/1 and code 21 words 1/2); ``qzeros`` int32 [G, N*b/32] the zero points the same way along N;
+``scales`` fp16 [G, N]. A shorter last group (K not a multiple of the group size) has G = ceil(K/gs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import FormatError
+from ..quant import group_index, num_groups
+from ..spec import SUPPORTED_GROUP_SIZES, QuantSpec
+from .packing import chunk_shape, pack_cols, unpack_cols
+
+_QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+#: checkpoint_format values whose qzeros carry the v1 "minus one" offset
+_V1_FORMATS = ("gptq", "gemm", "")
+_V2_FORMATS = ("gptq_v2",)
+
+
+def _shift_zero_fields(qzeros: torch.Tensor, bits: int, n: int, delta: int) -> torch.Tensor:
+    """Add ``delta`` to every packed zero-point field, modulo 2**bits (no carry between fields)."""
+    zeros = unpack_cols(qzeros, bits, n)
+    return pack_cols((zeros + delta) & ((1 << bits) - 1), bits)
+
+
+def to_gptq(
+    tensors: dict[str, torch.Tensor], spec: QuantSpec, in_features: int, out_features: int
+) -> dict[str, torch.Tensor]:
+    """lpq ``uniform`` tensors of one linear -> the same layer in GPTQ's v1 checkpoint convention.
+
+    Returns ``qweight``, ``qzeros`` (zero - 1 per field, modulo 2**bits), ``scales`` and ``g_idx``
+    (always present); any other entry (e.g. ``bias``) is passed through unchanged.
+    """
+    _check(tensors, spec.bits, spec.group_size, in_features, out_features, "lpq")
+    out = {key: t for key, t in tensors.items() if key not in _QUANT_KEYS}
+    out["qweight"] = tensors["qweight"].to(torch.int32).contiguous()
+    out["qzeros"] = _shift_zero_fields(tensors["qzeros"], spec.bits, out_features, -1)
+    out["scales"] = tensors["scales"].to(torch.float16).contiguous()
+    if "g_idx" in tensors:
+        out["g_idx"] = tensors["g_idx"].to(torch.int32).contiguous()
+    else:
+        out["g_idx"] = group_index(in_features, spec.group_size, device=tensors["qweight"].device)
+    return out
+
+
+def from_gptq(
+    tensors: dict[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    checkpoint_format: str = "gptq",
+) -> tuple[QuantSpec, dict[str, torch.Tensor]]:
+    """One linear of a GPTQ checkpoint (made by lpq or another tool) -> (spec, lpq ``uniform`` tensors).
+
+    ``checkpoint_format`` "gptq" (v1, the default of every GPTQ tool) removes the minus-one offset of
+    the zero points; "gptq_v2" stores them as they are. ``g_idx`` is kept (and the spec marked
+    act-order) when ``desc_act`` is set or when it is not the trivial k // group_size; a trivial one is
+    dropped. Other entries (e.g. ``bias``) are passed through unchanged.
+    """
+    fmt = (checkpoint_format or "gptq").strip().lower()
+    if fmt not in _V1_FORMATS + _V2_FORMATS:
+        raise FormatError(
+            f"GPTQ checkpoint_format {checkpoint_format!r} is not supported: lpq reads 'gptq' (v1) and 'gptq_v2'"
+        )
+    for key in ("qweight", "qzeros", "scales"):
+        if key not in tensors:
+            raise FormatError(f"GPTQ layer has no {key!r} tensor: the checkpoint is incomplete")
+    if bits not in (2, 3, 4, 8):
+        raise FormatError(f"GPTQ checkpoint with bits={bits}: lpq reads 2, 3, 4 and 8 bits")
+    qweight = tensors["qweight"]
+    per_chunk, words = chunk_shape(bits)
+    in_features = qweight.shape[0] // words * per_chunk
+    out_features = tensors["scales"].shape[1]
+    # -1 (or 0, or a size covering the whole row, as some tools write it): one group per output channel
+    gs = -1 if group_size is None or group_size <= 0 else int(group_size)
+    if gs >= in_features and gs not in SUPPORTED_GROUP_SIZES:
+        gs = -1
+    _check(tensors, bits, gs, in_features, out_features, "GPTQ")
+
+    g_idx = tensors.get("g_idx")
+    trivial = group_index(in_features, gs, device=qweight.device)
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int32)
+        if g_idx.shape != (in_features,):
+            raise FormatError(f"GPTQ g_idx has shape {tuple(g_idx.shape)}, expected ({in_features},)")
+        n_groups = num_groups(in_features, gs)
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise FormatError(f"GPTQ g_idx points outside the {n_groups} groups of its layer: corrupt checkpoint")
+    act_order = bool(desc_act) or (g_idx is not None and not torch.equal(g_idx, trivial))
+    spec = QuantSpec(bits=bits, group_size=gs, sym=bool(sym), method="gptq", format="uniform", act_order=act_order)
+
+    out = {key: t for key, t in tensors.items() if key not in _QUANT_KEYS}
+    out["qweight"] = qweight.to(torch.int32).contiguous()
+    qzeros = tensors["qzeros"].to(torch.int32)
+    out["qzeros"] = _shift_zero_fields(qzeros, bits, out_features, +1) if fmt in _V1_FORMATS else qzeros.contiguous()
+    out["scales"] = tensors["scales"].to(torch.float16).contiguous()
+    if act_order:
+        out["g_idx"] = (g_idx if g_idx is not None else trivial).contiguous()
+    return spec, out
+
+
+def gptq_quantization_config(spec: QuantSpec) -> dict[str, Any]:
+    """The ``quantization_config`` of config.json for a checkpoint written by :func:`to_gptq`.
+
+    Carries what transformers (GPTQConfig), optimum and vLLM read: quant_method, bits, group_size,
+    desc_act, sym, checkpoint_format, plus the record of how it was made (true_sequential,
+    damp_percent, static_groups), taken from ``spec.options`` where the method put them there.
+    """
+    opts = spec.options or {}
+
+    def opt(*names: str, default: Any) -> Any:
+        for name in names:
+            if opts.get(name) is not None:
+                return opts[name]
+        return default
+
+    return {
+        "quant_method": "gptq",
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "desc_act": bool(spec.act_order),
+        "sym": bool(spec.sym),
+        "checkpoint_format": "gptq",
+        "true_sequential": bool(opt("true_sequential", default=True)),
+        "damp_percent": float(opt("damp_percent", "damp", default=0.01)),
+        "static_groups": bool(opt("static_groups", default=False)),
+    }
+
+
+def _check(tensors, bits: int, group_size: int, in_features: int, out_features: int, who: str) -> None:
+    per_chunk, words = chunk_shape(bits)
+    if in_features % per_chunk:
+        raise FormatError(f"{bits}-bit GPTQ packing needs in_features a multiple of {per_chunk}, got {in_features}")
+    g = num_groups(in_features, group_size)
+    expect = {
+        "qweight": (in_features // per_chunk * words, out_features),
+        "scales": (g, out_features),
+        "qzeros": (g, -(-out_features // per_chunk) * words),
+    }
+    for key, shape in expect.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise FormatError(
+                f"{who} tensor {key} has shape {got}, expected {shape} for a {out_features}x{in_features} "
+                f"layer at {bits} bits, group size {group_size}: the checkpoint does not match its config"
+            )

@@ -1,0 +1,404 @@
+// lpq: dequantize-in-registers GEMM kernels for the `uniform` packed format.
+//
+// Written for lpq; torch-free so that it compiles with plain nvcc (the torch binding lives in
+// uniform_binding.cpp and calls the launchers declared in uniform_launch.h).
+//
+// Repacked layout (built by lpq/kernels/uniform_cuda.py at prepare time)
+// ---------------------------------------------------------------------
+// The weight W [N, K] is cut into n-tiles of 16 output rows and chunks of 128 input columns (K is
+// zero-padded to a multiple of 128; the activations are read as zero there). Inside a chunk the
+// columns are split into folds of S = min(group size, 128) columns (one fold never crosses a group),
+// and each fold into S/16 mma k-tiles. Lane (g = lane / 4, t = lane % 4) of a warp holds, for the
+// m16n8k16 A fragment of k-tile j (jj = j % (S/16) inside fold f = j / (S/16)):
+//   register r (0..3): row g + 8 * (r & 1), columns f*S + t*(S/4) + 4*jj + 2*(r >> 1) + {0, 1}
+// so that the B fragment (activations) of a lane is S/4 consecutive columns of x, read with
+// 16-byte loads. The k order inside the mma is thus a permutation of the true order; A and B agree.
+//
+// Codes of one lane in one chunk: 32 "pairs" P = j*4 + r, two codes each (low half, high half).
+//   bits 2, 4, 8: word P / (16/b) holds pair i = P % (16/b) at bits [b*i, b*i+b) and [16+b*i, ...).
+//   bits 3: words 0..3 hold the low two bits as for bits 2; words 4..5 hold the third bit of pair
+//           i = P % 16 of word 4 + P / 16 at bits i and 16 + i.
+// One chunk of one n-tile is 32 lanes * 2b words, stored as segments of 16 bytes per lane
+// ([seg][lane][4 words]); for 3 bits the last two words form a [lane][2 words] tail.
+//
+// Scales: [G][n_tiles][8] half2 (s[g], s[g+8]); zeros: [G][n_tiles][8] u16 (z[g] | z[g+8] << 8).
+// W[n, k] = s * (q - z). q - z is formed exactly in fp16/bf16 (magic-number conversion), the
+// products are accumulated by the tensor cores in fp32 per fold, and the fold's sum is scaled in fp32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "uniform_launch.h"
+
+#include <type_traits>
+#include <utility>
+
+namespace lpq {
+
+template <int I, int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>());
+    static_for<I + 1, N>(f);
+  }
+}
+
+template <typename T> struct Magic;
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> struct Magic<__half> {
+  static constexpr uint32_t word = 0x64006400u;  // 1024.0 in each half
+  static constexpr uint32_t one = 0x6400u;
+};
+template <> struct Magic<__nv_bfloat16> {
+  static constexpr uint32_t word = 0x43004300u;  // 128.0 in each bf16 (codes < 128)
+  static constexpr uint32_t one = 0x4300u;
+};
+
+__device__ __forceinline__ uint32_t lop_and_or(uint32_t a, uint32_t mask, uint32_t c) {
+  // (a & mask) | c in one LOP3
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(c));
+  return d;
+}
+
+template <typename T> __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t sub2<__half>(uint32_t a, uint32_t b) {
+  __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t sub2<__nv_bfloat16>(uint32_t a, uint32_t b) {
+  __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// Number of 32-bit words of one lane in one chunk, and its 16-byte segments.
+template <int BITS> struct Layout {
+  static constexpr int words = 2 * BITS;             // 64 codes * BITS / 32
+  static constexpr int segs = (BITS == 3) ? 1 : words / 4;
+  static constexpr bool tail = (BITS == 3);           // 2 extra words per lane
+};
+
+// Load one lane's codes of one chunk.  base points at the chunk's block of 32 * 2b words.
+template <int BITS>
+__device__ __forceinline__ void load_codes(uint32_t (&w)[2 * BITS], const uint32_t* __restrict__ base, int lane) {
+  using L = Layout<BITS>;
+#pragma unroll
+  for (int s = 0; s < L::segs; ++s) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(base + s * 128 + lane * 4));
+    w[4 * s + 0] = v.x; w[4 * s + 1] = v.y; w[4 * s + 2] = v.z; w[4 * s + 3] = v.w;
+  }
+  if constexpr (L::tail) {
+    uint2 v = __ldg(reinterpret_cast<const uint2*>(base + 128 + lane * 2));
+    w[4] = v.x; w[5] = v.y;
+  }
+}
+
+// The four A registers of k-tile J (values magic + q, not yet zero-shifted).
+template <int BITS, typename T, int J>
+__device__ __forceinline__ void decode_tile(const uint32_t (&w)[2 * BITS], uint32_t (&a)[4]) {
+  constexpr uint32_t M = Magic<T>::word;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int P = J * 4 + r;
+    if constexpr (BITS == 4) {
+      a[r] = lop_and_or(w[P / 4] >> (4 * (P % 4)), 0x000F000Fu, M);
+    } else if constexpr (BITS == 2) {
+      a[r] = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
+    } else if constexpr (BITS == 3) {
+      uint32_t lo = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
+      const int i = P % 16;  // the third bit sits at bit i: move it to bit 2
+      const uint32_t h = w[4 + P / 16];
+      a[r] = lop_and_or(i >= 2 ? (h >> (i - 2)) : (h << (2 - i)), 0x00040004u, lo);
+    } else {  // 8 bits, fp16 only here: bytes i and i+2 of the word, with 0x64 as high bytes
+      const int i = P % 2;
+      a[r] = __byte_perm(w[P / 2], 0x64646464u, 0x4040 | (i + 2) << 8 | i);
+    }
+  }
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// q - z for all four registers of a tile. zz[0]: row g, zz[1]: row g + 8 (magic + z in both halves).
+// 8-bit codes with bf16 activations cannot use the bf16 magic (codes >= 128): they go through fp32.
+template <int BITS, typename T, int J>
+__device__ __forceinline__ void tile_a(const uint32_t (&w)[2 * BITS], const uint32_t (&zz)[2], const float (&zf)[2],
+                                       uint32_t (&a)[4]) {
+  if constexpr (BITS == 8 && std::is_same<T, __nv_bfloat16>::value) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int P = J * 4 + r;
+      const int i = P % 2;
+      // floats 2^23 + q built from the bytes (byte i, byte i + 2)
+      float f0 = __uint_as_float(__byte_perm(w[P / 2], 0x4B000000u, 0x7440 | i));
+      float f1 = __uint_as_float(__byte_perm(w[P / 2], 0x4B000000u, 0x7440 | (i + 2)));
+      __nv_bfloat162 v = __floats2bfloat162_rn(f0 - zf[r & 1], f1 - zf[r & 1]);
+      a[r] = *reinterpret_cast<uint32_t*>(&v);
+    }
+  } else {
+    decode_tile<BITS, std::conditional_t<BITS == 8, __half, T>, J>(w, a);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) a[r] = sub2<T>(a[r], zz[r & 1]);
+  }
+}
+
+
+// Small-m fused kernel.  Block: `nwarps` warps (dynamic), NT n-tiles, MT token tiles of 8.
+// The warps of a block split the chunks of K; CPS consecutive chunks form one pipeline step.
+template <int BITS, typename T, int S, int MT, int NT, int CPS>
+__global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
+  constexpr int WPL = 2 * BITS;
+  constexpr int TPF = S / 16;        // k-tiles per fold
+  constexpr int FOLDS = 128 / S;     // folds per chunk
+  constexpr int XW = S / 8;          // x words (half2) per fold per lane
+  extern __shared__ float red[];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nt0 = blockIdx.x * NT;
+  const int tok0 = blockIdx.y * (MT * 8);
+
+  float acc[NT][MT][4];
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+  // token rows of this lane (B fragment column g of each token tile)
+  const T* xrow[MT];
+  bool xvalid[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    int tok = tok0 + mt * 8 + g;
+    xvalid[mt] = tok < p.M;
+    xrow[mt] = x + (size_t)(xvalid[mt] ? tok : 0) * p.K;
+  }
+
+  const size_t chunk_words = 32 * WPL;
+  const int nsteps_total = (p.chunks + CPS - 1) / CPS;
+
+  uint32_t wcur[CPS][NT][WPL];
+  uint32_t wnxt[CPS][NT][WPL];
+
+
+  int step = warp;
+  if (step < nsteps_total) {
+#pragma unroll
+    for (int c = 0; c < CPS; ++c) {
+      int chunk = step * CPS + c;
+      if (chunk < p.chunks)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          load_codes<BITS>(wcur[c][nt], p.qw + ((size_t)(nt0 + nt) * p.chunks + chunk) * chunk_words, lane);
+    }
+  }
+  for (; step < nsteps_total; step += nwarps) {
+    const int nstep = step + nwarps;
+    if (nstep < nsteps_total) {
+#pragma unroll
+      for (int c = 0; c < CPS; ++c) {
+        int chunk = nstep * CPS + c;
+        if (chunk < p.chunks)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            load_codes<BITS>(wnxt[c][nt], p.qw + ((size_t)(nt0 + nt) * p.chunks + chunk) * chunk_words, lane);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CPS; ++c) {
+      const int chunk = step * CPS + c;
+      if (chunk >= p.chunks) break;
+      const int k0 = chunk * 128;
+      static_for<0, FOLDS>([&](auto fc) {
+        constexpr int f = decltype(fc)::value;
+        const int kf = k0 + f * S;
+        // activations of this fold: S/4 consecutive columns per lane and token tile
+        uint32_t xw[MT][XW];
+        const int kx = kf + t * (S / 4);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int v = 0; v < XW / 4; ++v) {
+            uint4 u = make_uint4(0, 0, 0, 0);
+            if (xvalid[mt] && kx + v * 8 < p.K) u = __ldg(reinterpret_cast<const uint4*>(xrow[mt] + kx + v * 8));
+            xw[mt][4 * v + 0] = u.x; xw[mt][4 * v + 1] = u.y; xw[mt][4 * v + 2] = u.z; xw[mt][4 * v + 3] = u.w;
+          }
+        }
+        const int grp = kf / p.gs;
+        float s_lo[NT], s_hi[NT];
+        uint32_t zz[NT][2];
+        float zf[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const size_t si = ((size_t)grp * p.n_tiles + nt0 + nt) * 8 + g;
+          uint32_t s2 = __ldg(p.sc + si);
+          uint32_t z2 = __ldg(p.zp + si);
+          __half2 sh = *reinterpret_cast<__half2*>(&s2);
+          s_lo[nt] = __low2float(sh);
+          s_hi[nt] = __high2float(sh);
+          uint32_t zl = z2 & 0xFF, zh = (z2 >> 8) & 0xFF;
+          constexpr uint32_t one = Magic<std::conditional_t<BITS == 8, __half, T>>::one;
+          zz[nt][0] = (one | zl) * 0x00010001u;
+          zz[nt][1] = (one | zh) * 0x00010001u;
+          zf[nt][0] = 8388608.f + (float)zl;
+          zf[nt][1] = 8388608.f + (float)zh;
+        }
+        float gacc[NT][MT][4];
+#pragma unroll
+        for (int a = 0; a < NT; ++a)
+#pragma unroll
+          for (int b = 0; b < MT; ++b)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) gacc[a][b][e] = 0.f;
+        // k-tiles of this fold
+        static_for<0, TPF>([&](auto jc) {
+          constexpr int jj = decltype(jc)::value;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            uint32_t a[4];
+            const uint32_t zzn[2] = {zz[nt][0], zz[nt][1]};
+            const float zfn[2] = {zf[nt][0], zf[nt][1]};
+            tile_a<BITS, T, f * TPF + jj>(wcur[c][nt], zzn, zfn, a);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma16816(gacc[nt][mt], a, xw[mt][2 * jj], xw[mt][2 * jj + 1], T());
+          }
+        });
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            acc[nt][mt][0] += s_lo[nt] * gacc[nt][mt][0];
+            acc[nt][mt][1] += s_lo[nt] * gacc[nt][mt][1];
+            acc[nt][mt][2] += s_hi[nt] * gacc[nt][mt][2];
+            acc[nt][mt][3] += s_hi[nt] * gacc[nt][mt][3];
+          }
+      });
+    }
+#pragma unroll
+    for (int c = 0; c < CPS; ++c)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int w = 0; w < WPL; ++w) wcur[c][nt][w] = wnxt[c][nt][w];
+  }
+
+  // reduce the warps' partial sums: red[warp][value][lane]
+  constexpr int V = NT * MT * 4;
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * V + (a * MT + b) * 4 + e) * 32 + lane] = acc[a][b][e];
+  __syncthreads();
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[w * V * 32 + i];
+    const int ln = i & 31, v = i >> 5;
+    const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
+    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
+    const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
+    if (n < p.N && tok < p.M) {
+      if (bias) s += to_float(bias[n]);
+      y[(size_t)tok * p.N + n] = from_float<T>(s);
+    }
+  }
+}
+
+
+// One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order.
+template <int BITS, typename T, int S>
+__global__ void __launch_bounds__(256) uniform_dequant_kernel(DequantArgs p) {
+  constexpr int WPL = 2 * BITS;
+  constexpr int TPF = S / 16;
+  constexpr int FOLDS = 128 / S;
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (gw >= p.n_tiles * p.chunks) return;
+  const int nt = gw / p.chunks, chunk = gw % p.chunks;
+  const int g = lane >> 2, t = lane & 3;
+  uint32_t w[WPL];
+  load_codes<BITS>(w, p.qw + (size_t)gw * 32 * WPL, lane);
+  T* __restrict__ out = reinterpret_cast<T*>(p.w);
+  const int n_lo = nt * 16 + g, n_hi = n_lo + 8;
+  static_for<0, FOLDS>([&](auto fc) {
+    constexpr int f = decltype(fc)::value;
+    const int kf = chunk * 128 + f * S;
+    const int grp = kf / p.gs;
+    const size_t si = ((size_t)grp * p.n_tiles + nt) * 8 + g;
+    uint32_t s2 = __ldg(p.sc + si);
+    uint32_t z2 = __ldg(p.zp + si);
+    __half2 sh = *reinterpret_cast<__half2*>(&s2);
+    const float sl = __low2float(sh), shi = __high2float(sh);
+    const uint32_t zl = z2 & 0xFF, zh = (z2 >> 8) & 0xFF;
+    constexpr uint32_t one = Magic<std::conditional_t<BITS == 8, __half, T>>::one;
+    uint32_t zz[2] = {(one | zl) * 0x00010001u, (one | zh) * 0x00010001u};
+    float zf[2] = {8388608.f + (float)zl, 8388608.f + (float)zh};
+    uint32_t lo[S / 8], hi[S / 8];  // S/4 values of row g and of row g + 8
+    static_for<0, TPF>([&](auto jc) {
+            constexpr int jj = decltype(jc)::value;
+            uint32_t a[4];
+            tile_a<BITS, T, f * TPF + jj>(w, zz, zf, a);
+            // a holds exact integers q - z in T; scale in fp32, round once
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              float2 v;
+              if constexpr (std::is_same<T, __half>::value) {
+                v = __half22float2(*reinterpret_cast<__half2*>(&a[r]));
+              } else {
+                v = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&a[r]));
+              }
+              const float s = (r & 1) ? shi : sl;
+              uint32_t o;
+              if constexpr (std::is_same<T, __half>::value) {
+                __half2 h = __floats2half2_rn(v.x * s, v.y * s);
+                o = *reinterpret_cast<uint32_t*>(&h);
+              } else {
+                __nv_bfloat162 h = __floats2bfloat162_rn(v.x * s, v.y * s);
+                o = *reinterpret_cast<uint32_t*>(&h);
+              }
+              // register r: row g + 8 (r & 1), columns 4 jj + 2 (r >> 1)
+              if (r & 1) hi[2 * jj + (r >> 1)] = o;
+              else lo[2 * jj + (r >> 1)] = o;
+            }
+    });
+    const int kx = kf + t * (S / 4);
+#pragma unroll
+    for (int v = 0; v < S / 32; ++v) {
+      if (kx + v * 8 < p.K) {
+        if (n_lo < p.N)
+          *reinterpret_cast<uint4*>(out + (size_t)n_lo * p.K + kx + v * 8) =
+              make_uint4(lo[4 * v], lo[4 * v + 1], lo[4 * v + 2], lo[4 * v + 3]);
+        if (n_hi < p.N)
+          *reinterpret_cast<uint4*>(out + (size_t)n_hi * p.K + kx + v * 8) =
+              make_uint4(hi[4 * v], hi[4 * v + 1], hi[4 * v + 2], hi[4 * v + 3]);
+      }
+    }
+  });
+}
+
+}  // namespace lpq

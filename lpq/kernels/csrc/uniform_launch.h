@@ -1,0 +1,34 @@
+// lpq: launchers of the uniform-format kernels (torch-free interface used by uniform_binding.cpp).
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace lpq {
+
+struct GemmArgs {
+  const void* x;          // [M, K] T, contiguous, 16-byte aligned rows (K % 8 == 0)
+  const uint32_t* qw;     // repacked codes
+  const uint32_t* sc;     // [G][n_tiles][8] half2
+  const uint16_t* zp;     // [G][n_tiles][8]
+  const void* bias;       // [N] T or null
+  void* y;                // [M, N] T
+  int M, N, K, chunks, n_tiles, gs;  // gs: effective group size (K for per-channel)
+};
+
+struct DequantArgs {
+  const uint32_t* qw;
+  const uint32_t* sc;
+  const uint16_t* zp;
+  void* w;  // [N, K] T
+  int N, K, chunks, n_tiles, gs;
+};
+
+// Each returns cudaSuccess or the launch error. `fold` is min(group size, 128) in {32, 64, 128}.
+cudaError_t launch_uniform_gemm(int bits, bool bf16, int fold, const GemmArgs& args, int nwarps, cudaStream_t stream);
+cudaError_t launch_uniform_dequant(int bits, bool bf16, int fold, const DequantArgs& args, cudaStream_t stream);
+
+// Tokens per block of the fused kernel for a given m (8, 16 or 32), and the n-tiles per block.
+inline int gemm_tokens_per_block(int m) { return m <= 8 ? 8 : (m <= 16 ? 16 : 32); }
+inline int gemm_ntiles_per_block(int m) { return m <= 8 ? 1 : 2; }
+
+}  // namespace lpq

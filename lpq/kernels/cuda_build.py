@@ -1,0 +1,128 @@
+"""Build (on first use) and load lpq's CUDA kernels, and declare their fake implementations.
+
+The sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` for the GPU that is
+present (``sm_90a`` on Hopper), once, into a cache folder (``$LPQ_CACHE`` or
+``~/.cache/lpq/kernels``) keyed by the sources, torch's version and the architecture. The
+extension registers the ops ``torch.ops.lpq_cuda.uniform_gemm`` and ``...uniform_dequant``; the fake
+(meta) implementations registered here let them run under ``torch.compile`` and CUDA graphs.
+
+Without CUDA, without nvcc, or when the build fails, :func:`load` returns None and logs ONE warning;
+the callers then fall back to the reference kernel. Importing this module never builds anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lpq.kernels")
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ["uniform_binding.cpp", "uniform_launch.cu", "uniform_b2.cu", "uniform_b3.cu", "uniform_b4.cu", "uniform_b8.cu"]
+HEADERS = ["uniform_kernels.cuh", "uniform_dispatch.cuh", "uniform_launch.h"]
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "reason": None}
+
+
+def _arch_flags() -> tuple[str, list[str]]:
+    major, minor = torch.cuda.get_device_capability()
+    cc = f"{major}{minor}"
+    if major == 9 and minor == 0:  # Hopper: the arch-specific target (sm_90a) runs on every sm_90 part
+        return "sm_90a", ["-gencode=arch=compute_90a,code=sm_90a"]
+    return f"sm_{cc}", [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+
+
+def _cache_dir(tag: str) -> Path:
+    root = Path(os.environ.get("LPQ_CACHE", Path.home() / ".cache" / "lpq")) / "kernels" / tag
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _source_hash(arch: str) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    h.update(arch.encode())
+    return h.hexdigest()[:12]
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot be built here (cheap; builds nothing), or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA support"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc (the CUDA toolkit) was not found: set CUDA_HOME"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"compute capability {major}.x < 8.0 (the kernels use bf16/fp16 mma.sync)"
+    return None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("lpq_cuda::uniform_gemm")
+    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("lpq_cuda::uniform_dequant")
+    def _dequant_fake(qw, sc, zp, bits, fold, gs, n, k, bf16):
+        return qw.new_empty((n, k), dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def load() -> bool:
+    """Build/load the extension once. True if the ops are usable, else False (one warning logged)."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        reason = unavailable_reason()
+        if reason is None:
+            try:
+                _build()
+                _register_fakes()
+            except Exception as e:  # a failed build must never crash a forward pass
+                reason = f"building the CUDA kernels failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
+        _state.update(tried=True, ok=reason is None, reason=reason)
+        if reason is not None:
+            warnings.warn(f"lpq: CUDA kernels unavailable ({reason}); using the reference kernel", RuntimeWarning, stacklevel=2)
+            log.warning("CUDA kernels unavailable (%s); using the reference kernel", reason)
+        return _state["ok"]
+
+
+def failure_reason() -> str | None:
+    return _state["reason"]
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    arch, gencode = _arch_flags()
+    tag = _source_hash(arch)
+    build_dir = _cache_dir(f"{arch}-{tag}")
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
+    cpp_extension.load(
+        name=f"lpq_cuda_{tag}",
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", *gencode, "-lineinfo"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=bool(os.environ.get("LPQ_BUILD_VERBOSE")),
+    )
+    log.info("lpq CUDA kernels loaded from %s", build_dir)

@@ -1,0 +1,213 @@
+"""CUDA kernels for the ``uniform`` format: a fused dequantize-in-registers GEMM for small batches and
+dequantize + cuBLAS for large ones.
+
+Importing this module needs torch only; the extension is built on the first CUDA forward (see
+``cuda_build.py``). Kernels registered here:
+
+  uniform_cuda          (priority 100) m <= LPQ_FUSED_MAX_M (default 64): the fused kernel, else
+                        dequantize into a temporary fp16/bf16 weight and call cuBLAS.
+  uniform_cuda_fused    (priority 40)  always the fused kernel (tests, benchmarks).
+  uniform_cuda_dequant  (priority 30)  always dequantize + cuBLAS (tests, benchmarks).
+
+All three support bits 2/3/4/8, group sizes that are multiples of 32 (32, 64, 128, ..., and -1 per
+channel, a shorter last group included), symmetric and asymmetric grids, act-order (the input is
+permuted at run time by the permutation computed at prepare), fp16 and bf16 activations, any
+out_features, in_features a multiple of 8, compute capability >= 8.0. ``prepare`` repacks the
+canonical tensors once into the kernels' own layout (csrc/uniform_kernels.cuh describes it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.packing import unpack_cols, unpack_rows
+from . import Kernel, register_kernel
+from . import cuda_build
+
+STATE_KEY = "uniform_cuda"
+_SLICE = 4096  # output features repacked at a time (bounds the temporary memory of prepare)
+
+
+def _fold(gs: int) -> int:
+    return min(gs, 128)
+
+
+def _to_int32(w: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit values -> int32 with the same bits."""
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _pack_lane_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """c [..., 32 pairs, 2] codes of one lane in one chunk -> [..., 2*bits] words (int64, unsigned)."""
+    def pairs_to_words(v: torch.Tensor, b: int) -> torch.Tensor:
+        ppw = 16 // b  # pairs per word
+        v = v.reshape(*v.shape[:-2], v.shape[-2] // ppw, ppw, 2)
+        sh = torch.arange(ppw, device=v.device, dtype=torch.int64) * b
+        lo = (v[..., 0] << sh).sum(-1)
+        hi = (v[..., 1] << (sh + 16)).sum(-1)
+        return lo | hi
+
+    c = c.to(torch.int64)
+    if bits == 3:
+        return torch.cat([pairs_to_words(c & 3, 2), pairs_to_words(c >> 2, 1)], dim=-1)
+    return pairs_to_words(c, bits)
+
+
+def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
+    """The canonical uniform tensors -> the kernels' layout (see csrc/uniform_kernels.cuh)."""
+    bits = spec.bits
+    gs = k if spec.group_size == -1 else spec.group_size
+    fold = _fold(gs)
+    tpf, folds = fold // 16, 128 // fold
+    qweight = tensors["qweight"]
+    dev = qweight.device
+    k_pad = -(-k // 128) * 128
+    chunks = k_pad // 128
+    n_pad = -(-n // 32) * 32
+    perm = None
+    if "g_idx" in tensors and spec.act_order:
+        g_idx = tensors["g_idx"].to(dev).long()
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(k, device=dev) // gs):
+            raise ValueError("g_idx does not assign group_size consecutive columns per group after sorting")
+
+    blocks = []
+    for n0 in range(0, n_pad, _SLICE):
+        n1 = min(n0 + _SLICE, n_pad)
+        codes = unpack_rows(qweight[:, n0:min(n1, n)], bits, k)  # [K, ns]
+        if perm is not None:
+            codes = codes.index_select(0, perm)
+        ns = n1 - n0
+        full = torch.zeros((ns, k_pad), dtype=torch.int32, device=dev)
+        full[: codes.shape[1], :k] = codes.t()
+        # [nt, rh, g, chunk, f, t, jj, h, e] -> [nt, chunk, g, t, f, jj, h, rh, e]
+        v = full.view(ns // 16, 2, 8, chunks, folds, 4, tpf, 2, 2).permute(0, 3, 2, 5, 4, 6, 7, 1, 8)
+        v = v.reshape(ns // 16, chunks, 32, 32, 2)
+        words = _pack_lane_codes(v, bits)  # [nt, chunks, 32 lanes, 2b]
+        if bits == 3:
+            seg = words[..., :4].reshape(ns // 16, chunks, 128)
+            tail = words[..., 4:].reshape(ns // 16, chunks, 64)
+            blk = torch.cat([seg, tail], dim=-1)
+        else:
+            segs = 2 * bits // 4
+            blk = words.view(ns // 16, chunks, 32, segs, 4).permute(0, 1, 3, 2, 4).reshape(ns // 16, chunks, 64 * bits)
+        blocks.append(_to_int32(blk))
+        del codes, full, v, words, blk
+    qw = torch.cat(blocks, dim=0).contiguous()
+    nt = n_pad // 16
+
+    scales = tensors["scales"].to(torch.float16)
+    zeros = unpack_cols(tensors["qzeros"], bits, n)
+    g = scales.shape[0]
+    sp = torch.zeros((g, n_pad), dtype=torch.float16, device=dev)
+    sp[:, :n] = scales
+    zp = torch.zeros((g, n_pad), dtype=torch.int32, device=dev)
+    zp[:, :n] = zeros
+    sc = sp.view(g, nt, 2, 8).permute(0, 1, 3, 2).contiguous().view(torch.int32).view(g, nt, 8)
+    zz = zp.view(g, nt, 2, 8).permute(0, 1, 3, 2).to(torch.uint8).contiguous().view(torch.int16).view(g, nt, 8)
+    return {"qw": qw, "sc": sc.contiguous(), "zp": zz.contiguous(), "perm": perm, "fold": fold, "gs": gs,
+            "bits": bits, "n": n, "k": k}
+
+
+def _fused_max_m() -> int:
+    try:
+        return int(os.environ.get("LPQ_FUSED_MAX_M", "64"))
+    except ValueError:
+        return 64
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int = 8) -> torch.Tensor:
+    return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
+                                           st["n"], st["k"], warps)
+
+
+def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.lpq_cuda.uniform_dequant(st["qw"], st["sc"], st["zp"], st["bits"], st["fold"], st["gs"], st["n"],
+                                              st["k"], dtype == torch.bfloat16)
+
+
+class UniformCudaKernel(Kernel):
+    name = "uniform_cuda"
+    formats = ("uniform",)
+    priority = 100
+    mode = "auto"  # "auto" | "fused" | "dequant"
+
+    def why_not(self, layer, x: torch.Tensor) -> str | None:
+        reason = super().why_not(layer, x)
+        if reason:
+            return reason
+        if not x.is_cuda:
+            return f"input is on {x.device.type}, not CUDA"
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return f"activations are {x.dtype}; the CUDA kernels take float16 or bfloat16"
+        spec = layer.spec
+        if spec.bits not in (2, 3, 4, 8):
+            return f"bits={spec.bits} not supported (2, 3, 4, 8)"
+        if spec.group_size != -1 and spec.group_size % 32:
+            return f"group_size={spec.group_size} not supported (a multiple of 32, or -1)"
+        k = layer.in_features
+        if k % 8:
+            return f"in_features={k} is not a multiple of 8"
+        if x.shape[-1] != k:
+            return f"input has {x.shape[-1]} features, the layer {k}"
+        if spec.act_order:
+            ok = layer.__dict__.get("_lpq_gidx_ok")
+            if ok is None:
+                gs = k if spec.group_size == -1 else spec.group_size
+                gi = layer.g_idx.long()
+                ok = bool(torch.equal(torch.sort(gi).values, torch.arange(k, device=gi.device) // gs))
+                layer.__dict__["_lpq_gidx_ok"] = ok
+            if not ok:
+                return "g_idx does not give every group group_size columns (cannot reorder the input)"
+        major, _ = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return f"compute capability {major}.x < 8.0"
+        if not cuda_build.load():
+            return f"CUDA extension unavailable: {cuda_build.failure_reason()}"
+        return None
+
+    def prepare(self, layer) -> None:
+        if STATE_KEY not in layer.kernel_state:
+            with torch.no_grad():
+                layer.kernel_state[STATE_KEY] = repack(layer.tensors(), layer.spec, layer.in_features, layer.out_features)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        st = layer.kernel_state.get(STATE_KEY)
+        if st is None:
+            self.prepare(layer)
+            st = layer.kernel_state[STATE_KEY]
+        k, n = st["k"], st["n"]
+        x2 = x.reshape(-1, k)
+        if st["perm"] is not None:
+            x2 = x2.index_select(1, st["perm"])
+        if not x2.is_contiguous() or x2.data_ptr() % 16:
+            x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
+        bias = layer.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        m = x2.shape[0]
+        if self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m()):
+            y = gemm(st, x2, bias)
+        else:
+            y = F.linear(x2, dequant(st, x.dtype), bias)
+        return y.reshape(*x.shape[:-1], n)
+
+
+class UniformCudaFusedKernel(UniformCudaKernel):
+    name = "uniform_cuda_fused"
+    priority = 40
+    mode = "fused"
+
+
+class UniformCudaDequantKernel(UniformCudaKernel):
+    name = "uniform_cuda_dequant"
+    priority = 30
+    mode = "dequant"
+
+
+UNIFORM_CUDA = register_kernel(UniformCudaKernel())
+UNIFORM_CUDA_FUSED = register_kernel(UniformCudaFusedKernel())
+UNIFORM_CUDA_DEQUANT = register_kernel(UniformCudaDequantKernel())

@@ -1,0 +1,293 @@
+"""GPTQ (Frantar et al., 2022): second-order rounding with error feedback, column by column.
+
+The maths is a pure function of (weight, Hessian, spec): :func:`gptq_quantize`. The plugin
+(:class:`GPTQ`) only gathers the Hessian of each linear's inputs during the calibration pass
+(:class:`HessianObserver`) and packs the result in the uniform format.
+
+Outline of :func:`gptq_quantize` for W [N, K] and H [K, K]:
+  1. columns that never saw input (H_kk == 0) get H_kk = 1 and W[:, k] = 0 (their weights cannot
+     matter to the layer output, so they are quantized to an exact zero);
+  2. optional act-order: columns sorted by decreasing H_kk;
+  3. H + λI with λ = damp * mean(diag H), raised step by step while a Cholesky factorisation fails;
+  4. U = upper Cholesky factor of H^-1 (H^-1 = U^T U), from one Cholesky factorisation of H;
+  5. sweep the columns in blocks of ``block_size``: quantize column j on its group's grid, spread
+     the scaled error (w - q) / U_jj over the rest of the block with row j of U, and apply the
+     accumulated error of a block to all later columns at once (lazy batch update, one matmul);
+  6. each group's min-max grid is fitted when the sweep enters the group, on the weights as they are
+     then (already corrected by the errors of the earlier columns), unless ``static_groups``: then
+     all grids are fitted on the original weights, before any permutation, so that the group of
+     column k stays k // group_size even with act-order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+
+from ..formats import QuantizedWeight
+from ..formats.uniform import pack_uniform
+from ..quant import fit_groups, fit_minmax, group_index, num_groups
+from ..spec import QuantSpec
+from . import Method, Observer, register_method
+
+log = logging.getLogger("lpq.gptq")
+
+#: relative dampening is multiplied by this while the Cholesky factorisation fails
+_DAMP_STEP = 10.0
+_MAX_DAMP_TRIES = 12
+
+
+class HessianObserver(Observer):
+    """H = 2/n Σ x xᵀ over all n input rows (tokens) seen, accumulated in float32 as a running mean.
+
+    The running mean (H ← H·n/(n+m) + 2/(n+m)·Σ_new x xᵀ) keeps the values of order |x|² however many
+    tokens pass, so float32 does not lose the late batches. n counts tokens rather than sequences;
+    GPTQ is invariant to the scale of H, so this only changes the printed magnitudes.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        self.n = 0
+
+    def update(self, inputs: torch.Tensor) -> None:
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(inputs.shape)}")
+        x = inputs.detach().reshape(-1, self.in_features)
+        m = x.shape[0]
+        if m == 0:
+            return
+        x = x.to(device=self.device, dtype=torch.float32)
+        total = self.n + m
+        if self.n:
+            self.H.mul_(self.n / total)
+        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        self.n = total
+
+
+# ---- the maths -----------------------------------------------------------------------------------
+
+
+def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Upper Cholesky factor U of (H + λI)^-1, raising λ until every factorisation succeeds.
+
+    λ starts at ``damp * mean(diag H)`` and is multiplied by 10 on each failure (logged as a warning).
+    Returns U (finite) and a record of the dampening actually used. As a last resort (H hopeless,
+    e.g. not finite), the identity is used, which makes GPTQ round to nearest.
+    """
+    k = H.shape[0]
+    diag_mean = H.diagonal().abs().mean().item() if k else 1.0
+    if not math.isfinite(diag_mean) or diag_mean <= 0:
+        diag_mean = 1.0
+    rel = damp if damp > 0 else 0.0
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    finite = bool(torch.isfinite(H).all())
+    tries = 0
+    if finite:
+        while tries < _MAX_DAMP_TRIES:
+            lam = rel * diag_mean
+            # With J the order-reversing permutation and J(H + λI)J = L Lᵀ (lower Cholesky), the upper
+            # Cholesky factor of (H + λI)^-1 is U = J L^-1 J: one factorisation and one triangular
+            # inverse, instead of factorise, invert, factorise again.
+            L, info = torch.linalg.cholesky_ex((H + lam * eye).flip(0, 1))
+            if int(info) == 0:
+                U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+                del L
+                if bool(torch.isfinite(U).all()) and bool((U.diagonal() > 0).all()):
+                    if tries:
+                        log.warning(
+                            "gptq: Hessian not positive definite with the requested dampening; "
+                            "succeeded with damp=%.3g (x mean diagonal) after %d increase(s)", rel, tries
+                        )
+                    return U, {"damp": rel, "damp_abs": lam, "damp_increases": tries, "fallback": False}
+            tries += 1
+            new_rel = rel * _DAMP_STEP if rel > 0 else 1e-4
+            log.warning(
+                "gptq: Cholesky factorisation failed with damp=%.3g (x mean diagonal); retrying with damp=%.3g",
+                rel, new_rel,
+            )
+            rel = new_rel
+    log.warning(
+        "gptq: Hessian unusable (%s); falling back to an identity Hessian (round to nearest) for this layer",
+        "not finite" if not finite else f"still not positive definite at damp={rel:.3g}",
+    )
+    return eye.clone(), {"damp": rel, "damp_abs": float("nan"), "damp_increases": tries, "fallback": True}
+
+
+def _block_size_for(block_size: int, group: int, in_features: int) -> int:
+    """A block size for which every group start is either a block start or lies with its whole
+    group inside one block, so a grid is always fitted on fully updated weights."""
+    block_size = max(1, int(block_size))
+    if group >= in_features or block_size % group == 0 or group % block_size == 0:
+        return block_size
+    if group < block_size:
+        return (block_size // group) * group
+    return group
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """GPTQ of one layer: W [N, K], H [K, K] -> codes [N, K] int32, scales [G, N] fp32 (fp16-exact),
+    zeros [G, N] fp32 (integers), g_idx [K] int32, info (dict).
+
+    Act-order is ``spec.act_order``. ``dequantize_codes(codes, scales, zeros, g_idx)`` is the quantized
+    weight. Works on W's device; neither input is modified.
+    """
+    t0 = time.perf_counter()
+    device = W.device
+    n, k = W.shape
+    if H.shape != (k, k):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    bits, sym, maxq = spec.bits, spec.sym, spec.maxq
+    gs = spec.group_size_for(k)
+    n_groups = num_groups(k, spec.group_size)
+
+    W = W.detach().to(dtype=torch.float32).clone()
+    H = H.detach().to(device=device, dtype=torch.float32).clone()
+    H = 0.5 * (H + H.t())  # symmetric by construction; guards against accumulated asymmetry
+
+    # 1. dead columns
+    diag = H.diagonal()
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        idx = dead.nonzero().squeeze(1)
+        H[idx, idx] = 1.0
+        W[:, idx] = 0.0
+
+    # static groups: every grid fitted now, on the original column order
+    if static_groups:
+        st_scales, st_zeros = fit_groups(W, bits, spec.group_size, sym)  # [G, N]
+
+    # 2. act-order
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    # 3./4. dampening and the inverse Cholesky factor
+    U, damp_info = _inverse_cholesky_upper(H, damp)
+    del H
+
+    # group of each position in the sweep order
+    if static_groups:
+        orig = perm if perm is not None else torch.arange(k, device=device)
+        sweep_group = (orig // gs).tolist()
+        scales, zeros = st_scales, st_zeros
+    else:
+        sweep_group = [j // gs for j in range(k)]
+        scales = torch.empty(n_groups, n, dtype=torch.float32, device=device)
+        zeros = torch.empty(n_groups, n, dtype=torch.float32, device=device)
+
+    B = _block_size_for(block_size, gs, k)
+    # The sweep works on W transposed ([K, N], one contiguous row per column of W), so that reading a
+    # column and the rank-1 updates of the rest of a block run over contiguous memory.
+    WT = W.t().contiguous()
+    del W
+    QT = torch.empty(k, n, dtype=torch.float32, device=device)  # codes, sweep order
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    s = z = None
+    cur_group = -1
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        cnt = i2 - i1
+        W1 = WT[i1:i2]  # a view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty(cnt, n, dtype=torch.float32, device=device)
+        for i in range(cnt):
+            j = i1 + i
+            g = sweep_group[j]
+            if static_groups:
+                if g != cur_group:
+                    s, z = scales[g], zeros[g]
+                    cur_group = g
+            elif j % gs == 0:
+                # entering group g: fit its grid on the weights as updated so far (at a block start,
+                # WT[i1:] already carries all earlier errors; otherwise the group lies inside this block,
+                # see _block_size_for)
+                s, z = fit_minmax(WT[j : min(j + gs, k)].t(), bits, sym)
+                scales[g], zeros[g] = s, z
+            w = W1[i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            QT[j] = q
+            err = torch.sub(w, s * (q - z), out=E1[i])
+            err.div_(U1[i, i])
+            if i + 1 < cnt:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        loss += E1.square().sum() * 0.5
+        if i2 < k:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+
+    Q = QT.t()
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if static_groups:
+            g_idx = group_index(k, spec.group_size, device=device)
+        else:
+            g_idx = (inv // gs).to(torch.int32)  # original column c sat at sweep position inv[c]
+    else:
+        g_idx = group_index(k, spec.group_size, device=device)
+
+    info = {
+        "dead_columns": n_dead,
+        "loss": float(loss),
+        "block_size": B,
+        "seconds": time.perf_counter() - t0,
+        **damp_info,
+    }
+    return Q.to(torch.int32), scales, zeros, g_idx.to(torch.int32), info
+
+
+# ---- the plugin ----------------------------------------------------------------------------------
+
+
+def _opt(options: dict[str, Any], key: str, default: Any) -> Any:
+    value = options.get(key)
+    return default if value is None else value
+
+
+@register_method
+class GPTQ(Method):
+    """Options: damp (0.01), static_groups (False), true_sequential (True), block_size (128)."""
+
+    name = "gptq"
+    needs_calibration = True
+    sequential = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.damp = float(_opt(options, "damp", 0.01))
+        self.static_groups = bool(_opt(options, "static_groups", False))
+        self.sequential = bool(_opt(options, "true_sequential", True))
+        self.block_size = int(_opt(options, "block_size", 128))
+
+    def make_observer(self, name, in_features, spec, device):
+        return HessianObserver(in_features, device)
+
+    def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
+        k = weight.shape[1]
+        if observer is None or getattr(observer, "n", 0) == 0:
+            log.warning("gptq: no calibration inputs reached %s; quantizing it with an identity Hessian", name)
+            H = torch.eye(k, dtype=torch.float32, device=weight.device)
+        else:
+            H = observer.H
+        codes, scales, zeros, g_idx, info = gptq_quantize(
+            weight, H, spec, damp=self.damp, block_size=self.block_size, static_groups=self.static_groups
+        )
+        if info["dead_columns"]:
+            log.info("gptq: %s: %d input column(s) never saw input", name, info["dead_columns"])
+        log.debug("gptq: %s: loss %.4g, damp %.3g, %.2fs", name, info["loss"], info["damp"], info["seconds"])
+        return pack_uniform(codes, scales, zeros, spec, g_idx=g_idx if spec.act_order else None, layer=name)
