@@ -7,9 +7,15 @@ Python API (the ``lpq`` command line is a thin layer over these):
     lpq.inspect(directory)                 -> per-layer bits, bytes and the average bits per weight
 """
 
-from .errors import LpqError
-from .spec import QuantSpec
-
 __version__ = "0.1.0"
 
-__all__ = ["LpqError", "QuantSpec", "__version__"]
+from .errors import LpqError  # noqa: E402
+from .spec import QuantSpec  # noqa: E402
+from .api import load, quantize
+from . import evaluate
+from .inspect import inspect
+from .hf_integration import register as _register_with_transformers
+
+_register_with_transformers()
+
+__all__ = ["LpqError", "QuantSpec", "__version__", "evaluate", "inspect", "load", "quantize"]

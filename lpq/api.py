@@ -199,6 +199,7 @@ def quantize(
     loaded.config.quantization_config = qconfig
     if out_path is not None:
         t0 = time.perf_counter()
+        info(f"saving to {out_path}")
         save_quantized(loaded, tokenizer, out_path, qconfig, overwrite=overwrite or resume, max_shard_size=max_shard_size)
         seconds["save"] = time.perf_counter() - t0
         if work_dir is not None:

@@ -102,7 +102,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     _move_outside_blocks(model, blocks, device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, tokens.shape[0], batch_size):
+        for start in track(range(0, tokens.shape[0], batch_size), "calibration: inputs of the first block"):
             batch = tokens[start : start + batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False)

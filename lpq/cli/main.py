@@ -64,11 +64,36 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
+@click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
+@click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def quantize(model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, options, ignore,
+@click.pass_context
+def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, overwrite, resume, max_shard_size,
-             trust_remote_code, as_json):
+             trust_remote_code, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
+    from click.core import ParameterSource
+
+    from ..recipe import load_recipe, save_recipe as write_recipe
+
+    overrides = {}
+    if recipe:
+        given = {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+        plan = load_recipe(recipe)
+        overrides = plan.pop("overrides", {}) or {}
+        recipe_options = plan.pop("method_options", {}) or {}
+        if "model" not in given and "model" in plan:
+            model = plan["model"]
+        local = {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
+                 "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype,
+                 "calib_batch_size": calib_batch_size, "ignore": ignore}
+        for key in local:
+            if key in plan and key not in given:
+                local[key] = plan[key]
+        method, bits, group_size, sym, act_order = (local[k] for k in ("method", "bits", "group_size", "sym", "act_order"))
+        calib, nsamples, seqlen, seed, dtype = (local[k] for k in ("calib", "nsamples", "seqlen", "seed", "dtype"))
+        calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
+        options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
     for key, value in (("static_groups", static_groups), ("damp", damp), ("true_sequential", true_sequential)):
         if value is not None:
@@ -77,12 +102,13 @@ def quantize(model, method, bits, group_size, sym, act_order, static_groups, dam
         g = "pc" if group_size == -1 else f"g{group_size}"
         stem = model.rstrip("/").split("/")[-1].removesuffix(".gguf")
         out = f"out/{stem}-{method}-w{bits}-{g}"
-    result = api.quantize(
-        model, out, method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-        method_options=method_options, ignore=list(ignore), calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-        calib_batch_size=calib_batch_size, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
-        max_shard_size=max_shard_size, trust_remote_code=trust_remote_code,
-    )
+    run_options = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                       method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
+                       nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
+    result = api.quantize(model, out, device=device, resume=resume, overwrite=overwrite, max_shard_size=max_shard_size,
+                          trust_remote_code=trust_remote_code, **run_options)
+    if save_recipe:
+        write_recipe(save_recipe, {"model": model, **run_options})
     from ..inspect import inspect as inspect_dir
 
     report = inspect_dir(result.out)

@@ -127,10 +127,10 @@ def _is_lpq_or_gptq_checkpoint(directory: Path) -> bool:
 def resolve_source(name: str) -> ModelSource:
     """Turn what the user typed into a loadable source, converting a GGUF once if needed."""
     if name in BUILTIN_MODELS:
-        model = BUILTIN_MODELS[name]
-        target = cache_dir() / "models" / f"{model.name}-{model.version}"
+        gguf = _find_builtin_gguf(BUILTIN_MODELS[name])
+        target = _gguf_cache_path(gguf)
         if not (target / "config.json").is_file():
-            _convert_gguf(_find_builtin_gguf(model), target)
+            _convert_gguf(gguf, target)
         return ModelSource(name, str(target), "builtin")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":

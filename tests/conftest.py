@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny models of several families built from configs, and an offline tokenizer."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WIKI_TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
+WIKI_VALID = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+
+VOCAB = 128
+
+
+def make_tokenizer(add_bos: bool = False):
+    """A character-level fast tokenizer built in memory (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(string.printable))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _configs():
+    from transformers import (GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+                              Qwen2Config)
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    return {
+        "llama": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, **common),
+        "mistral": MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **common),
+        "qwen2": Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, **common),
+        "gemma": GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=16, max_position_embeddings=256, **common),
+        "opt": OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, max_position_embeddings=256, pad_token_id=0, **common),
+        "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common),
+        "gpt_neox": GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256, **common),
+    }
+
+
+FAMILIES = list(_configs())
+
+
+def make_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[family], dtype=torch.float32)
+    # give the weights some spread so that quantization has something to do
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    return save_model(make_model("llama"), tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    if WIKI_VALID.is_file():
+        return WIKI_VALID.read_text(encoding="utf-8")[:200_000]
+    return ("The quick brown fox jumps over the lazy dog. " * 4000)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, sample_text) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(sample_text, encoding="utf-8")
+    return p

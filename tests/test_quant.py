@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from lpq.errors import SpecError
+from lpq.methods.rtn import rtn_quantize
+from lpq.quant import dequantize_codes, fake_quantize, fit_groups, fit_minmax, group_index, quantize_codes
+from lpq.spec import QuantSpec
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_minmax_asym_keeps_zero_and_bounds_error(bits):
+    w = torch.randn(16, 128) + 0.3
+    scale, zero = fit_minmax(w, bits, sym=False)
+    assert torch.all(zero >= 0) and torch.all(zero <= 2**bits - 1)
+    g = torch.zeros(128, dtype=torch.int32)
+    q = quantize_codes(w, scale[None], zero[None], g, bits)
+    err = (dequantize_codes(q, scale[None], zero[None], g) - w).abs()
+    assert torch.all(err <= scale[:, None] / 2 * 1.01 + 1e-6)  # half a step (scale is fp16-rounded)
+
+
+def test_minmax_sym_zero_is_middle_and_dead_rows_are_safe():
+    w = torch.randn(4, 64)
+    w[2] = 0
+    scale, zero = fit_minmax(w, 4, sym=True)
+    assert torch.all(zero == 8)
+    assert torch.all(scale > 0)
+    assert torch.all(fake_quantize(w, 4, -1, True)[2] == 0)
+
+
+def test_shorter_last_group_matches_groupwise_fit():
+    w = torch.randn(8, 576)
+    scales, zeros = fit_groups(w, 4, 128, sym=False)
+    assert scales.shape == (5, 8)
+    s_last, z_last = fit_minmax(w[:, 512:], 4, sym=False)
+    assert torch.equal(scales[4], s_last) and torch.equal(zeros[4], z_last)
+    assert torch.equal(group_index(576, 128)[-1:], torch.tensor([4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_packed_equals_fake_quantization(bits, group_size, sym):
+    w = torch.randn(48, 576)
+    qw = rtn_quantize(w, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+    assert torch.equal(qw.dequantize(), fake_quantize(w, bits, group_size, sym))
+
+
+def test_more_bits_and_smaller_groups_lower_error():
+    w = torch.randn(64, 512)
+    err = {(b, g): (fake_quantize(w, b, g, False) - w).norm().item() for b in (2, 3, 4, 8) for g in (-1, 32)}
+    assert err[(2, 32)] > err[(3, 32)] > err[(4, 32)] > err[(8, 32)]
+    for b in (2, 3, 4):
+        assert err[(b, 32)] < err[(b, -1)]
+
+
+@pytest.mark.parametrize("bad", [dict(bits=5), dict(bits=1), dict(group_size=100), dict(group_size=0)])
+def test_spec_out_of_range(bad):
+    with pytest.raises(SpecError, match="not supported"):
+        QuantSpec(**bad)
+
+
+def test_spec_roundtrip():
+    s = QuantSpec(bits=3, group_size=64, sym=True, method="rtn", act_order=True)
+    assert QuantSpec.from_dict(s.to_dict()) == s
