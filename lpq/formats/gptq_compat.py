@@ -6,8 +6,8 @@ lpq's ``uniform`` format already uses GPTQ's tensor layout, so only two things d
   every zero point minus one, each ``bits``-wide field taken modulo 2**bits (a zero point of 0 is
   stored as 2**bits - 1 and comes back as 0 when the reader adds one and masks). lpq stores the zero
   points as they are, which is GPTQ's v2 convention (``checkpoint_format: "gptq_v2"``). Readers that
-  add one *without* masking (the classic CUDA / exllama kernels) read a stored field of 2**bits - 1 as
-  2**bits; that is a limit of the v1 convention itself: only a group whose weights are all >= 0 can
+  extract a field and add one without masking again (as several GPTQ kernels do) read a stored
+  2**bits - 1 as 2**bits; that is a limit of the v1 convention itself: only a group whose weights are all >= 0 can
   get a zero point of 0 on lpq's asymmetric grid, and symmetric grids never do.
 * ``g_idx``. GPTQ checkpoints carry it for every layer (the group of each input column; without
   act-order it is k // group_size, with a per-channel grid all zeros); lpq stores it only with
@@ -21,7 +21,8 @@ words 0/1 and code 21 words 1/2); ``qzeros`` int32 [G, N*b/32] the zero points t
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable
 
 import torch
 
@@ -145,6 +146,57 @@ def gptq_quantization_config(spec: QuantSpec) -> dict[str, Any]:
         "damp_percent": float(opt("damp_percent", "damp", default=0.01)),
         "static_groups": bool(opt("static_groups", default=False)),
     }
+
+
+def load_gptq_state(
+    directory: Any,
+    qconfig: dict[str, Any],
+    files: list[Any],
+    read: Callable[[list[Any]], dict[str, torch.Tensor]],
+) -> tuple[dict[str, QuantSpec], dict[str, torch.Tensor]]:
+    """A whole GPTQ checkpoint (lpq's or another tool's) -> (module name -> spec, lpq state dict).
+
+    ``qconfig`` is its ``quantization_config``; ``read(files)`` returns the raw state dict. Every
+    module with a ``<name>.qweight`` is converted with :func:`from_gptq`; all other tensors pass
+    through. Per-module overrides in GPTQModel's ``dynamic`` map ({"+:regex" or "regex": {bits, ...}})
+    are honoured for bits, group_size, sym and desc_act.
+    """
+    if qconfig.get("bits") is None:
+        raise FormatError(f"the GPTQ quantization_config of {directory} has no 'bits': the config is damaged")
+    base = {
+        "bits": int(qconfig["bits"]),
+        "group_size": int(qconfig["group_size"]) if qconfig.get("group_size") is not None else -1,
+        "sym": bool(qconfig.get("sym", True)),
+        "desc_act": bool(qconfig.get("desc_act", False)),
+    }
+    fmt = qconfig.get("checkpoint_format") or "gptq"
+    dynamic = qconfig.get("dynamic") or {}
+    raw = read(files)
+    names = sorted(key[: -len(".qweight")] for key in raw if key.endswith(".qweight"))
+    specs: dict[str, QuantSpec] = {}
+    state: dict[str, torch.Tensor] = {}
+    taken: set[str] = set()
+    for name in names:
+        opts = dict(base)
+        for pattern, override in dynamic.items():
+            if pattern.startswith("-:") or not isinstance(override, dict):
+                continue
+            if re.match(pattern[2:] if pattern.startswith("+:") else pattern, name):
+                opts.update({k: override[k] for k in base if k in override})
+        layer = {}
+        for key in _QUANT_KEYS:
+            full = f"{name}.{key}"
+            if full in raw:
+                layer[key] = raw[full]
+                taken.add(full)
+        try:
+            spec, tensors = from_gptq(layer, opts["bits"], opts["group_size"], opts["sym"], opts["desc_act"], fmt)
+        except FormatError as e:
+            raise FormatError(f"{directory}: layer {name}: {e}") from None
+        specs[name] = spec
+        state.update({f"{name}.{key}": t for key, t in tensors.items()})
+    state.update({key: t for key, t in raw.items() if key not in taken})
+    return specs, state
 
 
 def _check(tensors, bits: int, group_size: int, in_features: int, out_features: int, who: str) -> None:

@@ -76,7 +76,8 @@ class HessianObserver(Observer):
 def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, dict[str, Any]]:
     """Upper Cholesky factor U of (H + λI)^-1, raising λ until every factorisation succeeds.
 
-    λ starts at ``damp * mean(diag H)`` and is multiplied by 10 on each failure (logged as a warning).
+    λ starts at ``damp * mean(diag H)`` and is multiplied by 10 on each failure; one warning says which
+    dampening finally worked.
     Returns U (finite) and a record of the dampening actually used. As a last resort (H hopeless,
     e.g. not finite), the identity is used, which makes GPTQ round to nearest.
     """
@@ -107,7 +108,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor,
                     return U, {"damp": rel, "damp_abs": lam, "damp_increases": tries, "fallback": False}
             tries += 1
             new_rel = rel * _DAMP_STEP if rel > 0 else 1e-4
-            log.warning(
+            log.debug(
                 "gptq: Cholesky factorisation failed with damp=%.3g (x mean diagonal); retrying with damp=%.3g",
                 rel, new_rel,
             )
