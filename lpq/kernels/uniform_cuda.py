@@ -119,7 +119,23 @@ def _fused_max_m() -> int:
         return 64
 
 
-def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int = 8) -> torch.Tensor:
+def default_warps(st: dict, m: int) -> int:
+    """Warps per block of the fused kernel (measured on the H100, bench/NOTES-kernels.md): 8 when
+    there are few blocks (each must keep more loads in flight), 4 when there are many."""
+    blocks = st["sc"].shape[1] // (1 if m <= 8 else 2)
+    return 4 if blocks >= 340 else 8
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
+    k = st["k"]
+    if x2.dim() != 2 or x2.shape[1] != k:
+        raise ValueError(f"lpq uniform_gemm: x must be [m, {k}], got {list(x2.shape)}")
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"lpq uniform_gemm: activations must be float16 or bfloat16, got {x2.dtype}")
+    if not x2.is_cuda or x2.device != st["qw"].device:
+        raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
+    if warps is None:
+        warps = default_warps(st, x2.shape[0])
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
                                            st["n"], st["k"], warps)
 

@@ -199,33 +199,39 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
   const size_t chunk_words = 32 * WPL;
   const int nsteps_total = (p.chunks + CPS - 1) / CPS;
 
-  uint32_t wcur[CPS][NT][WPL];
-  uint32_t wnxt[CPS][NT][WPL];
-
-
-  int step = warp;
-  if (step < nsteps_total) {
+  // one pipeline step: the codes and the scale/zero words of CPS chunks
+  uint32_t wcur[CPS][NT][WPL], wnxt[CPS][NT][WPL];
+  uint32_t scur[CPS][FOLDS][NT], snxt[CPS][FOLDS][NT];
+  uint32_t zcur[CPS][FOLDS][NT], znxt[CPS][FOLDS][NT];
+  auto load_step = [&](int st, uint32_t (&w)[CPS][NT][WPL], uint32_t (&sv)[CPS][FOLDS][NT],
+                       uint32_t (&zv)[CPS][FOLDS][NT]) {
 #pragma unroll
     for (int c = 0; c < CPS; ++c) {
-      int chunk = step * CPS + c;
-      if (chunk < p.chunks)
+      const int chunk = st * CPS + c;
+      if (chunk < p.chunks) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          load_codes<BITS>(wcur[c][nt], p.qw + ((size_t)(nt0 + nt) * p.chunks + chunk) * chunk_words, lane);
-    }
-  }
-  for (; step < nsteps_total; step += nwarps) {
-    const int nstep = step + nwarps;
-    if (nstep < nsteps_total) {
+          load_codes<BITS>(w[c][nt], p.qw + ((size_t)(nt0 + nt) * p.chunks + chunk) * chunk_words, lane);
 #pragma unroll
-      for (int c = 0; c < CPS; ++c) {
-        int chunk = nstep * CPS + c;
-        if (chunk < p.chunks)
+        for (int f = 0; f < FOLDS; ++f) {
+          const int kf = chunk * 128 + f * S;
+          const int grp = kf < p.K ? kf / p.gs : 0;  // folds past K (padding) are skipped later
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            load_codes<BITS>(wnxt[c][nt], p.qw + ((size_t)(nt0 + nt) * p.chunks + chunk) * chunk_words, lane);
+          for (int nt = 0; nt < NT; ++nt) {
+            const size_t si = ((size_t)grp * p.n_tiles + nt0 + nt) * 8 + g;
+            sv[c][f][nt] = __ldg(p.sc + si);
+            zv[c][f][nt] = __ldg(p.zp + si);
+          }
+        }
       }
     }
+  };
+
+  int step = warp;
+  if (step < nsteps_total) load_step(step, wcur, scur, zcur);
+  for (; step < nsteps_total; step += nwarps) {
+    const int nstep = step + nwarps;
+    if (nstep < nsteps_total) load_step(nstep, wnxt, snxt, znxt);
 #pragma unroll
     for (int c = 0; c < CPS; ++c) {
       const int chunk = step * CPS + c;
@@ -234,6 +240,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
       static_for<0, FOLDS>([&](auto fc) {
         constexpr int f = decltype(fc)::value;
         const int kf = k0 + f * S;
+        if (kf >= p.K) return;  // a fold wholly in the zero padding of K
         // activations of this fold: S/4 consecutive columns per lane and token tile
         uint32_t xw[MT][XW];
         const int kx = kf + t * (S / 4);
@@ -246,15 +253,13 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
             xw[mt][4 * v + 0] = u.x; xw[mt][4 * v + 1] = u.y; xw[mt][4 * v + 2] = u.z; xw[mt][4 * v + 3] = u.w;
           }
         }
-        const int grp = kf / p.gs;
         float s_lo[NT], s_hi[NT];
         uint32_t zz[NT][2];
         float zf[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const size_t si = ((size_t)grp * p.n_tiles + nt0 + nt) * 8 + g;
-          uint32_t s2 = __ldg(p.sc + si);
-          uint32_t z2 = __ldg(p.zp + si);
+          uint32_t s2 = scur[c][f][nt];
+          uint32_t z2 = zcur[c][f][nt];
           __half2 sh = *reinterpret_cast<__half2*>(&s2);
           s_lo[nt] = __low2float(sh);
           s_hi[nt] = __high2float(sh);
@@ -302,6 +307,15 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int w = 0; w < WPL; ++w) wcur[c][nt][w] = wnxt[c][nt][w];
+#pragma unroll
+    for (int c = 0; c < CPS; ++c)
+#pragma unroll
+      for (int f = 0; f < FOLDS; ++f)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          scur[c][f][nt] = snxt[c][f][nt];
+          zcur[c][f][nt] = znxt[c][f][nt];
+        }
   }
 
   // reduce the warps' partial sums: red[warp][value][lane]
@@ -348,6 +362,7 @@ __global__ void __launch_bounds__(256) uniform_dequant_kernel(DequantArgs p) {
   static_for<0, FOLDS>([&](auto fc) {
     constexpr int f = decltype(fc)::value;
     const int kf = chunk * 128 + f * S;
+    if (kf >= p.K) return;  // a fold wholly in the zero padding of K
     const int grp = kf / p.gs;
     const size_t si = ((size_t)grp * p.n_tiles + nt) * 8 + g;
     uint32_t s2 = __ldg(p.sc + si);

@@ -1,0 +1,301 @@
+"""lpq's CUDA kernels for the uniform format against the pure-torch reference.
+
+The GPU tests skip without CUDA (CI has no GPU); the CPU tests check the import, the fallback to the
+reference kernel, and the repacked layout (decoded here independently, following the rules the CUDA
+decoder follows, and compared with the canonical codes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+import lpq.kernels as K
+from lpq.errors import LpqError
+from lpq.formats.uniform import UNIFORM, pack_uniform
+from lpq.kernels import cuda_build, uniform_cuda
+from lpq.nn import QuantizedLinear
+from lpq.spec import QuantSpec
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (CI has none); run on the device")
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, -1)
+M_VALUES = (1, 2, 3, 7, 16, 17, 64, 2048)
+
+
+def random_qweight(n: int, k: int, spec: QuantSpec, device="cpu", gen=None):
+    """Fresh random codes/scales/zeros packed in the uniform format (act-order: a random g_idx)."""
+    maxq = (1 << spec.bits) - 1
+    gs = k if spec.group_size == -1 else spec.group_size
+    g = -(-k // gs)
+    codes = torch.randint(0, maxq + 1, (n, k), generator=gen, dtype=torch.int32)
+    scales = (torch.rand((g, n), generator=gen) * 0.02 + 0.002).to(torch.float16)
+    if spec.sym:
+        zeros = torch.full((g, n), (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, maxq + 1, (g, n), generator=gen, dtype=torch.int32)
+    g_idx = None
+    if spec.act_order:
+        perm = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
+    qw = pack_uniform(codes, scales, zeros, spec, g_idx=g_idx)
+    qw.tensors = {name: t.to(device) for name, t in qw.tensors.items()}
+    return qw
+
+
+# --------------------------------------------------------------------------------------------- CPU
+
+
+def test_import_and_fallback_without_cuda(monkeypatch):
+    """Importing never builds; without CUDA the reference runs; the build failure warns once."""
+    assert "uniform_cuda" in K.available_kernels()
+    monkeypatch.delenv("LPQ_KERNEL", raising=False)
+    spec = QuantSpec(bits=4, group_size=32)
+    qw = random_qweight(24, 64, spec)
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float32)
+    x = torch.randn(3, 64)
+    kernel = K.select_kernel(layer, x)
+    assert kernel.name == "reference"
+    assert uniform_cuda.UNIFORM_CUDA.why_not(layer, x) is not None
+    ref = x @ UNIFORM.dequantize(qw.tensors, spec, 64, 24).t()
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    # a machine without CUDA: load() says no, with exactly one warning however often it is asked
+    monkeypatch.setattr(cuda_build, "_state", {"tried": False, "ok": False, "reason": None})
+    monkeypatch.setattr(cuda_build, "unavailable_reason", lambda: "CUDA is not available")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert cuda_build.load() is False
+        assert cuda_build.load() is False
+    assert len([w for w in rec if "lpq: CUDA kernels unavailable" in str(w.message)]) == 1
+
+
+def decode_repacked(st: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of the repack, written from the decoder's rules: -> codes [N, K], scales [G, N], zeros [G, N]."""
+    bits, fold, n, k = st["bits"], st["fold"], st["n"], st["k"]
+    tpf = fold // 16
+    qw = st["qw"].to(torch.int64) & 0xFFFFFFFF
+    nt = st["sc"].shape[1]
+    chunks = -(-k // 128)
+    blk = qw.view(nt, chunks, 64 * bits)
+    if bits == 3:
+        seg = blk[..., :128].reshape(nt, chunks, 32, 4)
+        tail = blk[..., 128:].reshape(nt, chunks, 32, 2)
+        words = torch.cat([seg, tail], dim=-1)
+    else:
+        words = blk.view(nt, chunks, 2 * bits // 4, 32, 4).permute(0, 1, 3, 2, 4).reshape(nt, chunks, 32, 2 * bits)
+    codes = torch.zeros((nt * 16, chunks * 128), dtype=torch.int64)
+    lanes = torch.arange(32)
+    g, t = lanes // 4, lanes % 4
+    for p in range(32):
+        j, r = p // 4, p % 4
+        if bits in (2, 4):
+            w = words[..., p // (16 // bits)]
+            sh = bits * (p % (16 // bits))
+            lo, hi = (w >> sh) & ((1 << bits) - 1), (w >> (sh + 16)) & ((1 << bits) - 1)
+        elif bits == 8:
+            w = words[..., p // 2]
+            i = p % 2
+            lo, hi = (w >> (8 * i)) & 255, (w >> (8 * i + 16)) & 255
+        else:
+            w = words[..., p // 8]
+            sh = 2 * (p % 8)
+            h = words[..., 4 + p // 16]
+            i = p % 16
+            lo = ((w >> sh) & 3) | (((h >> i) & 1) << 2)
+            hi = ((w >> (sh + 16)) & 3) | (((h >> (i + 16)) & 1) << 2)
+        f, jj = j // tpf, j % tpf
+        for e, val in ((0, lo), (1, hi)):
+            rows = (torch.arange(nt).view(nt, 1, 1) * 16 + (g + 8 * (r & 1)).view(1, 1, 32)).expand(nt, chunks, 32)
+            cols = (torch.arange(chunks).view(1, chunks, 1) * 128 + f * fold + t.view(1, 1, 32) * (fold // 4)
+                    + 4 * jj + 2 * (r >> 1) + e).expand(nt, chunks, 32)
+            codes[rows.reshape(-1), cols.reshape(-1)] = val.reshape(-1)
+    sc = st["sc"].contiguous().view(torch.float16).view(-1, nt, 8, 2)  # [G, nt, g, (row g, row g+8)]
+    scales = sc.permute(0, 1, 3, 2).reshape(-1, nt * 16)
+    zp = st["zp"].contiguous().view(torch.uint8).view(-1, nt, 8, 2)
+    zeros = zp.permute(0, 1, 3, 2).reshape(-1, nt * 16).to(torch.int32)
+    return codes[:n, :k].to(torch.int32), scales[:, :n], zeros[:, :n]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("shape", [(40, 320), (16, 128)])
+def test_repack_layout_cpu(bits, gs, shape):
+    n, k = shape
+    spec = QuantSpec(bits=bits, group_size=gs, act_order=(gs == 64))
+    gen = torch.Generator().manual_seed(bits * 1000 + gs + n)
+    qw = random_qweight(n, k, spec, gen=gen)
+    st = uniform_cuda.repack(qw.tensors, spec, k, n)
+    codes, scales, zeros, g_idx = UNIFORM.unpack(qw.tensors, spec, k, n)
+    if st["perm"] is not None:
+        codes = codes[:, st["perm"]]
+    got_codes, got_scales, got_zeros = decode_repacked(st)
+    assert torch.equal(got_codes, codes)
+    assert torch.equal(got_scales, scales)
+    assert torch.equal(got_zeros, zeros)
+
+
+# --------------------------------------------------------------------------------------------- GPU
+
+
+def poison_cache(numel: int, dtype) -> None:
+    """Fill freshly freed allocator memory with NaN so that outputs the kernel leaves unwritten show."""
+    torch.empty(numel, dtype=dtype, device="cuda").fill_(float("nan"))
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # bf16: its own output rounding is 2**-9
+
+
+def run_layer(layer, x, kernel_name, monkeypatch):
+    monkeypatch.setenv("LPQ_KERNEL", kernel_name)
+    layer._kernel = None
+    poison_cache(x.shape[0] * layer.out_features * 4 + (1 << 16), x.dtype)
+    y = layer(x)
+    torch.cuda.synchronize()
+    return y
+
+
+def check_layer(qw, dtype, m_values, kernels, monkeypatch, bias=False, gen=None):
+    n, k = qw.out_features, qw.in_features
+    w_ref = UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float()
+    # the dequantize + cuBLAS path rounds the weights to the activation dtype by design: its reference
+    # is those rounded weights (in fp32 maths), so that a small output (N=1) is not judged on that rounding
+    w_rounded = w_ref.to(dtype).float()
+    b = (torch.randn(n, generator=gen) * 0.1).to(dtype).cuda() if bias else None
+    layer = QuantizedLinear.from_quantized(qw, b, dtype)
+    for m in m_values:
+        x = torch.randn((m, k), generator=gen).to(dtype).cuda()
+        refs = {}
+        for key, w in (("fused", w_ref), ("dequant", w_rounded)):
+            refs[key] = x.float() @ w.t() + (b.float() if b is not None else 0)
+        for name in kernels:
+            dq = name == "uniform_cuda_dequant" or (name == "uniform_cuda" and m > uniform_cuda._fused_max_m())
+            ref = refs["dequant" if dq else "fused"]
+            y = run_layer(layer, x, name, monkeypatch)
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert torch.isfinite(y).all(), f"{name} m={m}: unwritten (NaN) outputs"
+            err = rel_err(y, ref)
+            assert err < TOL[dtype], f"{name} m={m} {qw.spec.label()} {dtype}: rel err {err:.2e}"
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_kernels_match_reference(bits, gs, sym, dtype, monkeypatch):
+    """Every kernel, every m, on a shape that hits tile edges (N=200: 12.5 n-tiles; K=320: 2.5 chunks,
+    a shorter last group at g128)."""
+    gen = torch.Generator().manual_seed(hash((bits, gs, sym, str(dtype))) % 2**31)
+    spec = QuantSpec(bits=bits, group_size=gs, sym=sym)
+    qw = random_qweight(200, 320, spec, device="cuda", gen=gen)
+    check_layer(qw, dtype, M_VALUES, ["uniform_cuda", "uniform_cuda_fused", "uniform_cuda_dequant"], monkeypatch, gen=gen)
+
+
+EDGE_SHAPES = [(1, 128), (16, 128), (17, 136), (33, 576), (100, 1000), (4100, 256), (48, 4104), (576, 1536)]
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", EDGE_SHAPES)
+@pytest.mark.parametrize("bits", BITS)
+def test_tile_edges(bits, shape, monkeypatch):
+    n, k = shape
+    per_chunk = {2: 16, 3: 32, 4: 8, 8: 8}[bits]
+    k = -(-k // per_chunk) * per_chunk
+    gen = torch.Generator().manual_seed(n * 7 + k + bits)
+    for gs in (32, 128, -1):
+        qw = random_qweight(n, k, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
+        check_layer(qw, torch.float16, (1, 5, 16, 40, 300), ["uniform_cuda_fused", "uniform_cuda_dequant"], monkeypatch,
+                    bias=True, gen=gen)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gs", [32, 128])
+def test_act_order(bits, gs, monkeypatch):
+    gen = torch.Generator().manual_seed(bits + gs)
+    spec = QuantSpec(bits=bits, group_size=gs, act_order=True)
+    qw = random_qweight(96, 512, spec, device="cuda", gen=gen)
+    check_layer(qw, torch.float16, (1, 16, 64, 2048), ["uniform_cuda", "uniform_cuda_fused", "uniform_cuda_dequant"],
+                monkeypatch, gen=gen)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_large_shape_m1(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    for bits, gs in ((4, 128), (3, 128), (2, 64)):
+        qw = random_qweight(11008, 4096, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
+        check_layer(qw, torch.float16, (1, 16), ["uniform_cuda"], monkeypatch, gen=gen)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_unsupported_raise_readable_errors(monkeypatch):
+    # group size 16 is not supported by the CUDA kernels: forcing one says why; auto picks the reference
+    qw = random_qweight(32, 64, QuantSpec(bits=4, group_size=16), device="cuda")
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float16)
+    x = torch.randn(2, 64, device="cuda", dtype=torch.float16)
+    monkeypatch.setenv("LPQ_KERNEL", "uniform_cuda")
+    with pytest.raises(LpqError, match="group_size=16 not supported"):
+        layer(x)
+    monkeypatch.delenv("LPQ_KERNEL")
+    layer._kernel = None
+    layer(x)
+    assert layer.kernel.name == "reference"
+    # in_features not a multiple of 8 (8-bit packing allows multiples of 4)
+    qw = random_qweight(32, 36, QuantSpec(bits=8, group_size=-1), device="cuda")
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float16)
+    monkeypatch.setenv("LPQ_KERNEL", "uniform_cuda_fused")
+    with pytest.raises(LpqError, match="multiple of 8"):
+        layer(torch.randn(1, 36, device="cuda", dtype=torch.float16))
+    # float32 activations
+    qw = random_qweight(32, 64, QuantSpec(bits=4, group_size=32), device="cuda")
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float32)
+    with pytest.raises(LpqError, match="float16 or bfloat16"):
+        layer(torch.randn(1, 64, device="cuda"))
+    # the op itself checks its arguments with readable messages
+    st = uniform_cuda.repack(qw.tensors, qw.spec, 64, 32)
+    with pytest.raises(ValueError, match="must be \\[m, 64\\]"):
+        uniform_cuda.gemm(st, torch.randn(1, 72, device="cuda", dtype=torch.float16), None)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_graph_and_compile(monkeypatch):
+    monkeypatch.delenv("LPQ_KERNEL", raising=False)
+    gen = torch.Generator().manual_seed(11)
+    qw = random_qweight(256, 512, QuantSpec(bits=4, group_size=128), device="cuda", gen=gen)
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float16)
+    x = torch.randn(1, 512, generator=gen).to(torch.float16).cuda()
+    ref = layer(x).clone()
+    assert layer.kernel.name == "uniform_cuda"
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(x)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        y = layer(x)
+    x.copy_(torch.randn(1, 512, generator=gen).to(torch.float16))
+    g.replay()
+    torch.cuda.synchronize()
+    w = UNIFORM.dequantize(qw.tensors, qw.spec, 512, 256)
+    assert rel_err(y, x.float() @ w.t()) < 1e-3
+    compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=False)
+    torch.testing.assert_close(compiled(x), layer(x) * 2)
+    del ref
