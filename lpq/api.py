@@ -97,7 +97,7 @@ def quantize(
     ignore: list[str] | tuple[str, ...] = (),
     overrides: dict[str, dict[str, Any]] | None = None,
     tokenizer=None,
-    calib: str | None = None,
+    calib: str | torch.Tensor | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
@@ -108,13 +108,16 @@ def quantize(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     trust_remote_code: bool = False,
+    save_format: str = "lpq",
 ) -> QuantizeResult:
     """Quantize a causal LM and (if ``out`` is given) save it packed.
 
     ``model`` is a built-in name (smollm2-135m), a local directory, a .gguf file, a hub id, or an
     already-loaded transformers model (then pass ``tokenizer`` to save one alongside).
-    ``calib`` is a text file, 'wikitext2' or 'self' (sampled from the model; the default when the
-    method needs data and none is given). Returns the packed model, timings and peak memory.
+    ``calib`` is a text file, 'wikitext2', 'self' (sampled from the model; the default when the
+    method needs data and none is given) or a tensor of token ids [nsamples, seqlen].
+    ``save_format`` is 'lpq' (lpq's own directory) or 'gptq' (a GPTQ v1 checkpoint that other tools
+    read). Returns the packed model, timings and peak memory.
     """
     disable_transformers_progress()
     dev = resolve_device(device)
@@ -148,9 +151,15 @@ def quantize(
     calib_record = None
     tokens = None
     work_dir = _work_dir(out_path) if out_path is not None else None
+    if save_format not in ("lpq", "gptq"):
+        raise LpqError(f"--format {save_format} is not known: choose lpq or gptq")
     if method_plugin.needs_calibration:
-        calib = calib or "self"
-        calib_record = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        if isinstance(calib, torch.Tensor):
+            nsamples, seqlen = calib.shape
+            calib_record = {"source": "tokens", "nsamples": nsamples, "seqlen": seqlen, "seed": None}
+        else:
+            calib = calib or "self"
+            calib_record = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     manifest = _manifest(model_name, spec, method_options or {}, ignore, overrides or {}, calib_record)
     if work_dir is not None:
         if work_dir.exists() and resume:
@@ -200,7 +209,8 @@ def quantize(
     if out_path is not None:
         t0 = time.perf_counter()
         info(f"saving to {out_path}")
-        save_quantized(loaded, tokenizer, out_path, qconfig, overwrite=overwrite or resume, max_shard_size=max_shard_size)
+        save_quantized(loaded, tokenizer, out_path, qconfig, overwrite=overwrite or resume, max_shard_size=max_shard_size,
+                       save_format=save_format)
         seconds["save"] = time.perf_counter() - t0
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -78,8 +78,13 @@ def _wikitext2_train() -> str:
 
 
 @torch.no_grad()
-def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, device, batch_size: int = 16) -> torch.Tensor:
-    """Data-free calibration: sequences sampled (temperature 1) from the model, starting at BOS."""
+def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, device, batch_size: int | None = None) -> torch.Tensor:
+    """Data-free calibration: sequences sampled (temperature 1) from the model, starting at BOS.
+
+    Generation is one token per step for every sequence at once, so a GPU takes large batches (64).
+    """
+    if batch_size is None:
+        batch_size = 64 if torch.device(device).type == "cuda" else 8
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         start = 0
@@ -111,10 +116,14 @@ def sample_from_model(model, tokenizer, nsamples: int, seqlen: int, seed: int, d
     return torch.cat(out)
 
 
-def calibration_tokens(source: str, model, tokenizer, nsamples: int, seqlen: int, seed: int, device) -> torch.Tensor:
+def calibration_tokens(source: "str | torch.Tensor", model, tokenizer, nsamples: int, seqlen: int, seed: int, device) -> torch.Tensor:
     """[nsamples, seqlen] token ids from ``source``: 'self', 'wikitext2' or a path to a text file."""
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError("--nsamples must be at least 1 and --seqlen at least 2")
+    if isinstance(source, torch.Tensor):  # token ids given directly (e.g. a model without a tokenizer)
+        if source.dim() != 2 or source.dtype not in (torch.int32, torch.int64):
+            raise CalibrationError("calibration tokens must be an integer tensor [nsamples, seqlen]")
+        return source.long()
     if source == "self":
         return sample_from_model(model, tokenizer, nsamples, seqlen, seed, device)
     text = _wikitext2_train() if source == "wikitext2" else read_text(source)

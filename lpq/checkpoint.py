@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, FormatError, OutputExistsError
 from .nn import QuantizedLinear
 from .spec import QuantSpec
 
@@ -166,11 +166,51 @@ def storage_dtype(config) -> torch.dtype:
     return dt if dt in (torch.float16, torch.bfloat16) else torch.float16
 
 
+def gptq_export(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict) -> tuple[dict, dict]:
+    """lpq state dict + config -> the same model as a GPTQ v1 checkpoint (state dict, quantization_config).
+
+    Layers whose spec differs from the default, and linears of the blocks left unquantized, are
+    written as GPTQModel's per-module ``dynamic`` overrides ("+:regex" / "-:regex").
+    """
+    import re
+
+    from .formats.gptq_compat import gptq_quantization_config, to_gptq
+    from .models.arch import find_blocks, find_linears
+
+    specs = module_specs(qconfig)
+    default = QuantSpec.from_dict(qconfig["default"])
+    if any(s.format != "uniform" for s in specs.values()):
+        raise FormatError("--format gptq holds only uniform integer layers: save this model with --format lpq")
+    state = dict(state)
+    dynamic: dict[str, dict] = {}
+    for name, spec in specs.items():
+        layer = model.get_submodule(name)
+        tensors = {t: state.pop(f"{name}.{t}") for t in list(layer.tensors())}
+        for t, v in to_gptq(tensors, spec, layer.in_features, layer.out_features).items():
+            state[f"{name}.{t}"] = v
+        if (spec.bits, spec.group_size, spec.sym, spec.act_order) != (default.bits, default.group_size, default.sym,
+                                                                       default.act_order):
+            dynamic[f"+:^{re.escape(name)}$"] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                                                 "desc_act": spec.act_order}
+    blocks_name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for n in find_linears(block):
+            full = f"{blocks_name}.{i}.{n}"
+            if full not in specs:
+                dynamic[f"-:^{re.escape(full)}$"] = {}
+    gconfig = gptq_quantization_config(default)
+    if dynamic:
+        gconfig["dynamic"] = dynamic
+    return state, gconfig
+
+
 def save_quantized(model: nn.Module, tokenizer, out: Path, qconfig: dict, overwrite: bool = False,
-                   max_shard_size: str | int = "5GB") -> Path:
+                   max_shard_size: str | int = "5GB", save_format: str = "lpq") -> Path:
     """Write the packed model; unquantized float tensors (embeddings, norms, biases) in 16 bits."""
     save_dtype = storage_dtype(model.config)
     state = _dedupe_shared(model.state_dict())
+    if save_format == "gptq":
+        state, qconfig = gptq_export(model, state, qconfig)
     state = {k: v.to(save_dtype) if v.is_floating_point() and v.dtype != torch.float16 else v for k, v in state.items()}
     with atomic_directory(out, overwrite) as tmp:
         write_state_dict(state, tmp, max_shard_size)

@@ -60,6 +60,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (the model stays on the CPU; blocks stream through).")
 @click.option("--dtype", default="auto", show_default=True, help="auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16.")
 @click.option("--out", "out", default=None, help="Output directory [default: out/<model>-<method>-w<bits>-g<group>].")
+@click.option("--format", "save_format", type=click.Choice(["lpq", "gptq"]), default="lpq", show_default=True,
+              help="lpq's own directory, or a GPTQ (v1) checkpoint for tools that read GPTQ.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
@@ -69,8 +71,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, options, ignore,
-             calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, overwrite, resume, max_shard_size,
-             trust_remote_code, recipe, save_recipe, as_json):
+             calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
+             max_shard_size, trust_remote_code, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
     from click.core import ParameterSource
 
@@ -106,16 +108,18 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                        method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
     result = api.quantize(model, out, device=device, resume=resume, overwrite=overwrite, max_shard_size=max_shard_size,
-                          trust_remote_code=trust_remote_code, **run_options)
+                          trust_remote_code=trust_remote_code, save_format=save_format, **run_options)
     if save_recipe:
         write_recipe(save_recipe, {"model": model, **run_options})
     from ..inspect import inspect as inspect_dir
 
-    report = inspect_dir(result.out)
+    report = inspect_dir(result.out) if save_format == "lpq" else {"bpw": None, "total_bytes": None, "size_vs_fp16": None}
     summary = {"out": str(result.out), "layers": result.layers, "bpw": report["bpw"],
                "size_bytes": report["total_bytes"], "seconds": result.seconds, "peak_memory_gb": result.peak_memory_gb}
     if as_json:
         _print_json(summary)
+    elif save_format != "lpq":
+        info(f"wrote {result.out} ({save_format} checkpoint, {result.layers} layers) in {result.seconds['total']:.1f} s")
     else:
         info(f"wrote {result.out}: {result.layers} layers at {report['bpw']:.3f} bits per weight, "
              f"{report['total_bytes'] / 1e6:.1f} MB ({report['size_vs_fp16']:.1%} of fp16) in {result.seconds['total']:.1f} s")

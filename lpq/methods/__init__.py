@@ -38,6 +38,8 @@ class Method:
     needs_calibration: bool = False
     #: Quantize a block's linears in execution stages, each stage seeing the quantized earlier ones.
     sequential: bool = False
+    #: The method options this plugin understands (others are refused with a clear error).
+    option_names: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -80,7 +82,12 @@ def register_method(cls: type[Method]) -> type[Method]:
 def get_method(name: str, **options: Any) -> Method:
     if name not in _METHODS:
         raise SpecError(f"unknown method {name!r}: choose one of {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](**options)
+    cls = _METHODS[name]
+    unknown = sorted(k for k, v in options.items() if k not in cls.option_names and v is not None)
+    if unknown:
+        allowed = ", ".join(cls.option_names) or "none"
+        raise SpecError(f"method {name} does not take option(s) {', '.join(unknown)} (it takes: {allowed})")
+    return cls(**options)
 
 
 def available_methods() -> list[str]:

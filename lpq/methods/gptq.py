@@ -267,6 +267,7 @@ class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
     sequential = True
+    option_names = ("damp", "static_groups", "true_sequential", "block_size")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

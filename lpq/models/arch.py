@@ -48,14 +48,16 @@ def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder blocks."""
+    from ..nn import QuantizedLinear  # a packed model's blocks hold QuantizedLinear layers instead
+
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        if len(kinds) != 1 or not any(is_linear(m) for m in module[0].modules()):
+        if len(kinds) != 1 or not any(is_linear(m) or isinstance(m, QuantizedLinear) for m in module[0].modules()):
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
         if best is None or size > best[0]:
             best = (size, name, module)
     if best is None:
