@@ -179,8 +179,8 @@ def quantize(
         if cached is not None and cached.is_file():
             tokens = torch.load(cached, weights_only=True)
         else:
-            if tokenizer is None:
-                raise LpqError("calibration needs a tokenizer: pass tokenizer=...")
+            if tokenizer is None and not isinstance(calib, torch.Tensor) and calib != "self":
+                raise LpqError("calibration from text needs a tokenizer: pass tokenizer=... or token ids as calib")
             tokens = calibration_tokens(calib, loaded, tokenizer, nsamples, seqlen, seed, dev)
             if cached is not None:
                 torch.save(tokens, cached)
@@ -203,7 +203,7 @@ def quantize(
 
     t0 = time.perf_counter()
     pack_model(loaded, results, model_dtype)
-    seconds["pack"] = time.perf_counter() - t0
+    seconds["pack"] = seconds.get("pack", 0.0) + time.perf_counter() - t0  # bit packing + module swap
     qconfig = make_quant_config(spec, run.specs, calib_record, method_options)
     loaded.config.quantization_config = qconfig
     if out_path is not None:

@@ -28,7 +28,7 @@ from .errors import CheckpointError, LpqError
 from .formats import QuantizedWeight, get_format
 from .methods import Method, Observer
 from .models.arch import find_blocks, find_linears, linear_shape, linear_weight, set_linear_weight
-from .progress import PhaseTimer, info, track
+from .progress import GLOBAL_TIMER, PhaseTimer, info, track
 from .spec import QuantSpec
 
 
@@ -181,8 +181,12 @@ class QuantizationRun:
             ctx = BlockContext(self, i, block, inputs)
             done = self._load_block(i, ctx)
             if not done:
+                packed_before = GLOBAL_TIMER.seconds["pack"]
                 with self.timer.phase("method"):
                     method.quantize_block(ctx)
+                packing = GLOBAL_TIMER.seconds["pack"] - packed_before  # bit packing inside the method
+                self.timer.seconds["pack"] += packing
+                self.timer.seconds["method"] -= packing
                 missing = [n for n in ctx.linears if n not in ctx.results]
                 if missing:
                     raise RuntimeError(f"method {method.name} left {missing} of block {i} unquantized")

@@ -56,6 +56,10 @@ class PhaseTimer:
             self.seconds[name] += time.perf_counter() - start
 
 
+#: Process-wide phase timer for work that happens deep inside plugins (e.g. bit packing), read by the driver.
+GLOBAL_TIMER = PhaseTimer()
+
+
 def disable_transformers_progress() -> None:
     try:
         from transformers.utils import logging as hf_logging

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FormatError
+from ..progress import GLOBAL_TIMER
 from ..quant import dequantize_codes, group_index, num_groups
 from ..spec import QuantSpec
 from . import PackedFormat, QuantizedWeight, register_format
@@ -76,11 +77,14 @@ def pack_uniform(
     """codes [N, K] ints, scales/zeros [G, N], optional g_idx [K] -> a packed QuantizedWeight."""
     n, k = codes.shape
     UNIFORM.check_shape(k, n, spec, layer)
-    tensors = {
-        "qweight": pack_rows(codes.t(), spec.bits),
-        "scales": scales.to(torch.float16).contiguous(),
-        "qzeros": pack_cols(zeros.to(torch.int32), spec.bits),
-    }
+    with GLOBAL_TIMER.phase("pack"):
+        tensors = {
+            "qweight": pack_rows(codes.t(), spec.bits),
+            "scales": scales.to(torch.float16).contiguous(),
+            "qzeros": pack_cols(zeros.to(torch.int32), spec.bits),
+        }
+        if codes.is_cuda:
+            torch.cuda.synchronize(codes.device)  # so the time is the packing's, not the next op's
     if spec.act_order:
         if g_idx is None:
             raise ValueError("act-order weights need their g_idx")
