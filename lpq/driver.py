@@ -292,18 +292,33 @@ class BlockContext:
         outs = [self._forward(i) for i in range(len(self.inputs.hidden))]
         return BlockInputs(outs, self.inputs.args, self.inputs.kwargs)
 
-    def observe(self, observers: dict[str, Observer], batches: Callable[[], range] | None = None) -> None:
-        """Run every calibration batch through the block, feeding each named linear's input to its observer."""
+    def observe(self, observers: dict[str, Observer]) -> None:
+        """Run every calibration batch through the block, feeding each named linear's input to its observer.
+
+        Each forward stops as soon as every observed linear has seen its input: the layers after them
+        cannot change what the observers saw (for Llama's q/k/v stage that skips almost the whole block).
+        """
         if not observers:
             return
-        handles = [
-            self.modules[n].register_forward_hook(lambda m, args, out, o=o: o.update(args[0].detach()))
-            for n, o in observers.items()
-        ]
+        pending: set[str] = set()
+
+        def hook(name: str, observer: Observer):
+            def fn(module, args, out):
+                observer.update(args[0].detach())
+                pending.discard(name)
+                if not pending:
+                    raise _StopForward
+            return fn
+
+        handles = [self.modules[n].register_forward_hook(hook(n, o)) for n, o in observers.items()]
         start = time.perf_counter()
         try:
             for i in range(len(self.inputs.hidden)):
-                self._forward(i)
+                pending.update(observers)
+                try:
+                    self._forward(i)
+                except _StopForward:
+                    pass
             _sync(self.device)  # GPU work is asynchronous: charge it to calibration, not to the method
         finally:
             spent = time.perf_counter() - start  # calibration forward, not the method's own maths
