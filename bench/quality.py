@@ -2,7 +2,7 @@
 
     python bench/quality.py --model smollm2-135m --runs fp,rtn:8:128,rtn:4:128,rtn:4:-1,rtn:3:128,rtn:2:64
 
-A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag,...]`` with flags ``sym``,
+A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag+...]`` with flags ``sym``,
 ``act-order`` and ``static-groups``. Each quantized run is a whole ``lpq.quantize`` (timed, peak
 memory), then ``lpq.inspect`` (true bits per weight) and perplexity + KL on the evaluation text.
 Writes the table into bench/RESULTS.md (section named by --section) and the records into
@@ -38,7 +38,7 @@ def parse_run(run: str) -> dict | None:
         return None
     parts = run.split(":")
     method, bits, group = parts[0], int(parts[1]), int(parts[2])
-    flags = set(parts[3].split(",")) if len(parts) > 3 and parts[3] else set()
+    flags = set(parts[3].split("+")) if len(parts) > 3 and parts[3] else set()
     return {"method": method, "bits": bits, "group_size": group, "sym": "sym" in flags,
             "act_order": "act-order" in flags, "static_groups": "static-groups" in flags, "flags": sorted(flags)}
 
