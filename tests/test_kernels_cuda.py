@@ -299,3 +299,12 @@ def test_cuda_graph_and_compile(monkeypatch):
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=False)
     torch.testing.assert_close(compiled(x), layer(x) * 2)
     del ref
+
+
+def test_fold_divides_group():
+    """A fold (128, 64 or 32 columns) must never cross a group (group sizes that are not powers of two are
+    rejected by QuantSpec today; the rule is kept general); one group per row takes 128 whatever K is."""
+    assert uniform_cuda._fold(128, 4096) == 128 and uniform_cuda._fold(64, 4096) == 64
+    assert uniform_cuda._fold(96, 4096) == 32 and uniform_cuda._fold(160, 4096) == 32
+    assert uniform_cuda._fold(192, 4096) == 64 and uniform_cuda._fold(72, 72) == 128  # one group per row
+

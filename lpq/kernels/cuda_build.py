@@ -75,7 +75,7 @@ def unavailable_reason() -> str | None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("lpq_cuda::uniform_gemm")
-    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps):
+    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant=0):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("lpq_cuda::uniform_dequant")

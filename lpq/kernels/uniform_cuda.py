@@ -31,8 +31,12 @@ STATE_KEY = "uniform_cuda"
 _SLICE = 4096  # output features repacked at a time (bounds the temporary memory of prepare)
 
 
-def _fold(gs: int) -> int:
-    return min(gs, 128)
+def _fold(gs: int, k: int) -> int:
+    """Columns per fold: 128, 64 or 32, dividing the group size so that no fold crosses a group
+    (one group per row, as per-channel, takes 128)."""
+    if gs >= k:
+        return 128
+    return next(f for f in (128, 64, 32) if gs % f == 0)
 
 
 def _to_int32(w: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
     """The canonical uniform tensors -> the kernels' layout (see csrc/uniform_kernels.cuh)."""
     bits = spec.bits
     gs = k if spec.group_size == -1 else spec.group_size
-    fold = _fold(gs)
+    fold = _fold(gs, k)
     tpf, folds = fold // 16, 128 // fold
     qweight = tensors["qweight"]
     dev = qweight.device
@@ -119,6 +123,20 @@ def _fused_max_m() -> int:
         return 64
 
 
+def _gemm_variant() -> int | None:
+    """Fused-kernel variant forced by ``LPQ_GEMM_VARIANT`` (benchmarks): 0 the cp.async-ring kernel
+    (v3), 1 the register-prefetch kernel (v2), 2 v3 with deeper rings at m <= 8. None: the rule of
+    :func:`default_variant`."""
+    try:
+        v = int(os.environ.get("LPQ_GEMM_VARIANT", ""))
+    except ValueError:
+        return None
+    return v if v in (0, 1, 2) else None
+
+
+GEMM_VARIANT = _gemm_variant()
+
+
 def default_warps(st: dict, m: int) -> int:
     """Warps per block of the fused kernel (measured on the H100, bench/NOTES-kernels.md): 8 when
     there are few blocks (each must keep more loads in flight), 4 when there are many."""
@@ -126,7 +144,14 @@ def default_warps(st: dict, m: int) -> int:
     return 4 if blocks >= 340 else 8
 
 
-def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
+def default_variant(st: dict, m: int) -> int:
+    """v3 everywhere except 3-/4-bit at 9 <= m <= 16 with >= 8192 outputs, where v2 measured faster
+    on the H100 (bench/NOTES-kernels.md: v3's ring of 16 activation rows keeps few warps per SM)."""
+    return 1 if 8 < m <= 16 and st["n"] >= 8192 and st["bits"] in (3, 4) else 0
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
+         variant: int | None = None) -> torch.Tensor:
     k = st["k"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq uniform_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -136,8 +161,10 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if warps is None:
         warps = default_warps(st, x2.shape[0])
+    if variant is None:
+        variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
-                                           st["n"], st["k"], warps)
+                                           st["n"], st["k"], warps, variant)
 
 
 def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:

@@ -2,8 +2,8 @@
 #include "uniform_dispatch.cuh"
 
 namespace lpq {
-cudaError_t launch_uniform_gemm_b3(bool bf16, int fold, const GemmArgs& a, int nwarps, cudaStream_t s) {
-  return launch_gemm_bits<3>(bf16, fold, a, nwarps, s);
+cudaError_t launch_uniform_gemm_b3(bool bf16, int fold, const GemmArgs& a, int nwarps, int variant, cudaStream_t s) {
+  return launch_gemm_bits<3>(bf16, fold, a, nwarps, variant, s);
 }
 cudaError_t launch_uniform_dequant_b3(bool bf16, int fold, const DequantArgs& a, cudaStream_t s) {
   return launch_dequant_bits<3>(bf16, fold, a, s);

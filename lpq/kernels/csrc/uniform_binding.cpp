@@ -28,7 +28,7 @@ static void check_packed(const at::Tensor& qw, const at::Tensor& sc, const at::T
 
 at::Tensor uniform_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& zp,
                         const c10::optional<at::Tensor>& bias, int64_t bits, int64_t fold, int64_t gs, int64_t n,
-                        int64_t k, int64_t warps) {
+                        int64_t k, int64_t warps, int64_t variant) {
   int64_t chunks, n_tiles;
   check_packed(qw, sc, zp, bits, fold, n, k, chunks, n_tiles);
   TORCH_CHECK(x.is_cuda() && x.get_device() == qw.get_device(), "lpq uniform_gemm: x must be on the weights' CUDA device");
@@ -38,6 +38,7 @@ at::Tensor uniform_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Ten
   TORCH_CHECK(x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "lpq uniform_gemm: x must be contiguous and 16-byte aligned");
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq uniform_gemm: warps must be in 1..8");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "lpq uniform_gemm: variant must be 0, 1 or 2");
   TORCH_CHECK(gs > 0, "lpq uniform_gemm: group size must be positive (in_features for per-channel)");
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -52,7 +53,7 @@ at::Tensor uniform_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Ten
   GemmArgs a{x.data_ptr(), reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sc.data_ptr()),
              reinterpret_cast<const uint16_t*>(zp.data_ptr()), bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks,
              (int)n_tiles, (int)gs};
-  cudaError_t err = launch_uniform_gemm((int)bits, x.scalar_type() == at::kBFloat16, (int)fold, a, (int)warps,
+  cudaError_t err = launch_uniform_gemm((int)bits, x.scalar_type() == at::kBFloat16, (int)fold, a, (int)warps, (int)variant,
                                         c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq uniform_gemm launch failed: ", cudaGetErrorString(err));
   return y;
@@ -76,7 +77,7 @@ at::Tensor uniform_dequant(const at::Tensor& qw, const at::Tensor& sc, const at:
 }  // namespace lpq
 
 TORCH_LIBRARY(lpq_cuda, m) {
-  m.def("uniform_gemm(Tensor x, Tensor qw, Tensor sc, Tensor zp, Tensor? bias, int bits, int fold, int gs, int n, int k, int warps) -> Tensor");
+  m.def("uniform_gemm(Tensor x, Tensor qw, Tensor sc, Tensor zp, Tensor? bias, int bits, int fold, int gs, int n, int k, int warps, int variant=0) -> Tensor");
   m.def("uniform_dequant(Tensor qw, Tensor sc, Tensor zp, int bits, int fold, int gs, int n, int k, bool bf16) -> Tensor");
 }
 

@@ -15,19 +15,56 @@ cudaError_t launch_gemm_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+// v3 (cp.async ring) launch. The ring's shared memory per block is nwarps * STAGES * stage bytes;
+// warps are halved until it fits (and the reduction buffer always fits).
+template <int BITS, typename T, int S, int MT, int NT, int STAGES>
+cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) {
+  using Geo = StageGeom<BITS, S, MT, NT>;
+  const int xrows = a.M < MT * 8 ? a.M : MT * 8;
+  const size_t stage_bytes = (size_t)Geo::words(xrows) * 4;
+  constexpr size_t kMaxSmem = 200 * 1024;
+  while (nwarps > 1 && (size_t)nwarps * STAGES * stage_bytes > kMaxSmem) nwarps /= 2;
+  size_t smem = (size_t)nwarps * STAGES * stage_bytes;
+  const size_t red = (size_t)nwarps * NT * MT * 4 * 32 * sizeof(float);
+  if (red > smem) smem = red;
+  auto kern = uniform_gemm_cp_kernel<BITS, T, S, MT, NT, STAGES>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  dim3 grid(a.n_tiles / NT, (a.M + MT * 8 - 1) / (MT * 8));
+  kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows);
+  return cudaGetLastError();
+}
+
+// Ring depth of the m <= 8 kernel: enough chunks in flight per warp for the bytes of a chunk
+// (2-bit chunks are 512 bytes, 8-bit 2 KB). variant 2: deeper rings (benchmarks).
+template <int BITS> constexpr int ring_m8() { return BITS == 2 ? 8 : (BITS == 3 ? 6 : (BITS == 4 ? 5 : 3)); }
+template <int BITS> constexpr int ring_m8_deep() { return BITS == 2 ? 12 : (BITS == 3 ? 10 : (BITS == 4 ? 8 : 5)); }
+
+// variant 0: v3 cp.async ring kernel (default); 1: the v2 register-prefetch kernel; 2: v3 with
+// deeper rings at m <= 8.
 template <int BITS, typename T, int S>
-cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, cudaStream_t stream) {
-  if (a.M <= 8) return launch_gemm_cfg<BITS, T, S, 1, 1, steps_chunks<BITS>()>(a, nwarps, stream);
-  if (a.M <= 16) return launch_gemm_cfg<BITS, T, S, 2, 2, 1>(a, nwarps, stream);
-  return launch_gemm_cfg<BITS, T, S, 4, 2, 1>(a, nwarps, stream);
+cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+  if (variant == 1) {
+    if (a.M <= 8) return launch_gemm_cfg<BITS, T, S, 1, 1, steps_chunks<BITS>()>(a, nwarps, stream);
+    if (a.M <= 16) return launch_gemm_cfg<BITS, T, S, 2, 2, 1>(a, nwarps, stream);
+    return launch_gemm_cfg<BITS, T, S, 4, 2, 1>(a, nwarps, stream);
+  }
+  if (a.M <= 8) {
+    if (variant == 2) return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8_deep<BITS>()>(a, nwarps, stream);
+    return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
+  }
+  if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream);
+  return launch_gemm_cp_cfg<BITS, T, S, 4, 2, 2>(a, nwarps, stream);
 }
 
 template <int BITS, typename T>
-cudaError_t launch_gemm_t(int fold, const GemmArgs& a, int nwarps, cudaStream_t stream) {
+cudaError_t launch_gemm_t(int fold, const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
   switch (fold) {
-    case 32: return launch_gemm_s<BITS, T, 32>(a, nwarps, stream);
-    case 64: return launch_gemm_s<BITS, T, 64>(a, nwarps, stream);
-    case 128: return launch_gemm_s<BITS, T, 128>(a, nwarps, stream);
+    case 32: return launch_gemm_s<BITS, T, 32>(a, nwarps, variant, stream);
+    case 64: return launch_gemm_s<BITS, T, 64>(a, nwarps, variant, stream);
+    case 128: return launch_gemm_s<BITS, T, 128>(a, nwarps, variant, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -47,9 +84,9 @@ cudaError_t launch_dequant_t(int fold, const DequantArgs& a, cudaStream_t stream
 }
 
 template <int BITS>
-cudaError_t launch_gemm_bits(bool bf16, int fold, const GemmArgs& a, int nwarps, cudaStream_t stream) {
-  return bf16 ? launch_gemm_t<BITS, __nv_bfloat16>(fold, a, nwarps, stream)
-              : launch_gemm_t<BITS, __half>(fold, a, nwarps, stream);
+cudaError_t launch_gemm_bits(bool bf16, int fold, const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+  return bf16 ? launch_gemm_t<BITS, __nv_bfloat16>(fold, a, nwarps, variant, stream)
+              : launch_gemm_t<BITS, __half>(fold, a, nwarps, variant, stream);
 }
 template <int BITS>
 cudaError_t launch_dequant_bits(bool bf16, int fold, const DequantArgs& a, cudaStream_t stream) {

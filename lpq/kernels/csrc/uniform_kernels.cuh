@@ -344,7 +344,286 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
 }
 
 
-// One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order.
+// fp16, 2- and 4-bit codes: no shift per register. A mask at bit position b*i of a byte gives the fp16
+// 1024 + 2^(b*i) * q (exact, inside the 10 mantissa bits); one HFMA2 with 2^(-b*i) and -(1024/2^(b*i) + z)
+// then yields q - z exactly. Positions i (0 .. 8/b - 1) inside a byte, the byte chosen by one shift
+// per word. off[r][i]: the half2 bits of -(1024/2^(b*i) + z) for row g (r = 0) and g + 8 (r = 1).
+template <int BITS> struct FastDecode {
+  static constexpr bool ok = (BITS == 2 || BITS == 4);
+  static constexpr int npos = ok ? 8 / BITS : 1;  // positions per byte
+};
+template <int BITS>
+__device__ __forceinline__ uint32_t fast_off(uint32_t z, int i) {
+  // fp16 of -(2^(10 - BITS*i) + z): exponent 25 - BITS*i, z at mantissa bit BITS*i; both halves
+  return z * ((1u << (BITS * i)) * 0x00010001u) + ((uint32_t)((25 - BITS * i) << 10 | 0x8000) * 0x00010001u);
+}
+template <int BITS, int J>
+__device__ __forceinline__ void tile_a_fast(const uint32_t (&w)[2 * BITS], const uint32_t (&off)[2][FastDecode<BITS>::npos],
+                                            uint32_t (&a)[4]) {
+  constexpr uint32_t M = Magic<__half>::word;
+  constexpr int ppw = 16 / BITS;   // pairs per word
+  constexpr int npos = FastDecode<BITS>::npos;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int P = J * 4 + r;
+    const int i = P % ppw;              // pair index inside the word
+    const int byte = i / npos, pos = i % npos;
+    const uint32_t base = byte ? (w[P / ppw] >> (8 * byte)) : w[P / ppw];
+    const uint32_t mask = ((1u << BITS) - 1) * 0x00010001u << (BITS * pos);
+    const uint32_t raw = lop_and_or(base, mask, M);
+    const uint32_t inv = (uint32_t)((15 - BITS * pos) << 10) * 0x00010001u;  // 2^(-BITS*pos) in both halves
+    __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw), *reinterpret_cast<const __half2*>(&inv),
+                        *reinterpret_cast<const __half2*>(&off[r & 1][pos]));
+    a[r] = *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v3 small-m fused kernel: the same maths as uniform_gemm_kernel, but every warp streams its chunks
+// (codes, the chunk's activation columns, and the scale/zero words of its folds) through a private
+// ring of STAGES shared-memory buffers with cp.async, so that STAGES - 1 chunks per warp are in flight
+// while one is decoded (the register-prefetch kernel above keeps one step in flight and loads the
+// activations when they are used). No block-wide barrier until the final reduction.
+//
+// Stage layout (32-bit words): codes [NT][32 * 2b] (the global chunk layout), x [xrows][XS]
+// (xrows = min(MT * 8, M) token rows of 128 columns, padded to XS words), scales [NT][FOLDS][8],
+// zeros [NT][FOLDS][4] (8 u16).
+__device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, int src_bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+constexpr int kXS = 68;  // words per activation row of a stage (128 halves + 16 bytes of padding)
+
+template <int BITS, int S, int MT, int NT>
+struct StageGeom {
+  static constexpr int WPL = 2 * BITS;
+  static constexpr int FOLDS = 128 / S;
+  static constexpr int CW = NT * 32 * WPL;      // code words
+  static constexpr int SCW = NT * FOLDS * 8;    // scale words
+  static constexpr int ZW = NT * FOLDS * 4;     // zero words
+  __host__ __device__ static int words(int xrows) { return CW + xrows * kXS + SCW + ZW; }
+};
+
+template <int BITS, typename T, int S, int MT, int NT, int STAGES>
+__global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xrows) {
+  using G = StageGeom<BITS, S, MT, NT>;
+  constexpr int WPL = G::WPL;
+  constexpr int TPF = S / 16;
+  constexpr int FOLDS = G::FOLDS;
+  constexpr int XW = S / 8;
+  extern __shared__ __align__(16) uint32_t smem[];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nt0 = blockIdx.x * NT;
+  const int tok0 = blockIdx.y * (MT * 8);
+  const int stage_words = G::words(xrows);
+  uint32_t* ring = smem + (size_t)warp * STAGES * stage_words;
+
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+  const int rows_here = min(xrows, p.M - tok0);  // token rows this block really has
+  const size_t chunk_words = 32 * WPL;
+  // chunks of this warp: warp, warp + nwarps, ...
+  const int n_my = warp < p.chunks ? (p.chunks - warp + nwarps - 1) / nwarps : 0;
+
+  // per-lane copy state, advanced by one warp step (nwarps chunks) per issued chunk
+  const uint32_t* qsrc = p.qw + ((size_t)nt0 * p.chunks + warp) * chunk_words + 4 * lane;
+  const size_t q_nt = (size_t)p.chunks * chunk_words, q_step = (size_t)nwarps * chunk_words;
+  const int xr0 = lane >> 4, xc = (lane & 15) * 8;        // x pieces: rows xr0, xr0 + 2, ...; column xc
+  const T* xsrc = x + (size_t)(tok0 + xr0) * p.K + xc;     // + k0
+  const bool s_lane = lane < NT * FOLDS * 3;               // per (nt, fold): 2 pieces of scales, 1 of zeros
+  const int s_piece = lane % 3, s_nf = lane / 3, s_nt = s_nf / FOLDS, s_f = s_nf % FOLDS;
+  const uint32_t s_off = s_piece < 2 ? (uint32_t)(s_nf * 8 + s_piece * 4) : (uint32_t)(G::SCW + s_nf * 4);
+  // group of a fold start: kf / gs = umulhi(kf, floor(2^32 / gs) + 1), exact while kf * gs < 2^32
+  const uint32_t gmagic = 0xFFFFFFFFu / (uint32_t)p.gs + 1u;
+  const bool fastdiv = (unsigned long long)p.K * (unsigned long long)p.gs < (1ull << 32);
+  int k_issue = warp * 128;
+  int slot_w = 0;
+  auto issue = [&]() {
+    uint32_t* st = ring + slot_w * stage_words;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int q = 0; q < (8 * WPL + 31) / 32; ++q)
+        if ((8 * WPL) % 32 == 0 || lane + 32 * q < 8 * WPL)
+          cp_async16_cg(st + nt * 32 * WPL + 4 * (lane + 32 * q), qsrc + nt * q_nt + 128 * q, 16);
+    qsrc += q_step;
+    const int k0 = k_issue;
+    uint32_t* xs = st + G::CW;
+    {
+      const bool in = k0 + xc < p.K;
+      const T* src = xsrc + (in ? k0 : -xc);
+      for (int r = xr0; r < rows_here; r += 2, src += 2 * (size_t)p.K)
+        cp_async16_ca(xs + r * kXS + xc / 2, src, in ? 16 : 0);
+    }
+    if (s_lane) {
+      const uint32_t kf = (uint32_t)(k0 + s_f * S);
+      uint32_t grp = 0;
+      if (kf < (uint32_t)p.K) grp = fastdiv ? __umulhi(kf, gmagic) : kf / (uint32_t)p.gs;  // padding folds: skipped at use
+      const size_t si = ((size_t)grp * p.n_tiles + nt0 + s_nt) * 8;
+      uint32_t* dst = xs + xrows * kXS + s_off;
+      if (s_piece < 2) cp_async16_cg(dst, p.sc + si + s_piece * 4, 16);
+      else cp_async16_cg(dst, p.zp + si, 16);
+    }
+    k_issue += nwarps * 128;
+    slot_w = slot_w + 1 == STAGES ? 0 : slot_w + 1;
+  };
+
+  float acc[NT][MT][4];
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n_my) issue();
+    cp_async_commit();
+  }
+  int slot_r = 0;
+  for (int i = 0; i < n_my; ++i) {
+    if (i + STAGES - 1 < n_my) issue();
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const uint32_t* st = ring + slot_r * stage_words;
+    slot_r = slot_r + 1 == STAGES ? 0 : slot_r + 1;
+    const uint32_t* xs = st + G::CW;
+    const uint32_t* ss = xs + xrows * kXS;
+    const uint16_t* zs = reinterpret_cast<const uint16_t*>(ss + G::SCW);
+    const int k0 = (warp + i * nwarps) * 128;
+    uint32_t w[NT][WPL];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint32_t* cb = st + nt * 32 * WPL;
+#pragma unroll
+      for (int s = 0; s < Layout<BITS>::segs; ++s) {
+        const uint4 v = *reinterpret_cast<const uint4*>(cb + s * 128 + lane * 4);
+        w[nt][4 * s + 0] = v.x; w[nt][4 * s + 1] = v.y; w[nt][4 * s + 2] = v.z; w[nt][4 * s + 3] = v.w;
+      }
+      if constexpr (Layout<BITS>::tail) {
+        const uint2 v = *reinterpret_cast<const uint2*>(cb + 128 + lane * 2);
+        w[nt][4] = v.x; w[nt][5] = v.y;
+      }
+    }
+    static_for<0, FOLDS>([&](auto fc) {
+      constexpr int f = decltype(fc)::value;
+      if (k0 + f * S >= p.K) return;  // a fold wholly in the zero padding of K
+      uint32_t xw[MT][XW];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r = min(mt * 8 + g, xrows - 1);  // rows past M: any valid row (their outputs are dropped)
+        const uint32_t* xr = xs + r * kXS + (f * S + t * (S / 4)) / 2;
+#pragma unroll
+        for (int v = 0; v < XW / 4; ++v) {
+          const uint4 u = *reinterpret_cast<const uint4*>(xr + 4 * v);
+          xw[mt][4 * v + 0] = u.x; xw[mt][4 * v + 1] = u.y; xw[mt][4 * v + 2] = u.z; xw[mt][4 * v + 3] = u.w;
+        }
+      }
+      float s_lo[NT], s_hi[NT];
+      uint32_t zz[NT][2];
+      float zf[NT][2];
+      constexpr bool kFast = FastDecode<BITS>::ok && std::is_same<T, __half>::value;
+      constexpr int NPOS = FastDecode<BITS>::npos;
+      uint32_t off[NT][2][NPOS];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t s2 = ss[(nt * FOLDS + f) * 8 + g];
+        const uint32_t z2 = zs[(nt * FOLDS + f) * 8 + g];
+        const __half2 sh = *reinterpret_cast<__half2*>(&s2);
+        s_lo[nt] = __low2float(sh);
+        s_hi[nt] = __high2float(sh);
+        const uint32_t zl = z2 & 0xFF, zh = (z2 >> 8) & 0xFF;
+        constexpr uint32_t one = Magic<std::conditional_t<BITS == 8, __half, T>>::one;
+        zz[nt][0] = (one | zl) * 0x00010001u;
+        zz[nt][1] = (one | zh) * 0x00010001u;
+        zf[nt][0] = 8388608.f + (float)zl;
+        zf[nt][1] = 8388608.f + (float)zh;
+        if constexpr (kFast) {
+#pragma unroll
+          for (int i = 0; i < NPOS; ++i) {
+            off[nt][0][i] = fast_off<BITS>(zl, i);
+            off[nt][1][i] = fast_off<BITS>(zh, i);
+          }
+        }
+      }
+      float gacc[NT][MT][4];
+#pragma unroll
+      for (int a = 0; a < NT; ++a)
+#pragma unroll
+        for (int b = 0; b < MT; ++b)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) gacc[a][b][e] = 0.f;
+      static_for<0, TPF>([&](auto jc) {
+        constexpr int jj = decltype(jc)::value;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t a[4];
+          if constexpr (kFast) {
+            tile_a_fast<BITS, f * TPF + jj>(w[nt], off[nt], a);
+          } else {
+            const uint32_t zzn[2] = {zz[nt][0], zz[nt][1]};
+            const float zfn[2] = {zf[nt][0], zf[nt][1]};
+            tile_a<BITS, T, f * TPF + jj>(w[nt], zzn, zfn, a);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma16816(gacc[nt][mt], a, xw[mt][2 * jj], xw[mt][2 * jj + 1], T());
+        }
+      });
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[nt][mt][0] += s_lo[nt] * gacc[nt][mt][0];
+          acc[nt][mt][1] += s_lo[nt] * gacc[nt][mt][1];
+          acc[nt][mt][2] += s_hi[nt] * gacc[nt][mt][2];
+          acc[nt][mt][3] += s_hi[nt] * gacc[nt][mt][3];
+        }
+    });
+    __syncwarp();  // every lane has read this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the reduction
+
+  constexpr int V = NT * MT * 4;
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int b = 0; b < MT; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) red[(warp * V + (a * MT + b) * 4 + e) * 32 + lane] = acc[a][b][e];
+  __syncthreads();
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
+    float s = 0.f;
+    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * V * 32 + i];
+    const int ln = i & 31, v = i >> 5;
+    const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
+    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
+    const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
+    if (n < p.N && tok < p.M) {
+      if (bias) s += to_float(bias[n]);
+      y[(size_t)tok * p.N + n] = from_float<T>(s);
+    }
+  }
+}
+
+// One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order. The warp's
+// 16 x 128 tile is staged in shared memory and written as whole 256-byte row segments (two rows per
+// warp store), not as the fragment layout's scattered 16-byte pieces.
 template <int BITS, typename T, int S>
 __global__ void __launch_bounds__(256) uniform_dequant_kernel(DequantArgs p) {
   constexpr int WPL = 2 * BITS;
@@ -358,7 +637,8 @@ __global__ void __launch_bounds__(256) uniform_dequant_kernel(DequantArgs p) {
   uint32_t w[WPL];
   load_codes<BITS>(w, p.qw + (size_t)gw * 32 * WPL, lane);
   T* __restrict__ out = reinterpret_cast<T*>(p.w);
-  const int n_lo = nt * 16 + g, n_hi = n_lo + 8;
+  __shared__ __align__(16) uint32_t tile_s[8][16 * kXS];  // [warp][row][128 values + pad]
+  uint32_t* tile = tile_s[threadIdx.x >> 5];
   static_for<0, FOLDS>([&](auto fc) {
     constexpr int f = decltype(fc)::value;
     const int kf = chunk * 128 + f * S;
@@ -401,19 +681,22 @@ __global__ void __launch_bounds__(256) uniform_dequant_kernel(DequantArgs p) {
               else lo[2 * jj + (r >> 1)] = o;
             }
     });
-    const int kx = kf + t * (S / 4);
+    const int kx = f * S + t * (S / 4);  // column inside the chunk
 #pragma unroll
     for (int v = 0; v < S / 32; ++v) {
-      if (kx + v * 8 < p.K) {
-        if (n_lo < p.N)
-          *reinterpret_cast<uint4*>(out + (size_t)n_lo * p.K + kx + v * 8) =
-              make_uint4(lo[4 * v], lo[4 * v + 1], lo[4 * v + 2], lo[4 * v + 3]);
-        if (n_hi < p.N)
-          *reinterpret_cast<uint4*>(out + (size_t)n_hi * p.K + kx + v * 8) =
-              make_uint4(hi[4 * v], hi[4 * v + 1], hi[4 * v + 2], hi[4 * v + 3]);
-      }
+      *reinterpret_cast<uint4*>(tile + g * kXS + kx / 2 + 4 * v) = make_uint4(lo[4 * v], lo[4 * v + 1], lo[4 * v + 2], lo[4 * v + 3]);
+      *reinterpret_cast<uint4*>(tile + (g + 8) * kXS + kx / 2 + 4 * v) =
+          make_uint4(hi[4 * v], hi[4 * v + 1], hi[4 * v + 2], hi[4 * v + 3]);
     }
   });
+  __syncwarp();
+#pragma unroll
+  for (int it = 0; it < 8; ++it) {
+    const int piece = it * 32 + lane, row = piece >> 4, c16 = piece & 15;
+    const int n = nt * 16 + row, col = chunk * 128 + c16 * 8;
+    if (n < p.N && col < p.K)
+      *reinterpret_cast<uint4*>(out + (size_t)n * p.K + col) = *reinterpret_cast<const uint4*>(tile + row * kXS + c16 * 4);
+  }
 }
 
 }  // namespace lpq

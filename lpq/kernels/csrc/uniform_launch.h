@@ -24,7 +24,9 @@ struct DequantArgs {
 };
 
 // Each returns cudaSuccess or the launch error. `fold` is min(group size, 128) in {32, 64, 128}.
-cudaError_t launch_uniform_gemm(int bits, bool bf16, int fold, const GemmArgs& args, int nwarps, cudaStream_t stream);
+// variant: 0 the v3 cp.async-ring fused kernel (default), 1 the v2 register-prefetch kernel, 2 v3 with deeper rings.
+cudaError_t launch_uniform_gemm(int bits, bool bf16, int fold, const GemmArgs& args, int nwarps, int variant,
+                                cudaStream_t stream);
 cudaError_t launch_uniform_dequant(int bits, bool bf16, int fold, const DequantArgs& args, cudaStream_t stream);
 
 // Tokens per block of the fused kernel for a given m (8, 16 or 32), and the n-tiles per block.
