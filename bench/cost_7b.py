@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -106,7 +107,7 @@ def main() -> None:
         model = build_model(args.layers)
     write_records(args.name, records)
     lines = [f"{gpu}; {versions()}; date {date}.",
-             f"Command: `python bench/cost_7b.py {' '.join(sys.argv[1:])}`. LLaMA-7B-shaped model built from its config "
+             f"Command: `python bench/cost_7b.py {shlex.join(sys.argv[1:])}`. LLaMA-7B-shaped model built from its config "
              "with random weights on the GPU, then kept on the CPU; blocks stream through the GPU one at a time. "
              "Wall time of the whole `lpq.quantize` call (calibration capture and forward passes, the method, bit "
              "packing, saving the safetensors); peak GPU memory by torch.cuda.max_memory_allocated.", "",

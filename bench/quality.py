@@ -15,6 +15,7 @@ import argparse
 import datetime
 import gc
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -115,7 +116,7 @@ def main() -> None:
         write_records(args.name + "-cost", cost)
     lines = [
         f"{records[0]['device']}; {versions()}; date {date}.",
-        f"Command: `python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`.",
+        f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.",
         f"Perplexity on `wiki.test.raw` (PROTOCOL §2), {records[0]['windows']} windows of {args.seqlen}; KL(fp || quantized) "
         "in nats per token and the share of changed top-1 predictions on the same windows (§3). bpw counts every stored "
         "byte of the quantized linears (codes, scales, zeros); size is the whole output (embeddings in 16 bits).",
