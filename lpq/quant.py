@@ -23,18 +23,9 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // gs)
 
 
-def fit_minmax(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid per leading index over the last dim: w [..., M] -> scale [...], zero [...].
-
-    Asymmetric: the range is [min(w, 0), max(w, 0)] (zero always representable). Symmetric: the
-    range is [-max|w|, max|w|] with the zero code fixed at 2**(bits-1). A range that is all zero gets
-    [-1, 1] so that the scale is never 0. The scale is rounded to fp16 first and the zero derived from
-    the rounded scale, so that fake quantization here equals what the stored tensors dequantize to.
-    """
+def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale, zero of the grid spanning [xmin, xmax] (xmin <= 0 <= xmax), scale rounded to fp16."""
     maxq = (1 << bits) - 1
-    w = w.float()
-    xmin = w.amin(dim=-1).clamp(max=0)
-    xmax = w.amax(dim=-1).clamp(min=0)
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -50,11 +41,51 @@ def fit_minmax(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, tor
     return scale, zero
 
 
-def fit_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max grid of every group of consecutive columns: w [N, K] -> scales [G, N], zeros [G, N].
+def fit_minmax(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max grid per leading index over the last dim: w [..., M] -> scale [...], zero [...].
+
+    Asymmetric: the range is [min(w, 0), max(w, 0)] (zero always representable). Symmetric: the
+    range is [-max|w|, max|w|] with the zero code fixed at 2**(bits-1). A range that is all zero gets
+    [-1, 1] so that the scale is never 0. The scale is rounded to fp16 first and the zero derived from
+    the rounded scale, so that fake quantization here equals what the stored tensors dequantize to.
+    """
+    w = w.float()
+    return _grid_from_range(w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0), bits, sym)
+
+
+def fit_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
+            norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`fit_minmax`, but the range is shrunk by the factor in {1, 0.99, ..., 1 - max_shrink}
+    that minimises sum |w - Q(w)|**norm per leading index: clipping a few outliers buys a finer grid
+    for all other weights. (norm 2.4 and 80 candidates are the values the GPTQ authors used.)
+    """
+    maxq = (1 << bits) - 1
+    w = w.float()
+    xmin, xmax = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    best_scale, best_zero = _grid_from_range(xmin, xmax, bits, sym)
+    best_err = torch.full_like(best_scale, float("inf"))
+    for i in range(int(max_shrink * grid)):
+        p = 1.0 - i / grid
+        scale, zero = _grid_from_range(p * xmin, p * xmax, bits, sym)
+        q = torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, maxq)
+        err = (scale.unsqueeze(-1) * (q - zero.unsqueeze(-1)) - w).abs_().pow_(norm).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def fit_range(w: torch.Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each row of w [..., M]: min-max, or with ``mse`` the error-minimising clipped range."""
+    return fit_mse(w, bits, sym) if mse else fit_minmax(w, bits, sym)
+
+
+def fit_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of every group of consecutive columns: w [N, K] -> scales [G, N], zeros [G, N].
 
     A shorter last group is padded by repeating its own first column, which leaves its min and max
-    unchanged.
+    unchanged (with ``mse`` the repeated column weighs a little more in the error; that is all).
     """
     n, k = w.shape
     gs = k if group_size == -1 else group_size
@@ -62,7 +93,7 @@ def fit_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[
     pad = g * gs - k
     if pad:
         w = torch.cat([w, w[:, (g - 1) * gs : (g - 1) * gs + 1].expand(n, pad)], dim=1)
-    scale, zero = fit_minmax(w.reshape(n, g, gs), bits, sym)  # [N, G]
+    scale, zero = fit_range(w.reshape(n, g, gs), bits, sym, mse)  # [N, G]
     return scale.t().contiguous(), zero.t().contiguous()
 
 

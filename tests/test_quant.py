@@ -62,3 +62,34 @@ def test_spec_out_of_range(bad):
 def test_spec_roundtrip():
     s = QuantSpec(bits=3, group_size=64, sym=True, method="rtn", act_order=True)
     assert QuantSpec.from_dict(s.to_dict()) == s
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym", [False, True])
+def test_mse_grid_never_worse_than_minmax_and_clips_outliers(bits, sym):
+    from lpq.quant import fit_mse
+
+    torch.manual_seed(bits)
+    w = torch.randn(32, 128)
+    w[:, 0] *= 8  # an outlier per row: min-max wastes the grid on it
+    g = torch.zeros(128, dtype=torch.int32)
+
+    def err(scale, zero):
+        q = quantize_codes(w, scale[None], zero[None], g, bits)
+        return (dequantize_codes(q, scale[None], zero[None], g) - w).abs().pow(2.4).sum(1)
+
+    e_mm = err(*fit_minmax(w, bits, sym))
+    e_mse = err(*fit_mse(w, bits, sym))
+    assert torch.all(e_mse <= e_mm * (1 + 1e-6))
+    assert e_mse.sum() < 0.97 * e_mm.sum()
+
+
+def test_rtn_mse_option_changes_the_grid():
+    from lpq.methods import get_method
+
+    w = torch.randn(16, 64)
+    w[:, 3] = 10
+    spec = QuantSpec(bits=3, group_size=32)
+    plain = get_method("rtn").quantize_layer("x", w, None, spec).dequantize()
+    clipped = get_method("rtn", mse=True).quantize_layer("x", w, None, spec).dequantize()
+    assert (clipped - w).norm() < (plain - w).norm()

@@ -50,6 +50,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--static-groups", is_flag=True, default=None, help="GPTQ: fix group grids before act-order permutation.")
 @click.option("--damp", type=float, default=None, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01).")
 @click.option("--true-sequential/--no-true-sequential", default=None, help="GPTQ: quantize a block's linears stage by stage (default on).")
+@click.option("--mse", is_flag=True, default=None, help="Fit each group's grid by searching the clipping range that minimises the rounding error (rtn, gptq).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Another method option (repeatable).")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave linears whose qualified name matches this glob unquantized (repeatable).")
 @click.option("--calib", default=None, metavar="FILE|wikitext2|self", help="Calibration text; default: sampled from the model (self).")
@@ -70,7 +71,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
-def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, options, ignore,
+def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, mse, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
              max_shard_size, trust_remote_code, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
@@ -97,7 +98,8 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
         calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
         options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
-    for key, value in (("static_groups", static_groups), ("damp", damp), ("true_sequential", true_sequential)):
+    for key, value in (("static_groups", static_groups), ("damp", damp), ("true_sequential", true_sequential),
+                       ("mse", mse)):
         if value is not None:
             method_options[key] = value
     if out is None:

@@ -30,7 +30,7 @@ import torch
 
 from ..formats import QuantizedWeight
 from ..formats.uniform import pack_uniform
-from ..quant import fit_groups, fit_minmax, group_index, num_groups
+from ..quant import fit_groups, fit_range, group_index, num_groups
 from ..spec import QuantSpec
 from . import Method, Observer, register_method
 
@@ -138,6 +138,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     static_groups: bool = False,
+    mse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """GPTQ of one layer: W [N, K], H [K, K] -> codes [N, K] int32, scales [G, N] fp32 (fp16-exact),
     zeros [G, N] fp32 (integers), g_idx [K] int32, info (dict).
@@ -169,7 +170,7 @@ def gptq_quantize(
 
     # static groups: every grid fitted now, on the original column order
     if static_groups:
-        st_scales, st_zeros = fit_groups(W, bits, spec.group_size, sym)  # [G, N]
+        st_scales, st_zeros = fit_groups(W, bits, spec.group_size, sym, mse)  # [G, N]
 
     # 2. act-order
     perm = None
@@ -218,7 +219,7 @@ def gptq_quantize(
                 # entering group g: fit its grid on the weights as updated so far (at a block start,
                 # WT[i1:] already carries all earlier errors; otherwise the group lies inside this block,
                 # see _block_size_for)
-                s, z = fit_minmax(WT[j : min(j + gs, k)].t(), bits, sym)
+                s, z = fit_range(WT[j : min(j + gs, k)].t(), bits, sym, mse)
                 scales[g], zeros[g] = s, z
             w = W1[i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
@@ -262,12 +263,12 @@ def _opt(options: dict[str, Any], key: str, default: Any) -> Any:
 
 @register_method
 class GPTQ(Method):
-    """Options: damp (0.01), static_groups (False), true_sequential (True), block_size (128)."""
+    """Options: damp (0.01), static_groups (False), true_sequential (True), block_size (128), mse (False)."""
 
     name = "gptq"
     needs_calibration = True
     sequential = True
-    option_names = ("damp", "static_groups", "true_sequential", "block_size")
+    option_names = ("damp", "static_groups", "true_sequential", "block_size", "mse")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -275,6 +276,7 @@ class GPTQ(Method):
         self.static_groups = bool(_opt(options, "static_groups", False))
         self.sequential = bool(_opt(options, "true_sequential", True))
         self.block_size = int(_opt(options, "block_size", 128))
+        self.mse = bool(_opt(options, "mse", False))
 
     def make_observer(self, name, in_features, spec, device):
         return HessianObserver(in_features, device)
@@ -287,7 +289,7 @@ class GPTQ(Method):
         else:
             H = observer.H
         codes, scales, zeros, g_idx, info = gptq_quantize(
-            weight, H, spec, damp=self.damp, block_size=self.block_size, static_groups=self.static_groups
+            weight, H, spec, damp=self.damp, block_size=self.block_size, static_groups=self.static_groups, mse=self.mse
         )
         if info["dead_columns"]:
             log.info("gptq: %s: %d input column(s) never saw input", name, info["dead_columns"])

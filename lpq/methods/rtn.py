@@ -11,9 +11,10 @@ from ..spec import QuantSpec
 from . import Method, register_method
 
 
-def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, layer: str = "") -> QuantizedWeight:
-    """weight [N, K] -> uniform-format QuantizedWeight, rounding each weight to its group's grid."""
-    scales, zeros = fit_groups(weight, spec.bits, spec.group_size, spec.sym)
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, layer: str = "", mse: bool = False) -> QuantizedWeight:
+    """weight [N, K] -> uniform-format QuantizedWeight, rounding each weight to its group's grid
+    (min-max, or with ``mse`` the clipped range that minimises the rounding error)."""
+    scales, zeros = fit_groups(weight, spec.bits, spec.group_size, spec.sym, mse)
     g_idx = group_index(weight.shape[1], spec.group_size, device=weight.device)
     codes = quantize_codes(weight, scales, zeros, g_idx, spec.bits)
     return pack_uniform(codes, scales, zeros, spec, layer=layer)
@@ -23,6 +24,7 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, layer: str = "") -> Quan
 class RTN(Method):
     name = "rtn"
     needs_calibration = False
+    option_names = ("mse",)
 
     def quantize_layer(self, name, weight, observer, spec):
-        return rtn_quantize(weight, spec, layer=name)
+        return rtn_quantize(weight, spec, layer=name, mse=bool(self.options.get("mse")))
