@@ -3,7 +3,7 @@
     python bench/quality.py --model smollm2-135m --runs fp,rtn:8:128,rtn:4:128,rtn:4:-1,rtn:3:128,rtn:2:64
 
 A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag+...]`` with flags ``sym``,
-``act-order`` and ``static-groups``. Each quantized run is a whole ``lpq.quantize`` (timed, peak
+``act-order``, ``static-groups`` and ``mse``. Each quantized run is a whole ``lpq.quantize`` (timed, peak
 memory), then ``lpq.inspect`` (true bits per weight) and perplexity + KL on the evaluation text.
 Writes the table into bench/RESULTS.md (section named by --section) and the records into
 bench/results/<--name>.json.
@@ -76,6 +76,8 @@ def main() -> None:
         else:
             out = Path(tempfile.mkdtemp(prefix="lpq-bench-")) / "q"
             opts = {"static_groups": True} if cfg["static_groups"] else {}
+            if "mse" in cfg["flags"]:
+                opts["mse"] = True
             calib = args.calib if lpq.methods.get_method(cfg["method"]).needs_calibration else None
             t0 = time.perf_counter()
             res = api.quantize(args.model, out, method=cfg["method"], bits=cfg["bits"], group_size=cfg["group_size"],
