@@ -144,8 +144,7 @@ def resolve_source(name: str) -> ModelSource:
         return ModelSource(name, str(path), "directory", quantized=_is_lpq_or_gptq_checkpoint(path))
     if path.exists():
         raise ModelNotFoundError(f"{name} is a file lpq cannot read: give a model directory, a .gguf file or a hub id")
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and name.count("/") != 1
-    if looks_like_path:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise ModelNotFoundError(f"model {name!r} not found: no such file or directory")
     return ModelSource(name, name, "hub")
 
