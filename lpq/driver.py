@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError, LpqError
+from .errors import CheckpointError, LpqError, SpecError
 from .formats import QuantizedWeight, get_format
 from .methods import Method, Observer
 from .models.arch import find_blocks, find_linears, linear_shape, linear_weight, set_linear_weight
@@ -159,7 +159,12 @@ class QuantizationRun:
                 spec = self.opts.spec
                 for pat, changes in self.opts.overrides.items():
                     if fnmatch.fnmatchcase(qualified, pat):
-                        spec = spec.replace(**changes)
+                        try:
+                            spec = spec.replace(**changes)
+                        except TypeError:
+                            raise SpecError(
+                                f"override {pat!r}: {changes} has an unknown key; use bits, group_size, sym, ..."
+                            ) from None
                 k, n = linear_shape(module)
                 get_format(spec.format).check_shape(k, n, spec, layer=qualified)
                 specs[qualified] = spec

@@ -101,3 +101,12 @@ def test_transformers_from_pretrained_loads_lpq_directories(tokenizer, tmp_path)
     x = torch.randint(3, 100, (1, 16))
     with torch.no_grad():
         assert torch.equal(ours(x).logits, theirs(x).logits)
+
+
+def test_bad_override_is_a_spec_error(tokenizer):
+    from lpq.errors import SpecError
+
+    with pytest.raises(SpecError, match="unknown key"):
+        api.quantize(make_model("llama"), None, tokenizer=tokenizer, device="cpu", overrides={"*": {"bitz": 3}})
+    with pytest.raises(SpecError, match="--bits 7"):
+        api.quantize(make_model("llama"), None, tokenizer=tokenizer, device="cpu", overrides={"*": {"bits": 7}})
