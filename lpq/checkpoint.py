@@ -348,8 +348,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
             raise CheckpointError(
                 f"the config of {directory} does not match its tensors: {k} is {tuple(v.shape)}, the config implies {tuple(want.shape)}"
             )
-        if v.is_floating_point() and want.is_floating_point() and not k.endswith(".scales"):
-            state[k] = v.to(dtype)
+        if v.is_floating_point() and want.is_floating_point():
+            # the skeleton knows each tensor's dtype: the model dtype for ordinary weights, the format's
+            # own for packed-layer tensors (fp16 scales, codebooks, sparse values)
+            state[k] = v.to(want.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
