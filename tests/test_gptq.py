@@ -449,3 +449,66 @@ def test_chunk_shapes_match_gptq_word_counts():
         per_chunk, words = chunk_shape(bits)
         assert per_chunk * bits == words * 32
     assert UNIFORM.tensor_shapes(256, 64, QuantSpec(bits=3, group_size=64))["qweight"][0] == (24, 64)  # 256 * 3 / 32 words
+
+
+# ---- full-precision targets (option fp_targets) ---------------------------------------------------------
+
+
+def test_paired_observer_accumulates_h_and_the_cross_term():
+    from lpq.methods.gptq import PairedHessianObserver
+
+    x = correlated_inputs(48, 200)
+    xf = x + 0.1 * correlated_inputs(48, 200, seed=5)  # the same tokens' full-precision inputs
+    obs = PairedHessianObserver(48)
+    for a, b in ((0, 13), (13, 120), (120, 200)):
+        obs.update(x[a:b], xf[a:b])
+    torch.testing.assert_close(obs.H, hessian(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(obs.D, 2.0 * (xf - x).t() @ x / 200, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        obs.update(x[:5], xf[:4])
+
+
+def test_fp_target_weight_is_the_least_squares_solution():
+    from lpq.methods.gptq import fp_target_weight
+
+    x = correlated_inputs(32, 400)
+    xf = x + 0.2 * correlated_inputs(32, 400, seed=3)
+    w = weight(16, 32)
+    h, d = hessian(x), 2.0 * (xf - x).t() @ x / 400
+    v = fp_target_weight(w, h, d, damp=0.0)
+    lstsq = torch.linalg.lstsq(x.double(), (xf @ w.t()).double()).solution.t().float()  # argmin ||X Vᵀ - X̃ Wᵀ||
+    torch.testing.assert_close(v, lstsq, rtol=1e-3, atol=1e-3)
+    # it reproduces the full-precision outputs better than W itself does, and alpha = 0 is plain GPTQ
+    assert output_error_to(v, x, xf @ w.t()) < output_error_to(w, x, xf @ w.t())
+    assert fp_target_weight(w, h, d, alpha=0.0) is w
+    # the objective GPTQ minimises on V is the full-precision one up to a constant (Pythagoras):
+    # ||X Qᵀ - X̃ Wᵀ||² = ||X (Q - V)ᵀ||² + ||X Vᵀ - X̃ Wᵀ||² for any Q
+    q, _ = gptq_dequant(v, h, QuantSpec(bits=3, group_size=16))
+    lhs = output_error_to(q, x, xf @ w.t()) ** 2
+    rhs = output_error_to(q, x, x @ v.t()) ** 2 + output_error_to(v, x, xf @ w.t()) ** 2
+    assert abs(lhs - rhs) < 1e-3 * lhs
+
+
+def output_error_to(wq: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> float:
+    return float((x @ wq.t() - target).norm())
+
+
+def test_fp_targets_option_through_the_driver(tokenizer):
+    import lpq
+    from conftest import make_model
+    from lpq.nn import QuantizedLinear
+
+    calib = torch.randint(3, 100, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for alpha in (0.0, 1.0):
+        res = lpq.quantize(make_model("llama"), method="gptq", bits=3, group_size=32, calib=calib, device="cpu",
+                           method_options={"fp_targets": alpha})
+        runs[alpha] = {n: m.dequantize() for n, m in res.model.named_modules() if isinstance(m, QuantizedLinear)}
+    # the very first stage sees identical inputs in both models (D = 0): the same result ...
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(runs[0.0][first], runs[1.0][first])
+    # ... later layers are fitted to other targets
+    last = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(runs[0.0][last], runs[1.0][last])
+    with pytest.raises(lpq.errors.SpecError):
+        get_method("gptq", fp_targets=2.0)

@@ -21,6 +21,7 @@ Outline of :func:`gptq_quantize` for W [N, K] and H [K, K]:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -32,6 +33,8 @@ from ..formats import QuantizedWeight
 from ..formats.uniform import pack_uniform
 from ..quant import fit_groups, fit_range, group_index, num_groups
 from ..spec import QuantSpec
+from ..errors import SpecError
+from ..models.arch import find_linears
 from . import Method, Observer, register_method
 
 log = logging.getLogger("lpq.gptq")
@@ -68,6 +71,58 @@ class HessianObserver(Observer):
             self.H.mul_(self.n / total)
         self.H.addmm_(x.t(), x, alpha=2.0 / total)
         self.n = total
+
+
+class PairedHessianObserver(HessianObserver):
+    """H = 2/n Σ x xᵀ of the inputs x in the quantized model, plus D = 2/n Σ (x̃ - x) xᵀ with x̃ the same
+    token's input in the full-precision model (both [K, K], float32 running means over the same n).
+
+    With them, the weight that best reproduces the full-precision outputs from the quantized inputs,
+    argmin_V ||X̃ Wᵀ - X Vᵀ||², is V = W (X̃ᵀX)(XᵀX)^-1 = W + W D H^-1 (see :func:`fp_target_weight`).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, device)
+        self.D = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+
+    def update(self, inputs: torch.Tensor, fp_inputs: torch.Tensor | None = None) -> None:
+        if fp_inputs is None:
+            raise ValueError("PairedHessianObserver needs the full-precision inputs of the same tokens")
+        x = inputs.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        xf = fp_inputs.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        if xf.shape != x.shape:
+            raise ValueError(f"full-precision inputs {tuple(xf.shape)} do not pair with {tuple(x.shape)}")
+        m, n0 = x.shape[0], self.n
+        super().update(x)
+        if m:
+            if n0:
+                self.D.mul_(n0 / self.n)
+            self.D.addmm_((xf - x).t(), x, alpha=2.0 / self.n)
+
+
+def fp_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0.01,
+                     alpha: float = 1.0) -> torch.Tensor:
+    """W [N, K] -> W + alpha · W D (H + λI)^-1, the least-squares weight for full-precision targets.
+
+    GPTQ on (this weight, H) minimises ||X̃ Wᵀ - X Qᵀ||² (the quantized layer, fed the quantized model's
+    inputs X, matches the full-precision layer on the full-precision inputs X̃), because that objective
+    equals ||X (Vᵀ - Qᵀ)||² plus a constant for V the least-squares weight. alpha in [0, 1] shrinks
+    the correction (0: plain GPTQ). λ = damp · mean(diag H), as in GPTQ's own dampening.
+    """
+    if alpha == 0:
+        return W
+    k = H.shape[0]
+    lam = damp * H.diagonal().mean().clamp_min(1e-12)
+    Hd = H + lam * torch.eye(k, dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        log.warning("gptq: full-precision target skipped for a layer (Hessian not positive definite)")
+        return W
+    WD = W @ D  # [N, K]
+    corr = torch.cholesky_solve(WD.t(), L).t()  # W D (H + λI)^-1
+    if not bool(torch.isfinite(corr).all()):
+        return W
+    return W + alpha * corr
 
 
 # ---- the maths -----------------------------------------------------------------------------------
@@ -263,12 +318,14 @@ def _opt(options: dict[str, Any], key: str, default: Any) -> Any:
 
 @register_method
 class GPTQ(Method):
-    """Options: damp (0.01), static_groups (False), true_sequential (True), block_size (128), mse (False)."""
+    """Options: damp (0.01), static_groups (False), true_sequential (True), block_size (128), mse (False),
+    fp_targets (0: off; alpha in (0, 1]: fit each layer to the full-precision model's outputs, see
+    :func:`fp_target_weight`; costs a second stream of block inputs and one block copy in memory)."""
 
     name = "gptq"
     needs_calibration = True
     sequential = True
-    option_names = ("damp", "static_groups", "true_sequential", "block_size", "mse")
+    option_names = ("damp", "static_groups", "true_sequential", "block_size", "mse", "fp_targets")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -277,9 +334,77 @@ class GPTQ(Method):
         self.sequential = bool(_opt(options, "true_sequential", True))
         self.block_size = int(_opt(options, "block_size", 128))
         self.mse = bool(_opt(options, "mse", False))
+        self.fp_targets = float(_opt(options, "fp_targets", 0.0))
+        if not 0.0 <= self.fp_targets <= 1.0:
+            raise SpecError(f"gptq option fp_targets={self.fp_targets} is out of range: give a weight in [0, 1]")
+        # the full-precision model's inputs of the next block (list of [B, L, H]), when fp_targets > 0
+        self._fp_hidden: list[torch.Tensor] | None = None
+        self._fp_index = -1
 
     def make_observer(self, name, in_features, spec, device):
         return HessianObserver(in_features, device)
+
+    # ---- full-precision targets -----------------------------------------------------------------------
+    def quantize_block(self, ctx) -> None:
+        if self.fp_targets <= 0 or ctx.inputs is None:
+            return super().quantize_block(ctx)
+        from ..driver import _block_output, _StopForward
+
+        inp = ctx.inputs
+        if self._fp_hidden is None or self._fp_index != ctx.index:
+            if ctx.index > 0:
+                log.warning("gptq: no full-precision stream for block %d (resumed run): it starts from the "
+                            "quantized model's inputs", ctx.index)
+            self._fp_hidden = [h.clone() for h in inp.hidden]
+        fp_hidden = self._fp_hidden
+        fp_block = copy.deepcopy(ctx.block)  # the block before any of its linears is quantized
+        fp_modules = find_linears(fp_block)
+        stages = ctx.stages() if self.sequential else [list(ctx.linears)]
+        for stage in stages:
+            observers = {n: PairedHessianObserver(ctx.in_features(n), ctx.device) for n in stage}
+            fp_seen: dict[str, torch.Tensor] = {}
+            pending: set[str] = set()
+
+            def capture_fp(name):
+                def fn(module, args, out):
+                    fp_seen[name] = args[0].detach()
+                    pending.discard(name)
+                    if not pending:
+                        raise _StopForward
+                return fn
+
+            def observe_q(name):
+                def fn(module, args, out):
+                    observers[name].update(args[0], fp_seen.pop(name))
+                    pending.discard(name)
+                    if not pending:
+                        raise _StopForward
+                return fn
+
+            handles = [fp_modules[n].register_forward_hook(capture_fp(n)) for n in stage]
+            handles += [ctx.modules[n].register_forward_hook(observe_q(n)) for n in stage]
+            try:
+                with torch.no_grad():
+                    for i in range(len(inp.hidden)):
+                        for block, hidden in ((fp_block, fp_hidden[i]), (ctx.block, inp.hidden[i])):
+                            pending.update(stage)
+                            try:
+                                block(hidden, *inp.args[i], **inp.kwargs[i])
+                            except _StopForward:
+                                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in stage:
+                obs = observers.pop(n)
+                W = fp_target_weight(ctx.weight(n), obs.H, obs.D, self.damp, self.fp_targets)
+                ctx.set_result(n, self._quantize(ctx.qualified(n), W, obs.H, ctx.spec(n)))
+                del obs
+        with torch.no_grad():  # the full-precision inputs of the next block
+            self._fp_hidden = [_block_output(fp_block(h, *inp.args[i], **inp.kwargs[i]))
+                               for i, h in enumerate(fp_hidden)]
+        self._fp_index = ctx.index + 1
+        del fp_block
 
     def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
         k = weight.shape[1]
@@ -288,6 +413,9 @@ class GPTQ(Method):
             H = torch.eye(k, dtype=torch.float32, device=weight.device)
         else:
             H = observer.H
+        return self._quantize(name, weight, H, spec)
+
+    def _quantize(self, name, weight, H, spec) -> QuantizedWeight:
         codes, scales, zeros, g_idx, info = gptq_quantize(
             weight, H, spec, damp=self.damp, block_size=self.block_size, static_groups=self.static_groups, mse=self.mse
         )
