@@ -27,9 +27,13 @@ log = logging.getLogger("lpq.kernels")
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ["uniform_binding.cpp", "uniform_launch.cu", "uniform_b2.cu", "uniform_b3.cu", "uniform_b4.cu", "uniform_b8.cu"]
 HEADERS = ["uniform_kernels.cuh", "uniform_dispatch.cuh", "uniform_launch.h"]
+# the squeezellm LUT kernels: a second extension (ops lpq_lut::*), so that a failure in one never takes the other down
+LUT_SOURCES = ["squeezellm_binding.cpp", "squeezellm_launch.cu", "squeezellm_b2.cu", "squeezellm_b3.cu", "squeezellm_b4.cu"]
+LUT_HEADERS = ["squeezellm_kernels.cuh", "squeezellm_launch.h"]
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": None}
+_lut_state: dict = {"tried": False, "ok": False, "reason": None}
 
 
 def _arch_flags() -> tuple[str, list[str]]:
@@ -46,9 +50,9 @@ def _cache_dir(tag: str) -> Path:
     return root
 
 
-def _source_hash(arch: str) -> str:
+def _source_hash(arch: str, files: list[str] | None = None) -> str:
     h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
+    for name in files or SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     h.update(torch.__version__.encode())
@@ -108,16 +112,17 @@ def failure_reason() -> str | None:
     return _state["reason"]
 
 
-def _build() -> None:
+def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: list[str] | None = None) -> None:
     from torch.utils import cpp_extension
 
+    sources = sources or SOURCES
     arch, gencode = _arch_flags()
-    tag = _source_hash(arch)
-    build_dir = _cache_dir(f"{arch}-{tag}")
+    tag = _source_hash(arch, sources + (headers or HEADERS))
+    build_dir = _cache_dir(f"{arch}-{tag}" if prefix == "lpq_cuda" else f"{prefix}-{arch}-{tag}")
     os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
     cpp_extension.load(
-        name=f"lpq_cuda_{tag}",
-        sources=[str(CSRC / s) for s in SOURCES],
+        name=f"{prefix}_{tag}",
+        sources=[str(CSRC / s) for s in sources],
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=["-O3", "-std=c++17", *gencode, "-lineinfo"],
         extra_include_paths=[str(CSRC)],
@@ -126,3 +131,46 @@ def _build() -> None:
         verbose=bool(os.environ.get("LPQ_BUILD_VERBOSE")),
     )
     log.info("lpq CUDA kernels loaded from %s", build_dir)
+
+
+def _register_lut_fakes() -> None:
+    @torch.library.register_fake("lpq_lut::lut_gemm")
+    def _lut_gemm_fake(x, qw, tab, sp_ptr, sp_cr, sp_v, bias, bits, n, k, warps):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("lpq_lut::lut_dequant")
+    def _lut_dequant_fake(qw, tab, bits, n, k, bf16):
+        return qw.new_empty((n, k), dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def load_lut() -> bool:
+    """Build/load the squeezellm LUT extension once (ops lpq_lut::*). True if usable, else False: a
+    missing CUDA/nvcc is reported by :func:`load`'s one warning (no second one); a failed build of
+    this extension warns once on its own."""
+    if _lut_state["tried"]:
+        return _lut_state["ok"]
+    no_cuda = False
+    with _lock:
+        if _lut_state["tried"]:
+            return _lut_state["ok"]
+        reason = unavailable_reason()
+        if reason is not None:
+            no_cuda = True
+            _lut_state.update(tried=True, ok=False, reason=reason)
+        else:
+            try:
+                _build("lpq_lut", LUT_SOURCES, LUT_HEADERS)
+                _register_lut_fakes()
+            except Exception as e:  # a failed build must never crash a forward pass
+                reason = f"building the LUT kernels failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
+                warnings.warn(f"lpq: squeezellm CUDA kernels unavailable ({reason}); using the reference kernel",
+                              RuntimeWarning, stacklevel=2)
+                log.warning("squeezellm CUDA kernels unavailable (%s); using the reference kernel", reason)
+            _lut_state.update(tried=True, ok=reason is None, reason=reason)
+    if no_cuda:
+        load()  # the one warning about a machine without CUDA/nvcc, shared with the uniform kernels
+    return _lut_state["ok"]
+
+
+def lut_failure_reason() -> str | None:
+    return _lut_state["reason"]

@@ -1,0 +1,385 @@
+// lpq: LUT dequantize-GEMM kernels for the `squeezellm` packed format (per-row codebooks + sparse part).
+//
+// Torch-free, so that it compiles with plain nvcc (the binding is squeezellm_binding.cpp).
+//
+// Why this design
+// ---------------
+// At batch 1 the layer is bound by the bytes of its indices (3 bits a weight), so the decode of an
+// index into its row's codebook value must cost about one instruction per weight. Each lane keeps the
+// codebooks of its two rows in registers, split into a table of low bytes and a table of high bytes,
+// and looks up FOUR weights with one byte permute (prmt: four 3-bit selectors pick four bytes out of
+// eight) per table; two more permutes interleave low and high bytes into two fp16/bf16 pairs. The
+// pairs are the A fragments of mma.m16n8k16 (rows = output features, columns = in features), the
+// activations are the B fragment (tokens = the mma's n, 8 per tile), products accumulate in fp32.
+//
+// Repacked layout (built by lpq/kernels/squeezellm_cuda.py at prepare time)
+// -------------------------------------------------------------------------
+// W [N, K] is cut into n-tiles of 16 rows and chunks of 128 columns (both zero-padded). Lane
+// (g = lane / 4, t = lane % 4) of the warp that owns (n-tile, chunk) holds rows g and g + 8, columns
+// 32 t .. 32 t + 31 of the chunk; k-tile jj (0..7) of the mma uses columns 32 t + 4 jj + {0, 1, 2, 3}:
+//   A register 0: row g, columns 4jj+{0,1}; 1: row g+8, 4jj+{0,1}; 2: row g, 4jj+{2,3}; 3: row g+8, 4jj+{2,3}
+// and the B fragment of the lane is x[token g][32 t + 4 jj + {0, 1}], x[token g][32 t + 4 jj + {2, 3}], so
+// every lane reads 32 consecutive activations per chunk with 16-byte loads (the k order inside the
+// mma is a permutation of the true order; A and B agree).
+//
+// Indices of one row in one chunk (32 of them, v[jj][e] = index of column 32 t + 4 jj + e), BITS words:
+//   4 bits: word q (0..3) serves jj = 2q (nibbles 0..3) and 2q+1 (nibbles 4..7): nibble low 3 bits =
+//           index & 7; bit 3 of v[2q][e] at bit 8e+7, of v[2q+1][e] at bit 8e+3 (the nibbles' top bits).
+//   3 bits: word r (0..2) serves jj = 2r (nibbles 0..3) and 2r+1 (nibbles 4..7), low 3 bits of the
+//           nibbles; jj = 6, 7 (j = 4 (jj - 6) + e, 0..7): bit b of v[jj][e] at bit 4j+3 of word b.
+//   2 bits: word q (0..1) serves jj = 4q + s: s = 0: bits 4e+{0,1}; 1: 16+4e; 2: 4e+2; 3: 16+4e+2.
+// Lane words: row g's BITS words, then row g+8's. One chunk of one n-tile is 32 lanes * 2 * BITS
+// words, stored as 16-byte segments [seg][lane][4 words]; for 3 bits words 4..5 form a [lane][2] tail.
+//
+// Codebook of a row in table words (T bit patterns; entry i = lo byte | hi byte << 8):
+//   [lo bytes of entries 0..3, 4..7, ...][hi bytes of entries 0..3, 4..7, ...]  (2**BITS / 2 words)
+// Sparse part: the entries of a 16-row tile are added in the block that owns the tile, spread evenly
+// over its threads whatever rows they fall in (balanced), as sp_v * x[token][col] through a
+// shared-memory accumulator; sp_v = exact value - codebook value at that position (the dense product
+// covered the whole row).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "squeezellm_launch.h"
+
+namespace lpq {
+namespace lut {
+
+template <int I, int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>());
+    static_for<I + 1, N>(f);
+  }
+}
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <int BITS> struct Geo {
+  static constexpr int WPL = 2 * BITS;          // index words per lane per chunk (2 rows x 32 indices)
+  static constexpr int TW = (1 << BITS) / 2;    // table words per row
+  static constexpr int SEGS = BITS == 3 ? 1 : WPL / 4;
+  static constexpr bool TAIL = BITS == 3;
+  static constexpr int CHUNK_WORDS = 32 * WPL;
+};
+
+// Byte j of the result = 0xFF if bit 8j+7 of a is set, else 0 (prmt's sign-replicate selectors).
+__device__ __forceinline__ uint32_t sign_bytes(uint32_t a) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %1, %2;" : "=r"(d) : "r"(a), "n"(0xBA98));
+  return d;
+}
+
+// __byte_perm uses the low 3 bits of each of the 4 low nibbles of s (documented; the upper bits are ignored).
+__device__ __forceinline__ uint32_t bperm(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
+
+// Four weights whose indices' low bits are the 4 low nibbles of s -> (w0, w1), (w2, w3) as T pairs.
+// m (4 bits only): byte j = 0xFF where weight j's index has bit 3 set.
+template <int BITS>
+__device__ __forceinline__ void lookup4(const uint32_t (&tb)[Geo<BITS>::TW], uint32_t s, uint32_t m, uint32_t& u0,
+                                        uint32_t& u1) {
+  uint32_t lo, hi;
+  if constexpr (BITS == 2) {
+    lo = bperm(tb[0], tb[1], s);           // nibbles 0..3 -> low bytes (word 0)
+    hi = bperm(tb[0], tb[1], s | 0x4444u);  // nibbles 4..7 -> high bytes (word 1)
+  } else if constexpr (BITS == 3) {
+    lo = bperm(tb[0], tb[1], s);
+    hi = bperm(tb[2], tb[3], s);
+  } else {
+    const uint32_t la = bperm(tb[0], tb[1], s), lb = bperm(tb[2], tb[3], s);
+    const uint32_t ha = bperm(tb[4], tb[5], s), hb = bperm(tb[6], tb[7], s);
+    lo = (la & ~m) | (lb & m);
+    hi = (ha & ~m) | (hb & m);
+  }
+  u0 = bperm(lo, hi, 0x5140u);  // lo0 hi0 lo1 hi1
+  u1 = bperm(lo, hi, 0x7362u);  // lo2 hi2 lo3 hi3
+}
+
+// 3 bits: the indices of jj = 6, 7 gathered from the top bits of the nibbles of words 0..2.
+__device__ __forceinline__ uint32_t gather3(uint32_t w0, uint32_t w1, uint32_t w2) {
+  return ((w0 >> 3) & 0x11111111u) | ((w1 >> 2) & 0x22222222u) | ((w2 >> 1) & 0x44444444u);
+}
+
+// A-fragment pair (u0: columns 4jj+{0,1}, u1: 4jj+{2,3}) of k-tile JJ of the row whose words start at OFF.
+template <int BITS, int JJ, int OFF>
+__device__ __forceinline__ void decode_jj(const uint32_t (&w)[Geo<BITS>::WPL], uint32_t x3,
+                                          const uint32_t (&tb)[Geo<BITS>::TW], uint32_t& u0, uint32_t& u1) {
+  if constexpr (BITS == 3) {
+    const uint32_t src = JJ < 6 ? w[OFF + JJ / 2] : x3;
+    lookup4<3>(tb, (JJ & 1) ? (src >> 16) : src, 0u, u0, u1);
+  } else if constexpr (BITS == 4) {
+    const uint32_t p = w[OFF + JJ / 2];
+    const uint32_t m = (JJ & 1) ? sign_bytes(p << 4) : sign_bytes(p);
+    lookup4<4>(tb, (JJ & 1) ? (p >> 16) : p, m, u0, u1);
+  } else {
+    constexpr int SH = ((JJ & 1) ? 16 : 0) + ((JJ & 2) ? 2 : 0);
+    lookup4<2>(tb, (w[OFF + JJ / 4] >> SH) & 0x3333u, 0u, u0, u1);
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_codes(uint32_t (&w)[Geo<BITS>::WPL], const uint32_t* __restrict__ base, int lane) {
+  using G = Geo<BITS>;
+#pragma unroll
+  for (int s = 0; s < G::SEGS; ++s) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(base + s * 128 + lane * 4));
+    w[4 * s + 0] = v.x; w[4 * s + 1] = v.y; w[4 * s + 2] = v.z; w[4 * s + 3] = v.w;
+  }
+  if constexpr (G::TAIL) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(base + 128 + lane * 2));
+    w[4] = v.x; w[5] = v.y;
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ void load_table(uint32_t (&tb)[Geo<BITS>::TW], const uint32_t* __restrict__ src) {
+  if constexpr (Geo<BITS>::TW == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(src));
+    tb[0] = v.x; tb[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < Geo<BITS>::TW / 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(src) + i);
+      tb[4 * i + 0] = v.x; tb[4 * i + 1] = v.y; tb[4 * i + 2] = v.z; tb[4 * i + 3] = v.w;
+    }
+  }
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One chunk of one lane: decode both rows' 32 weights k-tile by k-tile and multiply with MT token tiles.
+template <int BITS, typename T, int MT>
+__device__ __forceinline__ void chunk_mma(const uint32_t (&w)[Geo<BITS>::WPL], const uint32_t (&tb0)[Geo<BITS>::TW],
+                                          const uint32_t (&tb1)[Geo<BITS>::TW], const uint32_t (&xw)[MT][16],
+                                          float (&acc)[MT][4]) {
+  uint32_t x3a = 0, x3b = 0;
+  if constexpr (BITS == 3) {
+    x3a = gather3(w[0], w[1], w[2]);
+    x3b = gather3(w[3], w[4], w[5]);
+  }
+  static_for<0, 8>([&](auto jc) {
+    constexpr int jj = decltype(jc)::value;
+    uint32_t a[4];
+    decode_jj<BITS, jj, 0>(w, x3a, tb0, a[0], a[2]);     // row g
+    decode_jj<BITS, jj, BITS>(w, x3b, tb1, a[1], a[3]);  // row g + 8
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mma16816(acc[mt], a, xw[mt][2 * jj], xw[mt][2 * jj + 1], T());
+  });
+}
+
+// Fused LUT GEMM for small m. Block: one n-tile (16 output rows) x MT token tiles of 8; its `nwarps`
+// warps split the chunks of K (warp w takes chunks w, w + nwarps, ...), U chunks per pipeline step,
+// the codes of the next step loaded into registers while this one is decoded. The sparse entries of
+// the tile are added by all threads of the block; partial sums are reduced through shared memory.
+template <int BITS, typename T, int MT, int U>
+__global__ void __launch_bounds__(256, 2) lut_gemm_kernel(LutGemmArgs p) {
+  using G = Geo<BITS>;
+  constexpr int WPL = G::WPL, TW = G::TW;
+  constexpr int TOK = MT * 8;  // token rows of a block (<= 16)
+  __shared__ float sp_acc[16 * 16];  // [row in tile][token in block]
+  extern __shared__ float red[];     // [nwarps][MT * 4][32]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nt = blockIdx.x;
+  const int tok0 = blockIdx.y * TOK;
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+
+  uint32_t tb0[TW], tb1[TW];
+  load_table<BITS>(tb0, p.tab + (size_t)(nt * 16 + g) * TW);
+  load_table<BITS>(tb1, p.tab + (size_t)(nt * 16 + g + 8) * TW);
+
+  const T* xrow[MT];
+  bool xval[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int tok = tok0 + mt * 8 + g;
+    xval[mt] = tok < p.M;
+    xrow[mt] = x + (size_t)(xval[mt] ? tok : 0) * p.K + 32 * t;
+  }
+
+  const int n_my = warp < p.chunks ? (p.chunks - warp + nwarps - 1) / nwarps : 0;
+  const int nsteps = (n_my + U - 1) / U;
+  const uint32_t* __restrict__ qbase = p.qw + (size_t)nt * p.chunks * G::CHUNK_WORDS;
+
+  auto load_step = [&](int s, uint32_t (&w)[U][WPL]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = s * U + u;
+      if (i < n_my) load_codes<BITS>(w[u], qbase + (size_t)(warp + i * nwarps) * G::CHUNK_WORDS, lane);
+    }
+  };
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+  auto compute_step = [&](int s, const uint32_t (&w)[U][WPL]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = s * U + u;
+      if (i >= n_my) break;
+      const int k0 = (warp + i * nwarps) * 128;
+      uint32_t xw[MT][16];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          uint4 q = make_uint4(0, 0, 0, 0);
+          if (xval[mt] && k0 + 32 * t + 8 * v < p.K) q = __ldg(reinterpret_cast<const uint4*>(xrow[mt] + k0 + 8 * v));
+          xw[mt][4 * v + 0] = q.x; xw[mt][4 * v + 1] = q.y; xw[mt][4 * v + 2] = q.z; xw[mt][4 * v + 3] = q.w;
+        }
+      chunk_mma<BITS, T, MT>(w[u], tb0, tb1, xw, acc);
+    }
+  };
+
+  uint32_t wa[U][WPL], wb[U][WPL];
+  if (nsteps > 0) load_step(0, wa);
+
+  // sparse entries of this tile (the condition is uniform over the block: the barriers are safe)
+  const bool sparse = p.sp_ptr != nullptr;
+  const int rows_here = min(TOK, p.M - tok0);
+  if (sparse) {
+    for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) sp_acc[i] = 0.f;
+    __syncthreads();
+    const int b = p.sp_ptr[nt], e = p.sp_ptr[nt + 1];
+    for (int j = b + threadIdx.x; j < e; j += blockDim.x) {
+      const uint32_t cr = __ldg(p.sp_cr + j);
+      const float v = __ldg(p.sp_v + j);
+      const int col = (int)(cr & 0x07FFFFFFu), r = (int)(cr >> 27);
+      const T* xc = x + (size_t)tok0 * p.K + col;
+      for (int tk = 0; tk < rows_here; ++tk) atomicAdd(&sp_acc[r * 16 + tk], v * to_float(xc[(size_t)tk * p.K]));
+    }
+  }
+
+  for (int s = 0; s < nsteps; s += 2) {
+    if (s + 1 < nsteps) load_step(s + 1, wb);
+    compute_step(s, wa);
+    if (s + 1 >= nsteps) break;
+    if (s + 2 < nsteps) load_step(s + 2, wa);
+    compute_step(s + 1, wb);
+  }
+
+  constexpr int V = MT * 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * V + mt * 4 + e) * 32 + lane] = acc[mt][e];
+  __syncthreads();
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
+    float s = 0.f;
+    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * V * 32 + i];
+    const int ln = i & 31, v = i >> 5;
+    const int e = v & 3, mt = v >> 2;
+    const int r = (ln >> 2) + 8 * (e >> 1);
+    const int tl = mt * 8 + 2 * (ln & 3) + (e & 1);
+    const int n = nt * 16 + r, tok = tok0 + tl;
+    if (n < p.N && tok < p.M) {
+      if (sparse) s += sp_acc[r * 16 + tl];
+      if (bias) s += to_float(bias[n]);
+      y[(size_t)tok * p.N + n] = from_float<T>(s);
+    }
+  }
+}
+
+// Dense part of W [N, K] in T (the codebook values; the caller writes the sparse values after):
+// one warp per (n-tile, chunk), each lane writing 32 consecutive values of rows g and g + 8.
+template <int BITS, typename T>
+__global__ void __launch_bounds__(256) lut_dequant_kernel(LutDequantArgs p) {
+  using G = Geo<BITS>;
+  constexpr int WPL = G::WPL, TW = G::TW;
+  const int lane = threadIdx.x & 31;
+  const int gw = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (gw >= p.n_tiles * p.chunks) return;
+  const int nt = gw / p.chunks, chunk = gw % p.chunks;
+  const int g = lane >> 2, t = lane & 3;
+  uint32_t w[WPL], tb0[TW], tb1[TW];
+  load_codes<BITS>(w, p.qw + (size_t)gw * G::CHUNK_WORDS, lane);
+  load_table<BITS>(tb0, p.tab + (size_t)(nt * 16 + g) * TW);
+  load_table<BITS>(tb1, p.tab + (size_t)(nt * 16 + g + 8) * TW);
+  uint32_t x3a = 0, x3b = 0;
+  if constexpr (BITS == 3) {
+    x3a = gather3(w[0], w[1], w[2]);
+    x3b = gather3(w[3], w[4], w[5]);
+  }
+  uint32_t r0[16], r1[16];  // rows g and g + 8, columns 32 t .. 32 t + 31 as T pairs
+  static_for<0, 8>([&](auto jc) {
+    constexpr int jj = decltype(jc)::value;
+    decode_jj<BITS, jj, 0>(w, x3a, tb0, r0[2 * jj], r0[2 * jj + 1]);
+    decode_jj<BITS, jj, BITS>(w, x3b, tb1, r1[2 * jj], r1[2 * jj + 1]);
+  });
+  T* __restrict__ out = reinterpret_cast<T*>(p.w);
+  const int n0 = nt * 16 + g, n1 = n0 + 8;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    const int col = chunk * 128 + 32 * t + 8 * v;
+    if (col >= p.K) break;
+    if (n0 < p.N)
+      *reinterpret_cast<uint4*>(out + (size_t)n0 * p.K + col) = make_uint4(r0[4 * v], r0[4 * v + 1], r0[4 * v + 2], r0[4 * v + 3]);
+    if (n1 < p.N)
+      *reinterpret_cast<uint4*>(out + (size_t)n1 * p.K + col) = make_uint4(r1[4 * v], r1[4 * v + 1], r1[4 * v + 2], r1[4 * v + 3]);
+  }
+}
+
+// ------------------------------------------------------------------------------------ launchers
+
+// Chunks per pipeline step (codes of 2 steps live in registers): about 16-32 words per step, fewer with
+// 2 token tiles so that the kernel fits 128 registers (2 blocks of 8 warps per SM) without spilling.
+template <int BITS, int MT> constexpr int steps_chunks() { return BITS == 2 ? (MT == 1 ? 8 : 4) : (BITS == 3 ? 4 : (MT == 1 ? 4 : 2)); }
+
+template <int BITS, typename T, int MT>
+cudaError_t launch_gemm_mt(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+  dim3 grid(a.n_tiles, (a.M + MT * 8 - 1) / (MT * 8));
+  const size_t smem = (size_t)nwarps * MT * 4 * 32 * sizeof(float);
+  lut_gemm_kernel<BITS, T, MT, steps_chunks<BITS, MT>()><<<grid, nwarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int BITS, typename T>
+cudaError_t launch_gemm_t(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+  if (a.M <= 8) return launch_gemm_mt<BITS, T, 1>(a, nwarps, stream);
+  return launch_gemm_mt<BITS, T, 2>(a, nwarps, stream);
+}
+
+template <int BITS>
+cudaError_t launch_gemm_bits(bool bf16, const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+  return bf16 ? launch_gemm_t<BITS, __nv_bfloat16>(a, nwarps, stream) : launch_gemm_t<BITS, __half>(a, nwarps, stream);
+}
+
+template <int BITS>
+cudaError_t launch_dequant_bits(bool bf16, const LutDequantArgs& a, cudaStream_t stream) {
+  const int warps = 8;
+  const int total = a.n_tiles * a.chunks;
+  dim3 grid((total + warps - 1) / warps);
+  if (bf16) lut_dequant_kernel<BITS, __nv_bfloat16><<<grid, warps * 32, 0, stream>>>(a);
+  else lut_dequant_kernel<BITS, __half><<<grid, warps * 32, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace lut
+}  // namespace lpq

@@ -1,0 +1,33 @@
+// lpq: launchers of the squeezellm (LUT) kernels; torch-free interface used by squeezellm_binding.cpp.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace lpq {
+namespace lut {
+
+struct LutGemmArgs {
+  const void* x;          // [M, K] T, contiguous, 16-byte aligned rows (K % 8 == 0)
+  const uint32_t* qw;     // repacked indices: [n_tiles][chunks][32 lanes * 2 * BITS words] (squeezellm_kernels.cuh)
+  const uint32_t* tab;    // [n_tiles * 16][2**BITS / 2] byte-split codebooks in T (fp16 or bf16 bit patterns)
+  const int* sp_ptr;      // [n_tiles + 1] first sparse entry of each 16-row tile, or null (dense only)
+  const uint32_t* sp_cr;  // [nnz] column | (row within the tile) << 27
+  const float* sp_v;      // [nnz] sparse value minus the codebook value at that position (fp32)
+  const void* bias;       // [N] T or null
+  void* y;                // [M, N] T
+  int M, N, K, chunks, n_tiles;
+};
+
+struct LutDequantArgs {
+  const uint32_t* qw;
+  const uint32_t* tab;
+  void* w;  // [N, K] T (dense part only: the caller writes the sparse values)
+  int N, K, chunks, n_tiles;
+};
+
+// Each returns cudaSuccess or the launch error. nwarps in 1..8 (warps of a block split K).
+cudaError_t launch_lut_gemm(int bits, bool bf16, const LutGemmArgs& args, int nwarps, cudaStream_t stream);
+cudaError_t launch_lut_dequant(int bits, bool bf16, const LutDequantArgs& args, cudaStream_t stream);
+
+}  // namespace lut
+}  // namespace lpq

@@ -1,0 +1,275 @@
+"""CUDA kernels for the ``squeezellm`` format: a fused LUT dequantize-GEMM (codebooks held in registers,
+sparse part added in the same kernel) for small batches, and dequantize + cuBLAS for large ones.
+
+Importing this module needs torch only; the extension (ops ``torch.ops.lpq_lut.*``) is built on the
+first CUDA forward (``cuda_build.load_lut``). Kernels registered here:
+
+  squeezellm_cuda          (priority 100) m <= LPQ_LUT_FUSED_MAX_M (default 16): the fused kernel,
+                           else dequantize into a temporary fp16/bf16 weight and call cuBLAS.
+  squeezellm_cuda_fused    (priority 40)  always the fused kernel (any m; tests, benchmarks).
+  squeezellm_cuda_dequant  (priority 30)  always dequantize + cuBLAS (tests, benchmarks).
+
+All three support bits 2/3/4, fp16 and bf16 activations, any out_features, in_features a multiple of
+8 below 2**27 (every shape the format accepts), compute capability >= 8.0. ``prepare`` repacks the
+canonical tensors once (csrc/squeezellm_kernels.cuh describes the layout) and keeps the result in
+``layer.kernel_state``. bf16 activations use the codebooks rounded to bf16, as the reference kernel
+does (it rounds the dequantized weight to the activation dtype); the sparse values stay exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.packing import unpack_rows
+from . import Kernel, register_kernel
+from . import cuda_build
+
+STATE_KEY = "squeezellm_cuda"
+BITS = (2, 3, 4)
+MAX_K = 1 << 27  # a sparse entry packs its column in 27 bits and its row within the tile in 4
+_SLICE = 2048  # output features repacked at a time (bounds the temporary memory of prepare)
+
+
+def _to_int32(w: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit values -> int32 with the same bits."""
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def pack_row_words(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """v [..., 8 (k-tile jj), 4 (e)] indices of one row's 32 columns of a lane in a chunk (column
+    32 t + 4 jj + e) -> [..., bits] words (int64 holding uint32), as the decoder reads them."""
+    v = v.to(torch.int64)
+    e = torch.arange(4, device=v.device, dtype=torch.int64)
+    words = []
+    if bits == 4:
+        for q in range(4):
+            a, b = v[..., 2 * q, :], v[..., 2 * q + 1, :]
+            w = ((a & 7) << (4 * e)) | ((b & 7) << (16 + 4 * e)) | (((a >> 3) & 1) << (8 * e + 7)) \
+                | (((b >> 3) & 1) << (8 * e + 3))
+            words.append(w.sum(-1))  # disjoint bits: the sum is the OR
+    elif bits == 3:
+        extra = torch.cat([v[..., 6, :], v[..., 7, :]], dim=-1)  # [..., 8] indices j = 4 (jj - 6) + e
+        j = torch.arange(8, device=v.device, dtype=torch.int64)
+        for r in range(3):
+            a, b = v[..., 2 * r, :], v[..., 2 * r + 1, :]
+            w = ((a & 7) << (4 * e)).sum(-1) + ((b & 7) << (16 + 4 * e)).sum(-1)
+            w = w + (((extra >> r) & 1) << (4 * j + 3)).sum(-1)
+            words.append(w)
+    elif bits == 2:
+        shifts = (0, 16, 2, 18)
+        for q in range(2):
+            w = sum(((v[..., 4 * q + s, :] & 3) << (shifts[s] + 4 * e)).sum(-1) for s in range(4))
+            words.append(w)
+    else:
+        raise ValueError(f"squeezellm kernels hold 2, 3 or 4 bits, got {bits}")
+    return torch.stack(words, dim=-1)
+
+
+def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """idx [ns, K] (ns a multiple of 16) row-major codebook indices -> the kernel's words for these
+    ns / 16 n-tiles: int32 [ns / 16, chunks, 64 * bits] (K zero-padded to whole chunks of 128)."""
+    ns, k = idx.shape
+    chunks = -(-k // 128)
+    full = torch.zeros((ns, chunks * 128), dtype=torch.int64, device=idx.device)
+    full[:, :k] = idx
+    # [nt, rho (row half), g, chunk, t, jj, e] -> [nt, chunk, g, t, rho, jj, e]: lane = 4 g + t
+    v = full.view(ns // 16, 2, 8, chunks, 4, 8, 4).permute(0, 3, 2, 4, 1, 5, 6)
+    words = pack_row_words(v, bits)  # [nt, chunks, 8, 4, 2, bits]
+    words = words.reshape(ns // 16, chunks, 32, 2 * bits)  # per lane: row g's words, then row g+8's
+    if bits == 3:
+        blk = torch.cat([words[..., :4].reshape(ns // 16, chunks, 128), words[..., 4:].reshape(ns // 16, chunks, 64)], -1)
+    else:
+        segs = 2 * bits // 4
+        blk = words.view(ns // 16, chunks, 32, segs, 4).permute(0, 1, 3, 2, 4).reshape(ns // 16, chunks, 64 * bits)
+    return _to_int32(blk)
+
+
+def pack_tables(lut: torch.Tensor, dtype: torch.dtype, n_pad: int) -> torch.Tensor:
+    """lut [N, 2**b] -> int32 [n_pad, 2**b / 2]: per row the low bytes of the entries in dtype (four
+    entries a word), then the high bytes. Rows past N are zero."""
+    n, c = lut.shape
+    bitsv = lut.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [N, c] bit patterns
+    lo, hi = bitsv & 0xFF, bitsv >> 8
+    sh = torch.arange(4, device=lut.device, dtype=torch.int64) * 8
+    tl = (lo.view(n, c // 4, 4) << sh).sum(-1)
+    th = (hi.view(n, c // 4, 4) << sh).sum(-1)
+    out = torch.zeros((n_pad, c // 2), dtype=torch.int64, device=lut.device)
+    out[:n] = torch.cat([tl, th], dim=1)
+    return _to_int32(out)
+
+
+def _sparse(tensors: dict, k: int, n: int):
+    """The CSR part with duplicate positions merged (values summed in fp32, as the reference's
+    accumulating index_put does) -> rows, cols (int64, row-major order), vals (fp32); or None."""
+    if "sp_val" not in tensors or tensors["sp_val"].numel() == 0:
+        return None
+    rowptr = tensors["sp_rowptr"].long()
+    rows = torch.repeat_interleave(torch.arange(n, device=rowptr.device), rowptr[1:] - rowptr[:-1])
+    lin = rows * k + tensors["sp_col"].long()
+    uniq, inv = torch.unique(lin, sorted=True, return_inverse=True)
+    vals = torch.zeros(uniq.numel(), dtype=torch.float32, device=lin.device).index_add_(0, inv, tensors["sp_val"].float())
+    return uniq // k, uniq % k, vals
+
+
+def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
+    """The canonical squeezellm tensors -> the kernels' state (see csrc/squeezellm_kernels.cuh)."""
+    bits = spec.bits
+    qweight, lut = tensors["qweight"], tensors["lut"]
+    dev = qweight.device
+    n_pad = -(-n // 16) * 16
+    n_tiles = n_pad // 16
+    sparse = _sparse(tensors, k, n)
+    blocks, sp_idx = [], None
+    if sparse is not None:
+        rows, cols, vals = sparse
+        sp_idx = torch.empty_like(rows)
+    for n0 in range(0, n_pad, _SLICE):
+        n1 = min(n0 + _SLICE, n_pad)
+        idx = torch.zeros((n1 - n0, k), dtype=torch.int64, device=dev)
+        if n0 < n:
+            part = unpack_rows(qweight[:, n0:min(n1, n)], bits, k).t().long()  # [ns, K]
+            idx[: part.shape[0]] = part
+            if sparse is not None:  # the dense index stored at each sparse position of these rows
+                sel = (rows >= n0) & (rows < min(n1, n))
+                sp_idx[sel] = part[rows[sel] - n0, cols[sel]]
+        blocks.append(pack_codes(idx, bits))
+        del idx
+    st = {"qw": torch.cat(blocks, 0).contiguous().view(-1), "bits": bits, "n": n, "k": k, "n_tiles": n_tiles,
+          "tab": {torch.float16: pack_tables(lut, torch.float16, n_pad),
+                  torch.bfloat16: pack_tables(lut, torch.bfloat16, n_pad)},
+          "sp_ptr": None, "sp_cr": None, "sp_v": {}, "sp_rows": None, "sp_cols": None, "sp_vals": None}
+    if sparse is not None:
+        counts = torch.bincount(rows, minlength=n_pad)
+        tile_ptr = torch.zeros(n_tiles + 1, dtype=torch.int64, device=dev)
+        tile_ptr[1:] = torch.cumsum(counts.view(n_tiles, 16).sum(1), 0)
+        st["sp_ptr"] = tile_ptr.to(torch.int32)
+        st["sp_cr"] = (cols | ((rows % 16) << 27)).to(torch.int32)
+        for dt in (torch.float16, torch.bfloat16):
+            dense_there = lut.to(dt).float()[rows, sp_idx]  # what the dense product used at those positions
+            st["sp_v"][dt] = (vals - dense_there).contiguous()
+        st.update(sp_rows=rows, sp_cols=cols, sp_vals=vals)
+    return st
+
+
+def _fused_max_m() -> int:
+    try:
+        return int(os.environ.get("LPQ_LUT_FUSED_MAX_M", "16"))
+    except ValueError:
+        return 16
+
+
+def default_warps(st: dict, m: int) -> int:
+    """Warps per block (one 16-row tile each, splitting K): 8 when the tiles are few, so that each SM
+    has enough loads in flight; 4 when there are many tiles and K is short. LPQ_LUT_WARPS forces one."""
+    forced = os.environ.get("LPQ_LUT_WARPS")
+    if forced and forced.isdigit() and 1 <= int(forced) <= 8:
+        return int(forced)
+    chunks = -(-st["k"] // 128)
+    return 4 if st["n_tiles"] >= 1024 and chunks <= 64 else 8
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
+    """x2 [m, K] fp16/bf16 contiguous -> [m, N] through the fused LUT kernel (dense + sparse + bias)."""
+    k, n = st["k"], st["n"]
+    if x2.dim() != 2 or x2.shape[1] != k:
+        raise ValueError(f"lpq lut_gemm: x must be [m, {k}], got {list(x2.shape)}")
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"lpq lut_gemm: activations must be float16 or bfloat16, got {x2.dtype}")
+    if not x2.is_cuda or x2.device != st["qw"].device:
+        raise ValueError(f"lpq lut_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        raise ValueError("lpq lut_gemm: x must be contiguous and 16-byte aligned")
+    if bias is not None and (bias.dtype != x2.dtype or bias.numel() != n or not bias.is_contiguous()):
+        raise ValueError(f"lpq lut_gemm: bias must be a contiguous [{n}] tensor of dtype {x2.dtype}")
+    if warps is None:
+        warps = default_warps(st, x2.shape[0])
+    if not 1 <= warps <= 8:
+        raise ValueError(f"lpq lut_gemm: warps must be in 1..8, got {warps}")
+    sp_v = st["sp_v"].get(x2.dtype) if st["sp_ptr"] is not None else None
+    return torch.ops.lpq_lut.lut_gemm(x2, st["qw"], st["tab"][x2.dtype], st["sp_ptr"], st["sp_cr"], sp_v, bias,
+                                      st["bits"], n, k, warps)
+
+
+def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] in dtype: codebook values by the CUDA kernel, then the exact sparse values."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"lpq lut_dequant: dtype must be float16 or bfloat16, got {dtype}")
+    w = torch.ops.lpq_lut.lut_dequant(st["qw"], st["tab"][dtype], st["bits"], st["n"], st["k"], dtype == torch.bfloat16)
+    if st["sp_rows"] is not None:
+        w[st["sp_rows"], st["sp_cols"]] = st["sp_vals"].to(dtype)  # the dense part is zero there
+    return w
+
+
+class SqueezeLLMCudaKernel(Kernel):
+    name = "squeezellm_cuda"
+    formats = ("squeezellm",)
+    priority = 100
+    mode = "auto"  # "auto" | "fused" | "dequant"
+
+    def why_not(self, layer, x: torch.Tensor) -> str | None:
+        reason = super().why_not(layer, x)
+        if reason:
+            return reason
+        if not x.is_cuda:
+            return f"input is on {x.device.type}, not CUDA"
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return f"activations are {x.dtype}; the CUDA kernels take float16 or bfloat16"
+        if layer.spec.bits not in BITS:
+            return f"bits={layer.spec.bits} not supported (2, 3, 4)"
+        k = layer.in_features
+        if k % 8:
+            return f"in_features={k} is not a multiple of 8"
+        if k >= MAX_K:
+            return f"in_features={k} is too large (below {MAX_K})"
+        if x.shape[-1] != k:
+            return f"input has {x.shape[-1]} features, the layer {k}"
+        major, _ = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return f"compute capability {major}.x < 8.0"
+        if not cuda_build.load_lut():
+            return f"CUDA extension unavailable: {cuda_build.lut_failure_reason()}"
+        return None
+
+    def prepare(self, layer) -> None:
+        if STATE_KEY not in layer.kernel_state:
+            with torch.no_grad():
+                layer.kernel_state[STATE_KEY] = repack(layer.tensors(), layer.spec, layer.in_features, layer.out_features)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        st = layer.kernel_state.get(STATE_KEY)
+        if st is None:
+            self.prepare(layer)
+            st = layer.kernel_state[STATE_KEY]
+        k, n = st["k"], st["n"]
+        x2 = x.reshape(-1, k)
+        if not x2.is_contiguous() or x2.data_ptr() % 16:
+            x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+        bias = layer.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        m = x2.shape[0]
+        if self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m()):
+            y = gemm(st, x2, bias.contiguous() if bias is not None else None)
+        else:
+            y = F.linear(x2, dequant(st, x.dtype), bias)
+        return y.reshape(*x.shape[:-1], n)
+
+
+class SqueezeLLMCudaFusedKernel(SqueezeLLMCudaKernel):
+    name = "squeezellm_cuda_fused"
+    priority = 40
+    mode = "fused"
+
+
+class SqueezeLLMCudaDequantKernel(SqueezeLLMCudaKernel):
+    name = "squeezellm_cuda_dequant"
+    priority = 30
+    mode = "dequant"
+
+
+SQUEEZELLM_CUDA = register_kernel(SqueezeLLMCudaKernel())
+SQUEEZELLM_CUDA_FUSED = register_kernel(SqueezeLLMCudaFusedKernel())
+SQUEEZELLM_CUDA_DEQUANT = register_kernel(SqueezeLLMCudaDequantKernel())
