@@ -3,7 +3,8 @@
     python bench/quality.py --model smollm2-135m --runs fp,rtn:8:128,rtn:4:128,rtn:4:-1,rtn:3:128,rtn:2:64
 
 A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag+...]`` with flags ``sym``,
-``act-order``, ``static-groups`` and ``mse``. Each quantized run is a whole ``lpq.quantize`` (timed, peak
+``act-order``, ``static-groups``, ``mse`` and ``KEY=VALUE`` method options (e.g.
+``ptq161:4:-1:salient_ratio=0.2+epochs=20+preprocess=1``; ptq161 keeps its salient channels at 4 bits). Each quantized run is a whole ``lpq.quantize`` (timed, peak
 memory), then ``lpq.inspect`` (true bits per weight) and perplexity + KL on the evaluation text.
 Writes the table into bench/RESULTS.md (section named by --section) and the records into
 bench/results/<--name>.json.
@@ -37,11 +38,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 def parse_run(run: str) -> dict | None:
     if run == "fp":
         return None
-    parts = run.split(":")
+    parts = run.split(":", 3)
     method, bits, group = parts[0], int(parts[1]), int(parts[2])
     flags = set(parts[3].split("+")) if len(parts) > 3 and parts[3] else set()
+    options = {}  # KEY=VALUE flags are method options (values read as JSON where they parse)
+    for flag in flags:
+        if "=" in flag:
+            key, value = flag.split("=", 1)
+            try:
+                options[key.replace("-", "_")] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.replace("-", "_")] = value
     return {"method": method, "bits": bits, "group_size": group, "sym": "sym" in flags,
-            "act_order": "act-order" in flags, "static_groups": "static-groups" in flags, "flags": sorted(flags)}
+            "act_order": "act-order" in flags, "static_groups": "static-groups" in flags, "flags": sorted(flags),
+            "options": options}
 
 
 def main() -> None:
@@ -78,6 +88,7 @@ def main() -> None:
             opts = {"static_groups": True} if cfg["static_groups"] else {}
             if "mse" in cfg["flags"]:
                 opts["mse"] = True
+            opts.update(cfg["options"])
             calib = args.calib if lpq.methods.get_method(cfg["method"]).needs_calibration else None
             t0 = time.perf_counter()
             res = api.quantize(args.model, out, method=cfg["method"], bits=cfg["bits"], group_size=cfg["group_size"],

@@ -82,3 +82,4 @@ class QuantizedWeight:
 
 from . import uniform  # noqa: E402,F401  (registers the built-in formats)
 from . import squeezellm  # noqa: E402,F401
+from . import ptq161  # noqa: E402,F401

@@ -77,3 +77,5 @@ def select_kernel(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel:
 
 from . import reference  # noqa: E402,F401
 from . import uniform_cuda  # noqa
+from . import squeezellm_cuda  # noqa
+from . import ptq161_cuda  # noqa

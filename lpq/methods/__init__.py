@@ -97,3 +97,4 @@ def available_methods() -> list[str]:
 from . import rtn  # noqa: E402,F401  (registers the built-in methods)
 from . import gptq  # noqa: E402,F401
 from . import squeezellm  # noqa: E402,F401
+from . import ptq161  # noqa: E402,F401

@@ -1,0 +1,55 @@
+// lpq: torch.library registration of the ptq161 GEMV kernel (op lpq_ptq161::gemv). The Python wrapper
+// (lpq/kernels/ptq161_cuda.py) checks every argument first and raises readable errors; the checks here
+// guard direct calls. The fake (meta) implementation is registered from Python.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ptq161_launch.h"
+
+namespace lpq {
+
+at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sw, const at::Tensor& bin_idx,
+                       const at::Tensor& sal_idx, const at::Tensor& colscale, const at::Tensor& rowvec,
+                       const c10::optional<at::Tensor>& bias, int64_t n, int64_t k) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "lpq ptq161_gemv: x must be a contiguous CUDA [m, ", k, "] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "lpq ptq161_gemv: activations must be float16 or bfloat16");
+  const int64_t s = sal_idx.numel(), b = bin_idx.numel();
+  TORCH_CHECK(s + b == k && s % 8 == 0 && b % 32 == 0, "lpq ptq161_gemv: salient/binarized split does not fit in_features=", k);
+  TORCH_CHECK(qw.scalar_type() == at::kInt && sw.scalar_type() == at::kInt && bin_idx.scalar_type() == at::kInt &&
+              sal_idx.scalar_type() == at::kInt && colscale.scalar_type() == at::kFloat && rowvec.scalar_type() == at::kFloat,
+              "lpq ptq161_gemv: wrong tensor dtypes");
+  TORCH_CHECK(qw.numel() == b / 32 * n && sw.numel() == s / 8 * n && colscale.numel() == b && rowvec.numel() == 4 * n,
+              "lpq ptq161_gemv: packed tensors do not match n=", n, ", k=", k);
+  TORCH_CHECK(qw.is_contiguous() && sw.is_contiguous() && bin_idx.is_contiguous() && sal_idx.is_contiguous() &&
+              colscale.is_contiguous() && rowvec.is_contiguous(), "lpq ptq161_gemv: tensors must be contiguous");
+  const void* bptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == n && bias->scalar_type() == x.scalar_type() && bias->is_contiguous(), "lpq ptq161_gemv: bad bias");
+    bptr = bias->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  at::Tensor acc = at::zeros({2, m, n}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::zeros({2, m}, x.options().dtype(at::kFloat));
+  const float* rv = rowvec.data_ptr<float>();  // [4, n]: sscale, szero, bscale, mu
+  ptq161::GemvArgs a{x.data_ptr(), bin_idx.data_ptr<int>(), sal_idx.data_ptr<int>(), colscale.data_ptr<float>(),
+                     reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sw.data_ptr()),
+                     acc.data_ptr<float>(), sums.data_ptr<float>(), (int)m, (int)n, (int)k, (int)s, (int)b, 0};
+  ptq161::EpilogueArgs e{acc.data_ptr<float>(), sums.data_ptr<float>(), rv, rv + n, rv + 2 * n, rv + 3 * n, bptr,
+                         y.data_ptr(), (int)m, (int)n};
+  cudaError_t err = ptq161::launch_gemv(x.scalar_type() == at::kBFloat16, a, e, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "lpq ptq161_gemv launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+}  // namespace lpq
+
+TORCH_LIBRARY(lpq_ptq161, m) {
+  m.def("gemv(Tensor x, Tensor qw, Tensor sw, Tensor bin_idx, Tensor sal_idx, Tensor colscale, Tensor rowvec, Tensor? bias, int n, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lpq_ptq161, CUDA, m) { m.impl("gemv", &lpq::ptq161_gemv); }

@@ -1,0 +1,146 @@
+"""CUDA GEMV for the ``ptq161`` format (4-bit salient channels + binarized rest), batch 1 to 16.
+
+Importing this module needs torch only; the extension (op ``torch.ops.lpq_ptq161.gemv``) is built on
+the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel registered here:
+
+  ptq161_cuda  (priority 100) m <= 16: the GEMV of csrc/ptq161_kernels.cu (a nibble lookup table
+               in shared memory for the signs, split-K with fp32 atomics, one epilogue kernel);
+               m > 16: the format's dequantize on the GPU + cuBLAS.
+
+It reads the canonical tensors as they are stored (no repack); ``prepare`` only derives, once, the
+channel indices of the salient and binarized runs from the mask and float32 copies of the small
+per-row and per-column vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import Kernel, cuda_build, register_kernel
+
+log = logging.getLogger("lpq.kernels")
+
+STATE_KEY = "ptq161_cuda"
+MAX_FUSED_M = 16
+SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu"]
+HEADERS = ["ptq161_launch.h"]
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "reason": None}
+
+
+def load() -> bool:
+    """Build/load the extension once. True if the op is usable; otherwise one warning, and False."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        reason = cuda_build.unavailable_reason()
+        if reason is None:
+            try:
+                cuda_build._build("lpq_ptq161", SOURCES, HEADERS)
+
+                @torch.library.register_fake("lpq_ptq161::gemv")
+                def _gemv_fake(x, qw, sw, bin_idx, sal_idx, colscale, rowvec, bias, n, k):
+                    return x.new_empty((x.shape[0], n))
+            except Exception as e:  # a failed build must never crash a forward pass
+                reason = f"building the ptq161 kernel failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
+                warnings.warn(f"lpq: ptq161 CUDA kernel unavailable ({reason}); using the reference kernel",
+                              RuntimeWarning, stacklevel=2)
+        _state.update(tried=True, ok=reason is None, reason=reason)
+        if reason is not None:
+            log.warning("ptq161 CUDA kernel unavailable (%s); using the reference kernel", reason)
+        return _state["ok"]
+
+
+def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
+    """The canonical tensors -> what the kernel reads: channel indices of both runs (from the mask),
+    float32 column scales and the four per-row vectors stacked [4, N] (sscale, szero, bscale, mu)."""
+    from ..formats.ptq161 import spec_salient, unpack_mask
+
+    mask = unpack_mask(tensors["mask"], k)
+    s = spec_salient(spec)
+    if int(mask.sum()) != s:
+        raise ValueError(f"the ptq161 mask marks {int(mask.sum())} salient channels, the spec {s}")
+    channels = torch.arange(k, device=mask.device, dtype=torch.int32)
+    rowvec = torch.stack([tensors[name].float() for name in ("sscales", "szeros", "bscale", "mu")]).contiguous()
+    return {
+        "qw": tensors["qweight"].contiguous(),
+        "sw": tensors["sweight"].contiguous(),
+        "bin_idx": channels[~mask].contiguous(),
+        "sal_idx": channels[mask].contiguous(),
+        "colscale": tensors["colscale"].float().contiguous(),
+        "rowvec": rowvec,
+        "n": n,
+        "k": k,
+    }
+
+
+def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 [m, K] fp16/bf16 (m <= 16 for speed; any m is correct) -> [m, N]."""
+    k, n = st["k"], st["n"]
+    if x2.dim() != 2 or x2.shape[1] != k:
+        raise ValueError(f"lpq ptq161 gemv: x must be [m, {k}], got {list(x2.shape)}")
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"lpq ptq161 gemv: activations must be float16 or bfloat16, got {x2.dtype}")
+    if not x2.is_cuda or x2.device != st["qw"].device:
+        raise ValueError(f"lpq ptq161 gemv: x is on {x2.device}, the weights on {st['qw'].device}")
+    if bias is not None and (bias.numel() != n or bias.dtype != x2.dtype):
+        raise ValueError(f"lpq ptq161 gemv: bias must be [{n}] of the activations' dtype")
+    if not load():
+        raise RuntimeError(f"lpq ptq161 gemv: the CUDA extension is unavailable ({_state['reason']})")
+    return torch.ops.lpq_ptq161.gemv(x2.contiguous(), st["qw"], st["sw"], st["bin_idx"], st["sal_idx"],
+                                     st["colscale"], st["rowvec"], bias, n, k)
+
+
+class PTQ161CudaKernel(Kernel):
+    name = "ptq161_cuda"
+    formats = ("ptq161",)
+    priority = 100
+
+    def why_not(self, layer, x: torch.Tensor) -> str | None:
+        reason = super().why_not(layer, x)
+        if reason:
+            return reason
+        if not x.is_cuda:
+            return f"input is on {x.device.type}, not CUDA"
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return f"activations are {x.dtype}; the CUDA kernel takes float16 or bfloat16"
+        if x.shape[-1] != layer.in_features:
+            return f"input has {x.shape[-1]} features, the layer {layer.in_features}"
+        major, _ = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return f"compute capability {major}.x < 8.0"
+        if not load():
+            return f"CUDA extension unavailable: {_state['reason']}"
+        return None
+
+    def prepare(self, layer) -> None:
+        if STATE_KEY not in layer.kernel_state:
+            with torch.no_grad():
+                layer.kernel_state[STATE_KEY] = prepare_state(layer.tensors(), layer.spec, layer.in_features,
+                                                              layer.out_features)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        st = layer.kernel_state.get(STATE_KEY)
+        if st is None:
+            self.prepare(layer)
+            st = layer.kernel_state[STATE_KEY]
+        x2 = x.reshape(-1, st["k"])
+        bias = layer.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if x2.shape[0] <= MAX_FUSED_M:
+            y = gemv(st, x2, bias)
+        else:  # prefill: the weights are read once per call either way; cuBLAS does the FLOPs
+            y = F.linear(x2, layer.dequantize().to(x.dtype), bias)
+        return y.reshape(*x.shape[:-1], st["n"])
+
+
+PTQ161_CUDA = register_kernel(PTQ161CudaKernel())

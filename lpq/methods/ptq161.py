@@ -1,0 +1,537 @@
+"""PTQ1.61 (Zhao et al., 2025): 4-bit salient input channels, binarized rest, block-wise learned scales.
+
+Maths (pure functions, any device; W [N, K] = [out_features, in_features]):
+  :func:`salient_count`      how many input channels stay at 4 bits (aligned for the packed format)
+  :func:`salient_mask`       the 1-D structured mask: the channels with the largest activation statistic
+  :func:`quantize_salient`   per-row asymmetric 4-bit min-max grid of the salient columns
+  :func:`init_binary`        row mean mu, sign(W - mu) and alpha = mean |W - mu| of the binarized columns
+  :func:`assemble_weight`    the fake-quantized weight, differentiable in alpha, r1, r2
+  :func:`block_loss`         MSE + (-log cosine) against the two full-precision targets
+
+Per decoder block (:meth:`PTQ161.quantize_block`), as the paper's block-wise optimisation does:
+  1. the block's full-precision input X_fp (the unquantized model's activations) and the quantized
+     model's input X_q (what the driver passes) are both kept; with the block's original weights,
+     the targets Y_fp = block(X_fp) and Y_qfp = block(X_q) are computed, and the per-channel activation
+     statistic of every linear is observed on X_fp (the paper takes it from the full-precision model);
+  2. per linear: mask, fixed 4-bit salient columns, signs and mu fixed, alpha from the mean absolute
+     deviation, r1 = 1 [N], r2 = 1 [B];
+  3. AdamW (lr 5e-4 for alpha, 1e-3 for r1 and r2, no weight decay) for ``epochs`` passes over the
+     calibration windows minimises  MSE(Y, Y_fp) + MSE(Y, Y_qfp) - log|cos(Y, Y_fp)| - log|cos(Y, Y_qfp)|
+     with Y = block_q(X_q) (cosine along the hidden size, averaged over tokens);
+  4. pack (alpha * r1, r2, mu rounded to fp16) and write the dequantized weights into the block;
+     Y_fp becomes the next block's X_fp.
+Memory: besides the driver's quantized activations [S, L, H], this keeps X_fp, Y_fp and (after the
+first block) Y_qfp, each [S, L, H] in the model's dtype on the work device: three more copies of the
+calibration activations (128 x 2048 x 4096 fp16 = 2 GiB each for a 7B model). Training runs the
+block in float32.
+
+Optional preprocessing (``preprocess``, in :meth:`PTQ161.prepare`): a restorative LoRA. Every target
+linear is first replaced by its closed-form PTQ1.61 quantization (mask, 4-bit salient part, binarized
+part with alpha from the mean absolute deviation, no block optimisation); LoRA adapters (rank 64,
+scale 16/64, dropout 0.1, AdamW lr 1e-4 as in the authors' setup) on those linears are trained with
+the language-model loss on the calibration windows; the adapters are merged into the quantized weights
+and the merged model is what the block-wise PTQ then quantizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LpqError, SpecError
+from ..formats import QuantizedWeight
+from ..formats.ptq161 import BINARY_ALIGN, SALIENT_ALIGN, SALIENT_BITS, binarized, pack_ptq161
+from ..quant import fit_minmax
+from ..spec import QuantSpec
+from . import Method, Observer, register_method
+
+log = logging.getLogger("lpq.ptq161")
+
+ACT_STATS = ("max", "mean", "l2")
+
+
+# ---- the maths -------------------------------------------------------------------------------------
+
+
+def salient_count(in_features: int, ratio: float) -> int:
+    """Salient channels of a layer with K inputs: the count nearest ratio * K among those the format
+    packs without padding (S % 8 == 0 and (K - S) % 32 == 0; K % 32 == 0 gives multiples of 32)."""
+    base = in_features % BINARY_ALIGN  # the smallest S with (K - S) % 32 == 0
+    if base % SALIENT_ALIGN:
+        raise SpecError(f"ptq161 needs in_features divisible by {SALIENT_ALIGN}; a layer has {in_features}")
+    candidates = torch.arange(base, in_features + 1, BINARY_ALIGN)
+    return int(candidates[(candidates.double() - ratio * in_features).abs().argmin()])
+
+
+def salient_mask(stat: torch.Tensor, count: int) -> torch.Tensor:
+    """stat [K] per-input-channel activation magnitude -> [K] bool, True for the ``count`` largest."""
+    mask = torch.zeros(stat.numel(), dtype=torch.bool, device=stat.device)
+    if count:
+        mask[torch.topk(stat.float(), count, sorted=False).indices] = True
+    return mask
+
+
+def quantize_salient(w: torch.Tensor, bits: int = SALIENT_BITS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, S] -> (codes [N, S] int32, scale [N], zero [N]): per-row asymmetric min-max grid, scale
+    rounded to fp16 as stored."""
+    if w.shape[1] == 0:
+        n = w.shape[0]
+        return torch.zeros(n, 0, dtype=torch.int32, device=w.device), torch.ones(n, device=w.device), torch.zeros(n, device=w.device)
+    scale, zero = fit_minmax(w, bits, sym=False)
+    codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, (1 << bits) - 1).to(torch.int32)
+    return codes, scale, zero
+
+
+def init_binary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, B] binarized columns -> (mu [N] row mean, signs [N, B] of w - mu in {-1, +1} (0 -> +1),
+    alpha [N] = mean |w - mu|: the scale that minimises the L2 error of alpha * sign(w - mu))."""
+    mu = w.mean(dim=1) if w.shape[1] else torch.zeros(w.shape[0], device=w.device)
+    centred = w - mu[:, None]
+    signs = torch.where(centred >= 0, 1.0, -1.0).to(w.dtype)
+    alpha = centred.abs().mean(dim=1) if w.shape[1] else torch.zeros(w.shape[0], device=w.device)
+    return mu, signs, alpha
+
+
+def assemble_weight(mask: torch.Tensor, salient: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor,
+                    r1: torch.Tensor, r2: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """The fake-quantized weight [N, K]: the fixed dequantized salient columns salient [N, S] at the
+    mask, (r1 r2^T) * (alpha * sign) + mu elsewhere. Differentiable in alpha [N], r1 [N], r2 [B]."""
+    n, k = signs.shape[0], mask.numel()
+    w = signs.new_zeros(n, k)
+    if salient.numel():
+        w = w.index_copy(1, mask.nonzero().squeeze(1), salient.to(w.dtype))
+    binary = binarized(signs, alpha * r1, r2, mu)  # [N, B]
+    return w.index_copy(1, (~mask).nonzero().squeeze(1), binary)
+
+
+def cosine_term(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log |mean cosine similarity| along the hidden size (tokens averaged), as the paper's angular term."""
+    cos = F.cosine_similarity(y, target, dim=-1).mean().abs()
+    return -torch.log(cos.clamp(min=1e-8))
+
+
+def block_loss(y: torch.Tensor, y_fp: torch.Tensor, y_qfp: torch.Tensor) -> torch.Tensor:
+    """y: quantized block on quantized inputs; y_fp: fp block on fp inputs; y_qfp: fp block on quantized
+    inputs (all [B, L, H])."""
+    return F.mse_loss(y, y_fp) + F.mse_loss(y, y_qfp) + cosine_term(y, y_fp) + cosine_term(y, y_qfp)
+
+
+def closed_form_quantize(weight: torch.Tensor, stat: torch.Tensor, ratio: float) -> torch.Tensor:
+    """PTQ1.61 without block optimisation (r1 = r2 = 1): weight [N, K], stat [K] -> fake-quantized [N, K]."""
+    w = weight.float()
+    mask = salient_mask(stat, salient_count(w.shape[1], ratio))
+    codes, scale, zero = quantize_salient(w[:, mask])
+    mu, signs, alpha = init_binary(w[:, ~mask])
+    r1 = torch.ones_like(alpha)
+    r2 = torch.ones(signs.shape[1], device=w.device)
+    return assemble_weight(mask, (codes.float() - zero[:, None]) * scale[:, None], signs, alpha, r1, r2, mu)
+
+
+class ActStatObserver(Observer):
+    """Per-input-channel activation magnitude over all calibration tokens: max |x| (the paper's choice,
+    as SmoothQuant's activation scales), mean |x|, or the L2 norm."""
+
+    def __init__(self, in_features: int, stat: str, device) -> None:
+        self.stat = stat
+        self.acc = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, inputs: torch.Tensor) -> None:  # [..., K]
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        if self.stat == "max":
+            self.acc = torch.maximum(self.acc, x.abs().amax(dim=0))
+        elif self.stat == "mean":
+            self.acc += x.abs().sum(dim=0)
+        else:
+            self.acc += x.pow(2).sum(dim=0)
+        self.tokens += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.stat == "mean":
+            return self.acc / max(self.tokens, 1)
+        if self.stat == "l2":
+            return self.acc.sqrt()
+        return self.acc
+
+
+# ---- options ---------------------------------------------------------------------------------------
+
+
+def _number(name: str, value: Any, kind, low: float, high: float | None = None, low_open: bool = False):
+    try:
+        v = kind(value)
+        if kind is int and float(value) != v:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SpecError(f"ptq161 option {name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if (v <= low if low_open else v < low) or (high is not None and v > high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise SpecError(f"ptq161 option {name}={value} is out of range: give a value {bound}")
+    return v
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SpecError(f"ptq161 option {name}={value!r} is not a yes/no value: use true or false")
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise SpecError(f"ptq161 option {name}={value!r} is not a yes/no value: use true or false")
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---- preprocessing: restorative LoRA ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, names: list[str], tokens: torch.Tensor, device, stat: str = "max",
+                     batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Per-input-channel activation statistic of each named linear over the calibration tokens [S, L]."""
+    from ..models.arch import linear_shape
+
+    modules = {n: model.get_submodule(n) for n in names}
+    observers = {n: ActStatObserver(linear_shape(m)[0], stat, device) for n, m in modules.items()}
+    handles = [m.register_forward_hook(lambda mod, args, out, o=observers[n]: o.update(args[0]))
+               for n, m in modules.items()]
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: o.value() for n, o in observers.items()}
+
+
+def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, device, ratio: float,
+                     stat: str = "max", rank: int = 64, lora_alpha: float = 16.0, dropout: float = 0.1,
+                     lr: float = 1e-4, epochs: int = 1, batch_size: int = 1, seed: int = 0) -> list[float]:
+    """Replace each named linear's weight W by Q(W) + (lora_alpha / rank) B A, where Q is closed-form
+    PTQ1.61 and the adapters A [rank, K], B [N, rank] (B starts at zero) are trained with the LM loss on
+    tokens [S, L]. The model is run on ``device`` (gradient checkpointing where supported) and left on
+    its original device with the merged weights. -> mean loss of each epoch."""
+    from ..models.arch import linear_shape, linear_weight, set_linear_weight
+
+    device = torch.device(device)
+    orig_device = next(model.parameters()).device
+    was_training = model.training
+    requires = {p: p.requires_grad for p in model.parameters()}
+    checkpointing = bool(getattr(model, "supports_gradient_checkpointing", False))
+    modules = {n: model.get_submodule(n) for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    losses: list[float] = []
+    try:
+        model.to(device)
+        model.eval()
+        stats = activation_stats(model, names, tokens, device, stat, batch_size)
+        adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for n, m in modules.items():
+            k, out = linear_shape(m)
+            w = linear_weight(m).detach().float()
+            set_linear_weight(m, closed_form_quantize(w, stats.pop(n), ratio).to(m.weight.dtype))
+            a = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_(True)
+            b = torch.zeros(out, rank, device=device, requires_grad=True)
+            adapters[n] = (a, b)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        scale = lora_alpha / rank
+
+        def hook(a, b):
+            def fn(module, args, out):
+                x = args[0]
+                if module.training and dropout > 0:
+                    x = F.dropout(x, dropout, training=True)
+                return out + ((x.float() @ a.t()) @ b.t() * scale).to(out.dtype)
+            return fn
+
+        handles = [m.register_forward_hook(hook(*adapters[n])) for n, m in modules.items()]
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # LoRA dropout and checkpointing run in training mode; model dropouts as configured
+        params = [t for ab in adapters.values() for t in ab]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            for start in range(0, tokens.shape[0], batch_size):
+                batch = tokens[start:start + batch_size].to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + float(loss.detach()), count + 1
+            losses.append(total / max(count, 1))
+        with torch.no_grad():
+            for n, m in modules.items():
+                a, b = adapters[n]
+                merged = linear_weight(m).float() + scale * (b @ a)
+                set_linear_weight(m, merged.to(m.weight.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        if checkpointing:
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+        model.to(orig_device)
+    return losses
+
+
+# ---- the plugin ------------------------------------------------------------------------------------
+
+
+@register_method
+class PTQ161(Method):
+    """Options: salient_ratio (0.2), epochs (20), lr_alpha (5e-4), lr_r (1e-3), batch_size (1 window per
+    optimiser step), act_stat (max | mean | l2), preprocess (False) with preprocess_epochs (1),
+    preprocess_lr (1e-4), preprocess_rank (64)."""
+
+    name = "ptq161"
+    needs_calibration = True
+    option_names = ("salient_ratio", "epochs", "lr_alpha", "lr_r", "batch_size", "act_stat", "preprocess",
+                    "preprocess_epochs", "preprocess_lr", "preprocess_rank")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+
+        def opt(key, default):
+            v = options.get(key)
+            return default if v is None else v
+
+        self.salient_ratio = _number("salient_ratio", opt("salient_ratio", 0.2), float, 0.0, 1.0)
+        self.epochs = _number("epochs", opt("epochs", 20), int, 0)
+        self.lr_alpha = _number("lr_alpha", opt("lr_alpha", 5e-4), float, 0.0)
+        self.lr_r = _number("lr_r", opt("lr_r", 1e-3), float, 0.0)
+        self.batch_size = _number("batch_size", opt("batch_size", 1), int, 1)
+        self.act_stat = str(opt("act_stat", "max"))
+        if self.act_stat not in ACT_STATS:
+            raise SpecError(f"ptq161 option act_stat={self.act_stat!r} is not known: choose {', '.join(ACT_STATS)}")
+        self.preprocess = _flag("preprocess", opt("preprocess", False))
+        self.preprocess_epochs = _number("preprocess_epochs", opt("preprocess_epochs", 1), int, 1)
+        self.preprocess_lr = _number("preprocess_lr", opt("preprocess_lr", 1e-4), float, 0.0, low_open=True)
+        self.preprocess_rank = _number("preprocess_rank", opt("preprocess_rank", 64), int, 1)
+        self._run = None
+        self._fp_inputs: list[torch.Tensor] | None = None  # X_fp of the next block
+        self._fp_index = 0
+        #: per block: {"block", "loss" (mean per epoch), "mse_init", "mse_final"} (block output MSE vs Y_fp)
+        self.history: list[dict[str, Any]] = []
+        self.preprocess_losses: list[float] = []
+
+    def _record(self) -> dict[str, Any]:
+        return {"salient_ratio": self.salient_ratio, "epochs": self.epochs, "lr_alpha": self.lr_alpha,
+                "lr_r": self.lr_r, "batch_size": self.batch_size, "act_stat": self.act_stat,
+                "preprocess": self.preprocess}
+
+    # -- whole model -------------------------------------------------------------------------------
+    def prepare(self, run) -> None:
+        from ..formats import get_format
+        from ..models.arch import linear_shape
+
+        self._run = run
+        self._fp_inputs, self._fp_index = None, 0
+        for name, spec in list(run.specs.items()):
+            if spec.bits != SALIENT_BITS:
+                raise SpecError(f"ptq161 keeps salient channels at 4 bits: use --bits 4 (layer {name} asks for {spec.bits})")
+            spec = spec.replace(format="ptq161", group_size=-1, act_order=False,
+                                options={**(spec.options or {}), **self._record()})
+            k, n = linear_shape(run.model.get_submodule(name))
+            spec = spec.replace(options={**spec.options, "salient": salient_count(k, self.salient_ratio)})
+            get_format("ptq161").check_shape(k, n, spec, layer=name)
+            run.specs[name] = spec
+        _resumed_specs(run)
+        if self.preprocess:
+            if run.calib_tokens is None:
+                raise LpqError("ptq161 preprocess needs calibration data")
+            log.info("ptq161: restorative LoRA on %d linears", len(run.specs))
+            self.preprocess_losses = restorative_lora(
+                run.model, list(run.specs), run.calib_tokens, run.device, self.salient_ratio, self.act_stat,
+                rank=self.preprocess_rank, lr=self.preprocess_lr, epochs=self.preprocess_epochs,
+                batch_size=getattr(run.opts, "calib_batch_size", 1))
+
+    # -- one block ---------------------------------------------------------------------------------
+    def quantize_block(self, ctx) -> None:
+        from ..driver import BlockInputs
+        from ..models.arch import is_conv1d
+
+        if ctx.inputs is None:
+            raise LpqError("ptq161 needs calibration data")
+        q_in = ctx.inputs.hidden
+        if self._fp_inputs is not None and self._fp_index == ctx.index:
+            fp_in = self._fp_inputs
+        else:
+            if ctx.index != 0:  # earlier blocks came from --resume: their fp outputs are gone
+                log.warning("ptq161: block %d starts without full-precision inputs (resumed run); using the "
+                            "quantized ones as both", ctx.index)
+            fp_in = q_in
+        quant_ctx_inputs = ctx.inputs
+        fp_inputs = BlockInputs(fp_in, ctx.inputs.args, ctx.inputs.kwargs)
+
+        # 1. statistics and targets from the block's original weights
+        observers = {n: ActStatObserver(ctx.in_features(n), self.act_stat, ctx.device) for n in ctx.linears}
+        try:
+            ctx.inputs = fp_inputs
+            ctx.observe(observers)
+            y_fp = ctx.forward_all().hidden
+        finally:
+            ctx.inputs = quant_ctx_inputs
+        y_qfp = y_fp if fp_in is q_in else ctx.forward_all().hidden
+
+        # 2. initial quantization of every linear
+        layers = {}
+        for n in ctx.linears:
+            spec = ctx.spec(n)
+            w = ctx.weight(n)  # [N, K] float32
+            mask = salient_mask(observers.pop(n).value(), spec_salient_of(spec))
+            codes, scale, zero = quantize_salient(w[:, mask])
+            mu, signs, alpha = init_binary(w[:, ~mask])
+            layers[n] = {
+                "mask": mask, "codes": codes, "scale": scale, "zero": zero, "mu": mu, "signs": signs,
+                "salient": (codes.float() - zero[:, None]) * scale[:, None],
+                "alpha": alpha.clone().requires_grad_(True),
+                "r1": torch.ones_like(alpha).requires_grad_(True),
+                "r2": torch.ones(signs.shape[1], device=w.device).requires_grad_(True),
+                "conv1d": is_conv1d(ctx.modules[n]),
+            }
+        del observers
+
+        # 3. block-wise optimisation of alpha, r1, r2
+        record = {"block": ctx.index, "loss": []}
+        if self.epochs > 0:
+            self._optimise(ctx, layers, q_in, y_fp, y_qfp, record)
+        self.history.append(record)
+
+        # 4. pack with the fp16-rounded vectors and write the dequantized weights into the block
+        for n, lay in layers.items():
+            with torch.no_grad():
+                bscale = (lay["alpha"] * lay["r1"]).detach()
+                qw = pack_ptq161(lay["mask"], lay["signs"], lay["codes"], lay["scale"], lay["zero"], bscale,
+                                 lay["r2"].detach(), lay["mu"], ctx.spec(n), layer=ctx.qualified(n))
+            ctx.set_result(n, qw)
+            if self._run is not None and ctx.qualified(n) in self._run.specs:
+                self._run.specs[ctx.qualified(n)] = qw.spec
+        del layers, y_qfp
+        last = ctx.index == len(ctx.run.blocks) - 1
+        self._fp_inputs, self._fp_index = (None, 0) if last else (y_fp, ctx.index + 1)  # free after the last block
+
+    def _optimise(self, ctx, layers, q_in, y_fp, y_qfp, record) -> None:
+        from torch.func import functional_call
+
+        block = ctx.block
+        params = list(block.parameters())
+        requires = [p.requires_grad for p in params]
+        # every parameter and buffer keeps its own dtype afterwards (some models keep fp32 buffers in fp16)
+        dtypes = {id(t): t.dtype for t in [*params, *block.buffers()]}
+        dtype = torch.float32 if all(d == torch.float32 for d in dtypes.values()) else None
+        args, kwargs = ctx.inputs.args, ctx.inputs.kwargs
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            if dtype is None:
+                block.float()  # train in float32, as the paper's AMP setup keeps the block in float
+
+            def weights():
+                out = {}
+                for n, lay in layers.items():
+                    w = assemble_weight(lay["mask"], lay["salient"], lay["signs"], lay["alpha"], lay["r1"], lay["r2"], lay["mu"])
+                    out[f"{n}.weight"] = w.t() if lay["conv1d"] else w
+                return out
+
+            def forward(i, ws):
+                a = _cast_floats(args[i], torch.float32)
+                kw = _cast_floats(kwargs[i], torch.float32)
+                return _output(functional_call(block, ws, (q_in[i].float(), *a), kw))
+
+            @torch.no_grad()
+            def mse() -> float:
+                ws = weights()
+                total = sum(float(F.mse_loss(forward(i, ws), y_fp[i].float())) for i in range(len(q_in)))
+                return total / len(q_in)
+
+            record["mse_init"] = mse()
+            opt = torch.optim.AdamW(
+                [{"params": [lay["alpha"] for lay in layers.values()], "lr": self.lr_alpha},
+                 {"params": [t for lay in layers.values() for t in (lay["r1"], lay["r2"])], "lr": self.lr_r}],
+                weight_decay=0.0)
+            windows = [q.shape[0] for q in q_in]
+            for _ in range(self.epochs):
+                total, seen, pending = 0.0, 0, 0
+                opt.zero_grad(set_to_none=True)
+                for i in range(len(q_in)):
+                    y = forward(i, weights())
+                    loss = block_loss(y, y_fp[i].float(), y_qfp[i].float())
+                    # batch_size windows per optimiser step (gradients of driver batches accumulated)
+                    (loss * windows[i] / self.batch_size).backward()
+                    total += float(loss.detach()) * windows[i]
+                    seen += windows[i]
+                    pending += windows[i]
+                    if pending >= self.batch_size or i == len(q_in) - 1:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        pending = 0
+                record["loss"].append(total / max(seen, 1))
+            record["mse_final"] = mse()
+            log.info("ptq161: block %d output MSE %.4g -> %.4g after %d epochs", ctx.index, record["mse_init"],
+                     record["mse_final"], self.epochs)
+        finally:
+            if dtype is None:
+                for t in [*block.parameters(), *block.buffers()]:
+                    t.data = t.data.to(dtypes[id(t)])
+            for p, r in zip(params, requires):
+                p.requires_grad_(r)
+
+    def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
+        raise LpqError("ptq161 quantizes whole blocks (block-wise optimisation); it has no per-layer path")
+
+
+def spec_salient_of(spec: QuantSpec) -> int:
+    return int((spec.options or {}).get("salient", 0) or 0)
+
+
+def _resumed_specs(run) -> None:
+    """With --resume, blocks loaded from the work directory keep the specs they were saved with."""
+    opts = getattr(run, "opts", None)
+    if opts is None or not opts.resume or opts.work_dir is None:
+        return
+    from safetensors import safe_open
+
+    for i in range(len(run.blocks)):
+        path = run._block_file(i)
+        if path is None or not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:
+            continue  # the driver reports a damaged block file itself
+        for name, m in meta.items():
+            qualified = f"{run.blocks_name}.{i}.{name}"
+            if qualified in run.specs:
+                run.specs[qualified] = QuantSpec.from_dict(json.loads(m)["spec"])

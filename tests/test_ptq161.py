@@ -1,0 +1,350 @@
+"""PTQ1.61: salient mask, binarization maths, the ptq161 format, block-wise optimisation, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lpq
+from lpq.driver import QuantizationRun, RunOptions
+from lpq.errors import FormatError, LpqError, SpecError
+from lpq.formats import get_format
+from lpq.formats.ptq161 import pack_mask, pack_ptq161, unpack_mask
+from lpq.methods import get_method
+from lpq.methods.ptq161 import (ActStatObserver, activation_stats, assemble_weight, closed_form_quantize,
+                                init_binary, quantize_salient, restorative_lora, salient_count, salient_mask)
+from lpq.spec import QuantSpec
+
+from conftest import make_model, make_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: one thread avoids oversubscribing the (shared) cores, which costs 10x here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fp16_exact(model):
+    """Round every parameter to fp16 so that saving (16-bit) loses nothing."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def _calib(n=4, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (n, length), generator=g)
+
+
+def _run(family="llama", seed=0, **options):
+    model = _fp16_exact(make_model(family, seed=seed))
+    method = get_method("ptq161", **options)
+    run = QuantizationRun(model, RunOptions(method=method, spec=QuantSpec(bits=4, method="ptq161")),
+                          calib_tokens=_calib())
+    results = run.run()
+    return model, method, run, results
+
+
+# ---- maths -----------------------------------------------------------------------------------------
+
+
+def test_salient_count_alignment():
+    assert salient_count(576, 0.2) == 128  # 115.2 -> nearest multiple of 32
+    assert salient_count(1536, 0.2) == 320
+    assert salient_count(4096, 0.2) == 832
+    assert salient_count(4096, 0.0) == 0 and salient_count(4096, 1.0) == 4096
+    assert salient_count(72, 0.2) == 8  # K % 32 == 8: S in {8, 40, 72}
+    for k, r in [(576, 0.2), (72, 0.5), (1536, 0.37)]:
+        s = salient_count(k, r)
+        assert s % 8 == 0 and (k - s) % 32 == 0
+    with pytest.raises(SpecError):
+        salient_count(60, 0.2)
+
+
+def test_observer_and_mask_pick_the_largest_activations():
+    g = torch.Generator().manual_seed(0)
+    k, hot = 96, torch.tensor([3, 17, 40, 41, 77, 90])
+    obs = {s: ActStatObserver(k, s, "cpu") for s in ("max", "mean", "l2")}
+    for _ in range(3):
+        x = torch.randn(2, 20, k, generator=g)
+        x[..., hot] *= 10
+        for o in obs.values():
+            o.update(x)
+    for o in obs.values():
+        mask = salient_mask(o.value(), len(hot))
+        assert torch.equal(mask.nonzero().squeeze(1), hot)
+    # the statistics themselves
+    x = torch.tensor([[1.0, -3.0], [-2.0, 0.5]])
+    o = ActStatObserver(2, "max", "cpu"); o.update(x)
+    assert torch.equal(o.value(), torch.tensor([2.0, 3.0]))
+    o = ActStatObserver(2, "mean", "cpu"); o.update(x)
+    assert torch.allclose(o.value(), torch.tensor([1.5, 1.75]))
+
+
+def test_binarization_init_and_assembly():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g) * 0.1 + 0.03
+    mu, signs, alpha = init_binary(w)
+    assert torch.allclose(mu, w.mean(1))
+    assert torch.equal(signs, torch.where(w >= mu[:, None], 1.0, -1.0))
+    assert torch.allclose(alpha, (w - mu[:, None]).abs().mean(1))
+    # alpha from the mean absolute deviation is the L2-optimal scale of sign(w - mu) per row
+    for f in (0.9, 1.1):
+        worse = ((f * alpha[:, None] * signs + mu[:, None] - w) ** 2).sum()
+        assert ((alpha[:, None] * signs + mu[:, None] - w) ** 2).sum() < worse
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[[1, 5, 9, 60]] = True
+    codes, scale, zero = quantize_salient(w[:, mask])
+    deq = (codes.float() - zero[:, None]) * scale[:, None]
+    assert (deq - w[:, mask]).abs().max() <= scale.max() / 2 + 1e-6  # 4-bit grid, nearest code
+    mu, signs, alpha = init_binary(w[:, ~mask])
+    r1 = torch.rand(16, generator=g) + 0.5
+    r2 = torch.rand(60, generator=g) + 0.5
+    full = assemble_weight(mask, deq, signs, alpha, r1, r2, mu)
+    assert torch.equal(full[:, mask], deq)
+    assert torch.allclose(full[:, ~mask], (r1[:, None] * r2[None, :]) * (alpha[:, None] * signs) + mu[:, None])
+
+
+# ---- format ----------------------------------------------------------------------------------------
+
+
+def test_mask_packing_round_trip():
+    g = torch.Generator().manual_seed(2)
+    for k in (8, 32, 72, 100):
+        m = torch.rand(k, generator=g) < 0.3
+        words = pack_mask(m)
+        assert words.dtype == torch.int32 and words.shape == (-(-k // 32),)
+        assert torch.equal(unpack_mask(words, k), m)
+    m = torch.zeros(64, dtype=torch.bool); m[0] = True; m[33] = True
+    assert pack_mask(m).tolist() == [1, 2]
+
+
+def test_format_round_trip_and_shapes():
+    g = torch.Generator().manual_seed(3)
+    n, k = 24, 72
+    w = torch.randn(n, k, generator=g) * 0.05
+    mask = salient_mask(torch.rand(k, generator=g), salient_count(k, 0.5))  # S = 40, B = 32
+    codes, scale, zero = quantize_salient(w[:, mask])
+    mu, signs, alpha = init_binary(w[:, ~mask])
+    r1 = torch.rand(n, generator=g) + 0.5
+    r2 = torch.rand(k - int(mask.sum()), generator=g) + 0.5
+    qw = pack_ptq161(mask, signs, codes, scale, zero, alpha * r1, r2, mu, QuantSpec(bits=4, method="ptq161"))
+    assert qw.spec.format == "ptq161" and qw.spec.options["salient"] == 40
+    fmt = get_format("ptq161")
+    shapes = fmt.tensor_shapes(k, n, qw.spec)
+    assert {t: (tuple(v.shape), v.dtype) for t, v in qw.tensors.items()} == {t: (tuple(s), d) for t, (s, d) in shapes.items()}
+    assert fmt.in_features_from_shapes({t: tuple(v.shape) for t, v in qw.tensors.items()}, qw.spec) == k
+    # dequantize equals the fake-quantized weight built from the fp16-rounded vectors
+    h = lambda t: t.half().float()  # noqa: E731
+    expected = assemble_weight(mask, (codes.float() - zero[:, None]) * scale[:, None], signs,
+                               h(alpha * r1), torch.ones(n), h(r2), h(mu))
+    assert torch.allclose(qw.dequantize(), expected, atol=1e-6)
+    # the signs live in qweight, one bit per binarized weight
+    assert qw.tensors["qweight"].shape == (1, n)
+
+
+def test_format_shape_errors_are_one_line():
+    fmt = get_format("ptq161")
+    with pytest.raises(FormatError, match="multiple of 8") as e:
+        fmt.check_shape(60, 16, QuantSpec(bits=4, method="ptq161", format="ptq161"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(FormatError, match="damaged"):
+        fmt.check_shape(64, 16, QuantSpec(bits=4, format="ptq161", options={"salient": 12}))
+    with pytest.raises(FormatError, match="4 bits"):
+        fmt.check_shape(64, 16, QuantSpec(bits=2, format="ptq161"))
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+
+def test_mask_follows_full_precision_activations_of_every_block():
+    """Block 1's mask must come from the unquantized model's activations, not the quantized ones."""
+    model = _fp16_exact(make_model("llama"))
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in
+             ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+    expected = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, out, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0)
+            expected[name] = torch.maximum(expected.get(name, torch.zeros_like(x)), x)
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        for row in _calib():
+            model(input_ids=row[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    method = get_method("ptq161", epochs=0, salient_ratio=0.5)
+    run = QuantizationRun(model, RunOptions(method=method, spec=QuantSpec(bits=4, method="ptq161")), calib_tokens=_calib())
+    results = run.run()
+    for name in names:
+        qw = results[name]
+        k = qw.in_features
+        s = qw.spec.options["salient"]
+        assert s == salient_count(k, 0.5) and s > 0
+        got = unpack_mask(qw.tensors["mask"], k)
+        top = torch.zeros(k, dtype=torch.bool)
+        top[torch.topk(expected[name], s).indices] = True
+        assert torch.equal(got, top), name
+
+
+def test_block_optimisation_lowers_the_reconstruction_error():
+    original = _fp16_exact(make_model("llama"))
+    model, method, _, _ = _run(epochs=4, salient_ratio=0.5)
+    assert len(method.history) == 2
+    for rec in method.history:
+        assert len(rec["loss"]) == 4
+        assert rec["loss"][-1] < rec["loss"][0]
+        assert rec["mse_final"] < 0.95 * rec["mse_init"]
+    # what was packed is what was trained: block 0 with its packed weights reproduces the final MSE
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, kwargs))
+
+    handle = original.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        for row in _calib():
+            original(input_ids=row[None], use_cache=False)
+    handle.remove()
+    mse = 0.0
+    with torch.no_grad():
+        for args, kwargs in captured:
+            ref = original.model.layers[0](*args, **kwargs)
+            out = model.model.layers[0](*args, **kwargs)
+            ref, out = (r[0] if isinstance(r, tuple) else r for r in (ref, out))
+            mse += float(torch.nn.functional.mse_loss(out, ref)) / len(captured)
+    assert mse == pytest.approx(method.history[0]["mse_final"], rel=1e-3)  # fp16 rounding of the vectors only
+
+
+def test_quantized_weights_have_the_ptq161_structure():
+    model, _, run, results = _run(epochs=2, salient_ratio=0.5)
+    qw = results["model.layers.0.mlp.down_proj"]
+    w = qw.dequantize()
+    mask = unpack_mask(qw.tensors["mask"], qw.in_features)
+    # binarized part: per row exactly two values, mu +- bscale * colscale
+    t = qw.tensors
+    dev = (w[:, ~mask] - t["mu"].float()[:, None]) / (t["bscale"].float()[:, None] * t["colscale"].float()[None, :])
+    assert torch.allclose(dev.abs(), torch.ones_like(dev), atol=1e-4)
+    # salient part: at most 16 levels per row
+    assert max(len(torch.unique(row)) for row in w[:, mask]) <= 16
+    # the driver wrote the dequantized weight into the model; the spec recorded in the run matches
+    assert torch.equal(model.get_submodule("model.layers.0.mlp.down_proj").weight.detach(), w)
+    assert run.specs["model.layers.0.mlp.down_proj"].options["salient"] == int(mask.sum())
+
+
+def test_gpt2_conv1d_layers():
+    model, method, _, results = _run("gpt2", epochs=1, salient_ratio=0.5)
+    for name, qw in results.items():
+        mod = model.get_submodule(name)
+        assert torch.equal(mod.weight.detach().t(), qw.dequantize())  # Conv1D stores [K, N]
+    assert all(r["mse_final"] <= r["mse_init"] * 1.05 for r in method.history)
+
+
+def test_end_to_end_save_load_inspect(tmp_path):
+    tok = make_tokenizer()
+    model = _fp16_exact(make_model("llama"))
+    reference = _fp16_exact(make_model("llama"))
+    out = tmp_path / "q"
+    res = lpq.quantize(model, out, tokenizer=tok, method="ptq161", bits=4, calib=_calib(), device="cpu",
+                       method_options={"epochs": 1, "salient_ratio": 0.5})
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["method"] == "ptq161"
+    # the fake-quantized model: the original with every quantized weight replaced by its dequantization
+    packed = {n: m for n, m in res.model.named_modules() if isinstance(m, lpq.nn.QuantizedLinear)}
+    assert len(packed) == 14
+    with torch.no_grad():
+        for n, m in packed.items():
+            reference.get_submodule(n).weight.copy_(m.dequantize())
+    loaded = lpq.load(out, device="cpu", dtype="float32")
+    x = torch.randint(3, 100, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, reference(x).logits, atol=1e-4, rtol=1e-4)
+    # bits per weight: every byte of the quantized linears on disk, over their weights
+    info = lpq.inspect(out)
+    nbytes, weights = 0, 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for n, m in packed.items():
+            for t in get_format("ptq161").tensor_shapes(m.in_features, m.out_features, m.spec):
+                nbytes += f.get_tensor(f"{n}.{t}").numel() * f.get_tensor(f"{n}.{t}").element_size()
+            weights += m.in_features * m.out_features
+    assert info["quantized_bytes"] == nbytes and info["quantized_weights"] == weights
+    assert info["bpw"] == pytest.approx(8 * nbytes / weights)
+    # and the layout's own count: mask + signs + 4-bit codes + four fp16 vectors of N + one of B
+    down = next(layer for layer in info["layers"] if layer["name"].endswith("0.mlp.down_proj"))
+    k, n = down["in_features"], down["out_features"]
+    s = salient_count(k, 0.5)
+    assert down["bytes"] == 4 * -(-k // 32) + (k - s) // 8 * n + s // 2 * n + 8 * n + 2 * (k - s)
+
+
+def test_restorative_lora_merges_a_low_rank_update_into_the_quantized_weights():
+    model = _fp16_exact(make_model("llama"))
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.v_proj"]
+    original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    stats = activation_stats(model, names, _calib(), "cpu")
+    losses = restorative_lora(model, names, _calib(), "cpu", ratio=0.5, rank=4, lr=1e-2, epochs=2)
+    assert len(losses) == 2 and losses[1] < losses[0]
+    for n in names:
+        q = closed_form_quantize(original[n], stats[n], 0.5)
+        delta = model.get_submodule(n).weight.detach() - q
+        assert 0 < int(torch.linalg.matrix_rank(delta, atol=1e-6)) <= 4
+    # nothing else was left trainable or changed device
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_preprocess_option_end_to_end():
+    model, method, _, results = _run(epochs=1, salient_ratio=0.5, preprocess=True, preprocess_rank=4)
+    assert len(method.preprocess_losses) == 1
+    assert all(qw.spec.options["preprocess"] is True for qw in results.values())
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"salient_ratio": 1.5}, "salient_ratio"),
+    ({"salient_ratio": "lots"}, "not a number"),
+    ({"epochs": -1}, "epochs"),
+    ({"epochs": 2.5}, "integer"),
+    ({"lr_alpha": -1e-3}, "lr_alpha"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"act_stat": "median"}, "act_stat"),
+    ({"preprocess": "maybe"}, "yes/no"),
+    ({"preprocess_lr": 0}, "preprocess_lr"),
+    ({"groups": 3}, "does not take"),
+])
+def test_bad_options_are_one_line_spec_errors(options, match):
+    with pytest.raises(SpecError, match=match) as e:
+        get_method("ptq161", **options)
+    assert "\n" not in str(e.value)
+
+
+def test_bits_other_than_four_are_refused():
+    model = make_model("llama")
+    with pytest.raises(SpecError, match="--bits 4"):
+        lpq.quantize(model, None, tokenizer=make_tokenizer(), method="ptq161", bits=2, calib=_calib(), device="cpu",
+                     method_options={"epochs": 0})
+
+
+def test_per_layer_path_is_not_offered():
+    with pytest.raises(LpqError):
+        get_method("ptq161").quantize_layer("x", torch.zeros(8, 8), None, QuantSpec(bits=4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_run():
+    model = make_model("llama").half()
+    method = get_method("ptq161", epochs=2, salient_ratio=0.5)
+    run = QuantizationRun(model, RunOptions(method=method, spec=QuantSpec(bits=4, method="ptq161"), device="cuda"),
+                          calib_tokens=_calib())
+    results = run.run()
+    assert len(results) == 14
+    assert all(r["mse_final"] < r["mse_init"] for r in method.history)
+    assert next(model.parameters()).dtype == torch.float16
