@@ -53,6 +53,7 @@ class QuantizeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     peak_memory_gb: float = 0.0
     layers: int = 0
+    plan: Any = None  # the MixedPlan of a mixed-precision run (lpq.mixed.plan), else None
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -65,9 +66,24 @@ def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.lpq-partial"
 
 
-def _manifest(model_name: str, spec: QuantSpec, method_options: dict, ignore, overrides, calib: dict | None) -> dict:
-    return {"model": model_name, "spec": spec.to_dict(), "method_options": method_options, "ignore": list(ignore),
-            "overrides": overrides, "calibration": calib}
+def _manifest(model_name: str, spec: QuantSpec, method_options: dict, ignore, overrides, calib: dict | None,
+              mixed: dict | None = None) -> dict:
+    m = {"model": model_name, "spec": spec.to_dict(), "method_options": method_options, "ignore": list(ignore),
+         "overrides": overrides, "calibration": calib}
+    if mixed:
+        m["mixed"] = mixed
+    return m
+
+
+def _check_bits(bits, mixed: str | None, target_size) -> None:
+    """Without mixed precision, bits is one of the supported integer widths (QuantSpec checks which)."""
+    if mixed is None:
+        if target_size is not None:
+            raise LpqError("--target-size needs --mixed hessian (a size is met by mixing widths)")
+        if isinstance(bits, float) and not bits.is_integer():
+            raise LpqError(f"--bits {bits:g} is not a whole width: fractional budgets need --mixed hessian")
+    elif mixed != "hessian":
+        raise LpqError(f"--mixed {mixed} is not known: the choice is hessian")
 
 
 def pack_model(model: nn.Module, results: dict, dtype: torch.dtype) -> None:
@@ -109,6 +125,13 @@ def quantize(
     max_shard_size: str | int = "5GB",
     trust_remote_code: bool = False,
     save_format: str = "lpq",
+    mixed: str | None = None,
+    sensitivity: str = "hutchinson",
+    target_size: str | int | None = None,
+    candidates: str | list | None = None,
+    tie: list[str] | tuple[str, ...] = (),
+    probes: int = 4,
+    sensitivity_samples: int = 8,
 ) -> QuantizeResult:
     """Quantize a causal LM and (if ``out`` is given) save it packed.
 
@@ -118,9 +141,31 @@ def quantize(
     method needs data and none is given) or a tensor of token ids [nsamples, seqlen].
     ``save_format`` is 'lpq' (lpq's own directory) or 'gptq' (a GPTQ v1 checkpoint that other tools
     read). Returns the packed model, timings and peak memory.
+
+    Mixed precision (``mixed="hessian"``): ``bits`` is then an average budget in bits per weight (2.5)
+    or ``target_size`` a size ('1.2GB'), both counting every stored byte of the quantized linears
+    (lpq.mixed.plan). Each layer gets a width from ``candidates`` (default 2, 3, 4, 8 bits at
+    ``group_size``; or '2:64,3:128,4:128,8:128') that minimises Σ sensitivity × weight perturbation
+    within the budget. ``sensitivity`` is 'hutchinson' (Hessian trace, ``probes`` probe vectors per
+    window), 'fisher' or 'gptq', measured on the first ``sensitivity_samples`` calibration windows;
+    ``tie`` lists layer endings that share a width ('q_proj,k_proj,v_proj'). The plan is returned in
+    ``result.plan`` and recorded in the saved config.
     """
     disable_transformers_progress()
     dev = resolve_device(device)
+    _check_bits(bits, mixed, target_size)
+    budget_bits = bits
+    if mixed is not None:
+        from .mixed.cost import parse_candidates
+        from .mixed.sensitivity import check_kind
+
+        check_kind(sensitivity)
+        cands = parse_candidates(candidates, group_size)
+        if sensitivity_samples < 1:
+            raise LpqError(f"--sensitivity-samples {sensitivity_samples}: need at least one calibration window")
+        bits, group_size = min(b for b, _ in cands), cands[0][1]  # placeholders until the plan is made
+    else:
+        bits = int(bits)
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, method=method, act_order=act_order,
                      options=dict(method_options or {}))
     method_plugin = get_method(method, **(method_options or {}))
@@ -153,14 +198,19 @@ def quantize(
     work_dir = _work_dir(out_path) if out_path is not None else None
     if save_format not in ("lpq", "gptq"):
         raise LpqError(f"--format {save_format} is not known: choose lpq or gptq")
-    if method_plugin.needs_calibration:
+    needs_data = method_plugin.needs_calibration or mixed is not None
+    if needs_data:
         if isinstance(calib, torch.Tensor):
             nsamples, seqlen = calib.shape
             calib_record = {"source": "tokens", "nsamples": nsamples, "seqlen": seqlen, "seed": None}
         else:
             calib = calib or "self"
             calib_record = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    manifest = _manifest(model_name, spec, method_options or {}, ignore, overrides or {}, calib_record)
+    mixed_record = None if mixed is None else {
+        "mixed": mixed, "bits": budget_bits, "target_size": target_size, "sensitivity": sensitivity,
+        "candidates": candidates if candidates is None or isinstance(candidates, str) else [list(c) if isinstance(c, (list, tuple)) else c for c in candidates],
+        "tie": list(tie), "probes": probes, "sensitivity_samples": sensitivity_samples}
+    manifest = _manifest(model_name, spec, method_options or {}, ignore, overrides or {}, calib_record, mixed_record)
     if work_dir is not None:
         if work_dir.exists() and resume:
             saved = json.loads((work_dir / "manifest.json").read_text()) if (work_dir / "manifest.json").is_file() else None
@@ -173,7 +223,7 @@ def quantize(
             shutil.rmtree(work_dir, ignore_errors=True)
             work_dir.mkdir(parents=True)
             (work_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if method_plugin.needs_calibration:
+    if needs_data:
         t0 = time.perf_counter()
         cached = work_dir / "calibration.pt" if work_dir is not None else None
         if cached is not None and cached.is_file():
@@ -185,6 +235,16 @@ def quantize(
             if cached is not None:
                 torch.save(tokens, cached)
         seconds["calib_data"] = time.perf_counter() - t0
+
+    plan = None
+    if mixed is not None:
+        plan, spec, overrides = _mixed_plan(loaded, spec, tokens, dev, work_dir, resume, seconds,
+                                            bits=budget_bits, target_size=target_size, sensitivity=sensitivity,
+                                            candidates=candidates, tie=tie, method_options=method_options,
+                                            ignore=ignore, overrides=overrides, probes=probes,
+                                            samples=sensitivity_samples, batch_size=calib_batch_size, seed=seed)
+        if not method_plugin.needs_calibration:
+            tokens = None  # the method itself does not read them
 
     try:
         run = QuantizationRun(
@@ -205,6 +265,9 @@ def quantize(
     pack_model(loaded, results, model_dtype)
     seconds["pack"] = seconds.get("pack", 0.0) + time.perf_counter() - t0  # bit packing + module swap
     qconfig = make_quant_config(spec, run.specs, calib_record, method_options)
+    if plan is not None:
+        qconfig["mixed"] = {k: v for k, v in plan.to_record().items() if k != "layers"}
+        qconfig["mixed"]["sensitivities"] = {n: v["sensitivity"] for n, v in plan.layers.items()}
     loaded.config.quantization_config = qconfig
     if out_path is not None:
         t0 = time.perf_counter()
@@ -215,7 +278,30 @@ def quantize(
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - start
-    return QuantizeResult(loaded, out_path, seconds, _peak_memory_gb(dev), len(results))
+    return QuantizeResult(loaded, out_path, seconds, _peak_memory_gb(dev), len(results), plan)
+
+
+def _mixed_plan(model, spec: QuantSpec, tokens, dev, work_dir, resume, seconds, *, bits, target_size, sensitivity,
+                candidates, tie, method_options, ignore, overrides, probes, samples, batch_size, seed):
+    """Plan the widths (or read the plan a resumed run saved) -> (plan, default spec, overrides for the driver)."""
+    from .mixed.plan import MixedPlan, plan_mixed
+
+    t0 = time.perf_counter()
+    saved = work_dir / "plan.json" if work_dir is not None else None
+    if saved is not None and resume and saved.is_file():
+        plan = MixedPlan.from_record(json.loads(saved.read_text()))
+    else:
+        plan = plan_mixed(model, spec, bits=bits, target_size=target_size, sensitivity=sensitivity,
+                          candidates=candidates, tie=tie, method_options=method_options, ignore=ignore,
+                          overrides=overrides, tokens=tokens[:samples], device=str(dev), probes=probes,
+                          batch_size=batch_size, seed=seed)
+        if saved is not None:
+            saved.write_text(json.dumps(plan.to_record()))
+    info("mixed precision: " + plan.summary())
+    seconds["mixed_plan"] = time.perf_counter() - t0
+    base_bits, base_group = plan.base()
+    spec = spec.replace(bits=base_bits, group_size=base_group)
+    return plan, spec, {**dict(overrides or {}), **plan.overrides()}
 
 
 def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto"):

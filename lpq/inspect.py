@@ -21,11 +21,14 @@ def _nbytes(shape, dtype: str) -> int:
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """{bpw, model_bpw, quantized_bytes, total_bytes, fp16_bytes, params, layers: [...]}.
+    """{bpw, model_bpw, quantized_bytes, total_bytes, fp16_bytes, params, widths, mixed, layers: [...]}.
 
     bpw counts every byte stored for the quantized linears (codes, scales, zeros, g_idx, codebooks,
     sparse parts; not their biases) over their weights; model_bpw does the same over every parameter
-    of the model, with the unquantized ones (embeddings, norms) at their stored width.
+    of the model, with the unquantized ones (embeddings, norms) at their stored width. widths counts
+    layers and weights per (bits, group size); mixed is the mixed-precision record of the config (the
+    budget, the sensitivity kind and each layer's sensitivity), or None. A layer's "sensitivity" is
+    filled in from it.
     """
     directory = Path(path)
     cfg_path = directory / "config.json"
@@ -53,7 +56,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         fmt = get_format(spec.format)
         # shapes of the stored tensors tell the layer's size: qweight is [K * bits / 32, N]
         words, n = tensors["qweight"][0]
-        k = words * 32 // spec.bits
+        infer = getattr(fmt, "in_features_from_shapes", None)  # formats whose qweight does not give K alone
+        k = infer({t: s for t, (s, _) in tensors.items()}, spec) if infer else words * 32 // spec.bits
         expected = fmt.tensor_shapes(k, n, spec)
         for t, (shape, _) in expected.items():
             if t not in tensors or tuple(tensors[t][0]) != tuple(shape):
@@ -64,7 +68,8 @@ def inspect(path: str | Path) -> dict[str, Any]:
         q_weights += k * n
         layers.append({"name": name, "method": spec.method, "format": spec.format, "bits": spec.bits,
                        "group_size": spec.group_size, "sym": spec.sym, "act_order": spec.act_order,
-                       "in_features": k, "out_features": n, "bytes": nbytes, "bpw": 8 * nbytes / (k * n)})
+                       "in_features": k, "out_features": n, "bytes": nbytes, "bpw": 8 * nbytes / (k * n),
+                       "sensitivity": ((qconfig.get("mixed") or {}).get("sensitivities") or {}).get(name)})
     other_bytes = 0
     other_params = 0
     for key, (shape, dtype) in shapes.items():
@@ -75,6 +80,12 @@ def inspect(path: str | Path) -> dict[str, Any]:
         for s in shape:
             n *= s
         other_params += n
+    widths: dict[str, dict[str, int]] = {}
+    for layer in layers:  # how many layers and weights at each width: a mixed-precision model shows several
+        g = "pc" if layer["group_size"] == -1 else f"g{layer['group_size']}"
+        w = widths.setdefault(f"w{layer['bits']} {g}", {"layers": 0, "weights": 0})
+        w["layers"] += 1
+        w["weights"] += layer["in_features"] * layer["out_features"]
     params = q_weights + other_params
     total = q_bytes + other_bytes
     return {
@@ -89,5 +100,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "total_bytes": total,
         "fp16_bytes": 2 * params,
         "size_vs_fp16": total / (2 * params),
+        "widths": dict(sorted(widths.items())),
+        "mixed": qconfig.get("mixed"),
         "layers": layers,
     }

@@ -22,7 +22,10 @@ import yaml
 from .errors import LpqError
 
 RECIPE_KEYS = {"model", "method", "bits", "group_size", "sym", "act_order", "method_options", "ignore", "overrides",
-               "calib", "nsamples", "seqlen", "seed", "calib_batch_size", "dtype"}
+               "calib", "nsamples", "seqlen", "seed", "calib_batch_size", "dtype",
+               # mixed precision (lpq.mixed): the request, and the record a saved plan carries
+               "mixed", "sensitivity", "target_size", "candidates", "tie", "probes", "sensitivity_samples",
+               "mixed_plan"}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
