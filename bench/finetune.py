@@ -1,0 +1,147 @@
+"""QAT fine-tuning of GPTQ-quantized SmolLM2: perplexity recovered, SOLO vs AdamW states, tokens/s.
+
+    python bench/finetune.py --device cuda                      # the H100 run (about 8 minutes)
+    python bench/finetune.py --device cpu --widths 3:128 --optims adamw --steps 4 --batch 2 --seqlen 256 \
+        --nsamples 4 --calib-seqlen 512 --windows 2 --section "QAT fine-tuning: SmolLM2-135M (CPU, indicative)"
+
+For each width BITS:GROUP in --widths: GPTQ (act-order + mse grid, calibrated on --calib) with
+lpq.quantize, then for each optimizer in --optims one ``lpq.finetune.finetune`` run on --data (train)
+with perplexity on --text (test, PROTOCOL §2) before fine-tuning, after it with the adapters unmerged
+(fp32 master weights, bf16 autocast on a GPU) and after merging (the saved packed model reloaded by
+lpq.load: fp16 with lpq's kernels on a GPU). "recovered" = (before - merged) / (before - fp): the share
+of the gap to the unquantized model won back by the fully quantized model. SOLO's final perplexity
+is compared with AdamW's on the same width, with the bytes of the optimizer states of each.
+Writes its section of bench/RESULTS.md and bench/results/<--name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lpq import api, evaluate  # noqa: E402
+from lpq.finetune import finetune  # noqa: E402
+from lpq.inspect import inspect as inspect_dir  # noqa: E402
+from results_io import device_name, versions, write_records, write_section  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model-label", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--widths", default="3:128,2:64", help="BITS:GROUP list, GPTQ act-order + mse")
+    ap.add_argument("--optims", default="adamw,solo", help="adamw and/or solo")
+    ap.add_argument("--state-bits", type=int, default=3)
+    ap.add_argument("--variant", default="l4q", choices=["l4q", "qalora"])
+    ap.add_argument("--text", default=str(SHARED / "wiki.test.raw"), help="evaluation text")
+    ap.add_argument("--data", default=str(SHARED / "wiki.valid.tokens"), help="fine-tuning text")
+    ap.add_argument("--calib", default=str(SHARED / "wiki.valid.tokens"), help="GPTQ calibration text")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=None, help="evaluation windows of 2048 (default: all)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--name", default="finetune-smollm2")
+    ap.add_argument("--section", default="QAT fine-tuning: SmolLM2-135M, GPTQ w3/w2 + LoRA-QAT")
+    args = ap.parse_args()
+
+    dev = api.resolve_device(args.device)
+    date = datetime.date.today().isoformat()
+    gpu = device_name(str(dev))
+    text = evaluate.load_eval_text(args.text)
+    work = Path(tempfile.mkdtemp(prefix="lpq-ft-bench-"))
+    t_all = time.perf_counter()
+
+    fp_model, tokenizer = api.load_any(args.model, str(dev))
+    fp_ppl = evaluate.perplexity(fp_model, tokenizer, text, 2048, args.windows).perplexity
+    del fp_model
+    print(json.dumps({"fp_perplexity": fp_ppl}), flush=True)
+
+    records = []
+    for width in args.widths.split(","):
+        bits, group = (int(v) for v in width.split(":"))
+        qdir = work / f"gptq-w{bits}-g{group}"
+        t0 = time.perf_counter()
+        api.quantize(args.model, qdir, method="gptq", bits=bits, group_size=group, act_order=True,
+                     method_options={"mse": True}, calib=args.calib, nsamples=args.nsamples, seqlen=args.calib_seqlen,
+                     device=str(dev))
+        quant_s = time.perf_counter() - t0
+        for optim in args.optims.split(","):
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            out = work / f"ft-w{bits}-g{group}-{optim}"
+            res = finetune(qdir, args.data, out, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
+                           batch=args.batch, seqlen=args.seqlen, optim=optim, state_bits=args.state_bits,
+                           variant=args.variant, device=str(dev), eval_text=args.text, eval_windows=args.windows)
+            p = res.perplexity
+            gap = p["before"] - fp_ppl
+            rec = {
+                "model": args.model_label, "method": "gptq+qat", "bits": bits, "group_size": group,
+                "options": f"act-order,mse,{args.variant},rank{args.lora_rank}", "optim": optim,
+                "state_bits": args.state_bits if optim == "solo" else 32,
+                "bpw": inspect_dir(out)["bpw"], "bpw_before": inspect_dir(qdir)["bpw"],
+                "fp_perplexity": fp_ppl, "perplexity_before": p["before"], "perplexity_unmerged": p["unmerged"],
+                "perplexity": p["merged"], "recovered": (p["before"] - p["merged"]) / gap if gap > 0 else None,
+                "windows": evaluate.eval_windows(tokenizer, text, 2048, args.windows).shape[0], "seqlen": 2048,
+                "steps": args.steps, "batch": args.batch, "train_seqlen": args.seqlen, "lr": args.lr,
+                "train_tokens": res.tokens, "train_s": res.train_seconds, "tokens_per_s": res.tokens_per_s,
+                "state_bytes": res.state_bytes, "trainable_params": res.trainable_params,
+                "peak_mem_gb": res.peak_memory_gb, "quantize_s": quant_s, "final_loss": res.losses[-1],
+                "calib": f"wikitext2-valid {args.nsamples}x{args.calib_seqlen}", "data": Path(args.data).name,
+                "kl": None, "device": gpu, "date": date,
+            }
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    total_s = time.perf_counter() - t_all
+
+    write_records(args.name, records)
+    adam = {(r["bits"], r["group_size"]): r for r in records if r["optim"] == "adamw"}
+    lines = [
+        f"{gpu}; {versions()}; date {date}; whole script {total_s:.0f} s.",
+        f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.",
+        f"GPTQ (act-order + mse grid, {args.nsamples}x{args.calib_seqlen} windows of wiki.valid), then LoRA-QAT "
+        f"({args.variant}: LoRA rank {args.lora_rank} + learned fp16 step sizes on frozen codes) for {args.steps} steps of "
+        f"{args.batch}x{args.seqlen} tokens of `{Path(args.data).name}`, peak lr {args.lr}, then merged into the same "
+        f"packed width. Perplexity on `wiki.test.raw`, {records[0]['windows'] if records else '-'} windows of 2048 "
+        f"(PROTOCOL §2): unquantized {fp_ppl:.2f}. 'unmerged' is the fp32 training model (bf16 autocast on a GPU); "
+        "'merged' is the saved packed model reloaded by lpq.load (fp16, lpq's kernels on a GPU). "
+        "recovered = (before - merged) / (before - unquantized). State memory: bytes of the optimizer's moment "
+        "states (AdamW fp32; SOLO packed codes + block scales).",
+        "",
+        "| width | optimizer | bpw | before | unmerged | merged | recovered | vs AdamW | state MB | tokens/s | train s | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        base = adam.get((r["bits"], r["group_size"]))
+        vs = f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f} %" if base and base is not r else "-"
+        opt = "AdamW fp32" if r["optim"] == "adamw" else f"SOLO {r['state_bits']}-bit"
+        rec = "-" if r["recovered"] is None else f"{r['recovered'] * 100:.0f} %"
+        lines.append(
+            f"| w{r['bits']} g{r['group_size']} | {opt} | {r['bpw']:.3f} | {r['perplexity_before']:.2f} | "
+            f"{r['perplexity_unmerged']:.2f} | {r['perplexity']:.2f} | {rec} | {vs} | {r['state_bytes'] / 1e6:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['train_s']:.0f} | {r['peak_mem_gb']:.1f} |"
+        )
+    write_section(args.section, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
