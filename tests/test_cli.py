@@ -89,7 +89,10 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 @pytest.mark.parametrize("args,words", [(["--bits", "5"], ["--bits 5"]), (["--bits", "1"], ["--bits 1"]),
                                         (["--group-size", "100"], ["--group-size 100"]),
-                                        (["--method", "magic"], ["unknown method"])])
+                                        (["--method", "magic"], ["unknown method"]),
+                                        (["--fp-targets", "1"], ["method rtn does not take", "fp_targets"]),
+                                        (["--method", "gptq", "--fp-targets", "3"], ["fp_targets", "[0, 1]"]),
+                                        (["--method", "squeezellm", "--outliers", "150"], ["--outliers 150"])])
 def test_options_out_of_range(capsys, llama_dir, tmp_path, args, words):
     code, _, err = run(capsys, "quantize", str(llama_dir), "--out", str(tmp_path / "o"), *args)
     assert_one_line_error(code, err, *words)

@@ -43,7 +43,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @cli.command(context_settings=CONTEXT)
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--method", default="rtn", show_default=True, help="Quantization method (rtn, gptq, ...).")
-@click.option("--bits", type=int, default=4, show_default=True, help="Code width: 2, 3, 4 or 8.")
+@click.option("--bits", type=float, default=4, show_default=True,
+              help="Code width: 2, 3, 4 or 8; with --mixed, the average budget in bits per weight (e.g. 2.5), overheads counted.")
 @click.option("--group-size", type=int, default=128, show_default=True, help="Inputs per scale/zero; -1 = per output channel.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid or asymmetric min-max.")
 @click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal (stores g_idx).")
@@ -51,6 +52,17 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--damp", type=float, default=None, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01).")
 @click.option("--true-sequential/--no-true-sequential", default=None, help="GPTQ: quantize a block's linears stage by stage (default on).")
 @click.option("--mse", is_flag=True, default=None, help="Fit each group's grid by searching the clipping range that minimises the rounding error (rtn, gptq).")
+@click.option("--fp-targets", type=float, default=None, metavar="ALPHA",
+              help="GPTQ: fit each layer to the full-precision model's outputs (1 = fully, 0 = off; costs a second calibration stream).")
+@click.option("--outliers", type=float, default=None, metavar="PERCENT",
+              help="SqueezeLLM: share of weights kept exactly as magnitude outliers (0.40).")
+@click.option("--sensitive", type=float, default=None, metavar="PERCENT",
+              help="SqueezeLLM: share of weights kept exactly for the largest Fisher values (0.05).")
+@click.option("--salient-ratio", type=float, default=None, metavar="R",
+              help="PTQ1.61: share of input channels kept at 4 bits (0.20); the rest is binarized.")
+@click.option("--preprocess/--no-preprocess", default=None,
+              help="PTQ1.61: restorative LoRA fine-tune of the full-precision model before quantization (off).")
+@click.option("--epochs", type=int, default=None, help="PTQ1.61: epochs of block-wise scale optimisation (20).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Another method option (repeatable).")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave linears whose qualified name matches this glob unquantized (repeatable).")
 @click.option("--calib", default=None, metavar="FILE|wikitext2|self", help="Calibration text; default: sampled from the model (self).")
@@ -67,13 +79,28 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow a hub model's own Python code to run.")
+@click.option("--mixed", type=click.Choice(["hessian"]), default=None,
+              help="Mixed precision: give each linear the width that minimises sensitivity x perturbation within the --bits / --target-size budget.")
+@click.option("--sensitivity", type=click.Choice(["hutchinson", "fisher", "gptq"]), default="hutchinson", show_default=True,
+              help="--mixed: Hessian trace (Hutchinson), squared gradients (fisher) or input-Hessian trace (gptq, cheapest).")
+@click.option("--target-size", default=None, metavar="SIZE",
+              help="--mixed: budget as the stored size of the quantized linears (1.2GB, 300MB, 512MiB; embeddings and norms not counted).")
+@click.option("--candidates", default=None, metavar="B:G,...",
+              help="--mixed: widths to choose from, BITS[:GROUP] [default: 2,3,4,8 at --group-size].")
+@click.option("--tie", multiple=True, metavar="A,B,...",
+              help="--mixed: layers with these name endings under one parent share a width (e.g. q_proj,k_proj,v_proj; repeatable).")
+@click.option("--probes", type=int, default=4, show_default=True, help="--mixed hutchinson: probe vectors per calibration window.")
+@click.option("--sensitivity-samples", type=int, default=8, show_default=True,
+              help="--mixed: calibration windows the sensitivity and the per-width costs are measured on.")
 @click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
-def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, mse, options, ignore,
+def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups, damp, true_sequential, mse, fp_targets,
+             outliers, sensitive, salient_ratio, preprocess, epochs, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
-             max_shard_size, trust_remote_code, recipe, save_recipe, as_json):
+             max_shard_size, trust_remote_code, mixed, sensitivity, target_size, candidates, tie, probes,
+             sensitivity_samples, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
     from click.core import ParameterSource
 
@@ -85,39 +112,68 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
         plan = load_recipe(recipe)
         overrides = plan.pop("overrides", {}) or {}
         recipe_options = plan.pop("method_options", {}) or {}
+        plan.pop("mixed_plan", None)  # the record of how a saved plan was chosen; its overrides are the plan
         if "model" not in given and "model" in plan:
             model = plan["model"]
         local = {"method": method, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
                  "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype,
-                 "calib_batch_size": calib_batch_size, "ignore": ignore}
+                 "calib_batch_size": calib_batch_size, "ignore": ignore, "mixed": mixed, "sensitivity": sensitivity,
+                 "target_size": target_size, "candidates": candidates, "tie": tie, "probes": probes,
+                 "sensitivity_samples": sensitivity_samples}
         for key in local:
             if key in plan and key not in given:
                 local[key] = plan[key]
         method, bits, group_size, sym, act_order = (local[k] for k in ("method", "bits", "group_size", "sym", "act_order"))
         calib, nsamples, seqlen, seed, dtype = (local[k] for k in ("calib", "nsamples", "seqlen", "seed", "dtype"))
         calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
+        mixed, sensitivity, target_size = local["mixed"], local["sensitivity"], local["target_size"]
+        candidates, probes, sensitivity_samples = local["candidates"], local["probes"], local["sensitivity_samples"]
+        tie = tuple([local["tie"]] if isinstance(local["tie"], str) else (local["tie"] or ()))
         options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
     for key, value in (("static_groups", static_groups), ("damp", damp), ("true_sequential", true_sequential),
-                       ("mse", mse)):
+                       ("mse", mse), ("fp_targets", fp_targets), ("outliers", outliers), ("sensitive", sensitive),
+                       ("salient_ratio", salient_ratio), ("preprocess", preprocess), ("epochs", epochs)):
         if value is not None:
             method_options[key] = value
+    if mixed is None:
+        if target_size is not None:
+            raise LpqError("--target-size needs --mixed hessian (a size is met by mixing widths)")
+        if float(bits) != int(bits):
+            raise LpqError(f"--bits {bits:g} is not a whole width: fractional budgets need --mixed hessian")
+        bits = int(bits)
+    elif target_size is None and float(bits).is_integer():
+        bits = int(bits)  # an average of exactly 3 bits: keep the recipe and folder name tidy
     if out is None:
         g = "pc" if group_size == -1 else f"g{group_size}"
         stem = model.rstrip("/").split("/")[-1].removesuffix(".gguf")
-        out = f"out/{stem}-{method}-w{bits}-{g}"
+        if mixed is None:
+            out = f"out/{stem}-{method}-w{bits}-{g}"
+        else:
+            out = f"out/{stem}-{method}-mixed-{target_size or f'w{bits:g}'}-{sensitivity}"
     run_options = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
+    if mixed is not None:
+        run_options.update(mixed=mixed, sensitivity=sensitivity, target_size=target_size, candidates=candidates,
+                           tie=list(tie), probes=probes, sensitivity_samples=sensitivity_samples)
     result = api.quantize(model, out, device=device, resume=resume, overwrite=overwrite, max_shard_size=max_shard_size,
                           trust_remote_code=trust_remote_code, save_format=save_format, **run_options)
-    if save_recipe:
+    if save_recipe and result.plan is not None:
+        from ..mixed.plan import write_plan_recipe
+
+        write_plan_recipe(save_recipe, {"model": model, **run_options}, result.plan)
+    elif save_recipe:
         write_recipe(save_recipe, {"model": model, **run_options})
     from ..inspect import inspect as inspect_dir
 
     report = inspect_dir(result.out) if save_format == "lpq" else {"bpw": None, "total_bytes": None, "size_vs_fp16": None}
     summary = {"out": str(result.out), "layers": result.layers, "bpw": report["bpw"],
                "size_bytes": report["total_bytes"], "seconds": result.seconds, "peak_memory_gb": result.peak_memory_gb}
+    if result.plan is not None:
+        summary["mixed"] = {"budget_bytes": result.plan.budget_bytes, "quantized_bytes": report.get("quantized_bytes"),
+                            "sensitivity": result.plan.sensitivity, "widths": result.plan.widths(),
+                            "stability": result.plan.stability, "exact": result.plan.exact}
     if as_json:
         _print_json(summary)
     elif save_format != "lpq":
@@ -140,13 +196,18 @@ def inspect(directory, as_json):
     if as_json:
         _print_json(report)
         return
-    table = Table(title=f"{directory} ({report['method']})")
-    for col in ("layer", "method", "bits", "group", "shape (out x in)", "bytes", "bpw"):
+    mixed = report.get("mixed")
+    table = Table(title=f"{directory} ({report['method']}{', mixed precision' if mixed else ''})")
+    cols = ["layer", "method", "bits", "group", "shape (out x in)", "bytes", "bpw"] + (["sensitivity"] if mixed else [])
+    for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer in report["layers"]:
         g = "per-ch" if layer["group_size"] == -1 else str(layer["group_size"])
-        table.add_row(layer["name"], layer["method"], str(layer["bits"]), g,
-                      f"{layer['out_features']} x {layer['in_features']}", f"{layer['bytes']:,}", f"{layer['bpw']:.3f}")
+        row = [layer["name"], layer["method"], str(layer["bits"]), g,
+               f"{layer['out_features']} x {layer['in_features']}", f"{layer['bytes']:,}", f"{layer['bpw']:.3f}"]
+        if mixed:
+            row.append("-" if layer.get("sensitivity") is None else f"{layer['sensitivity']:.3g}")
+        table.add_row(*row)
     out = console.__class__(highlight=False, width=max(console.width, 140) if not console.is_terminal else None)
     out.print(table)
     out.print(
@@ -155,6 +216,11 @@ def inspect(directory, as_json):
         f"whole model: {report['total_bytes'] / 1e6:.1f} MB, {report['model_bpw']:.3f} bits per parameter, "
         f"{report['size_vs_fp16']:.1%} of fp16 ({report['fp16_bytes'] / 1e6:.1f} MB)"
     )
+    if len(report.get("widths", {})) > 1 or mixed:
+        out.print("widths: " + ", ".join(f"{k}: {v['layers']} layers ({v['weights'] / report['quantized_weights']:.1%} of weights)"
+                                         for k, v in report["widths"].items()))
+    if mixed:
+        out.print(f"mixed precision: {mixed.get('sensitivity')} sensitivity, budget {mixed.get('budget')}")
 
 
 @cli.group(name="eval", context_settings=CONTEXT)
@@ -210,6 +276,28 @@ def kl(model, reference, text, seqlen, windows, batch_size, device, dtype, trust
     else:
         click.echo(f"KL {res.kl:.5f} nats/token, top-1 changed {res.top1_changed:.2%} "
                    f"({res.windows} windows of {res.seqlen}, {res.tokens} tokens)")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", "out", default="pareto.png", show_default=True, help="PNG to write.")
+@click.option("--title", default="", help="Plot title.")
+@click.option("--linear-y", is_flag=True, help="Linear perplexity axis [default: logarithmic].")
+@click.option("--max-bpw", type=float, default=None, help="Leave out points above this many bits per weight.")
+def plot(results, out, title, linear_y, max_bpw):
+    """Perplexity against bits per weight from bench results json files (PNG; needs matplotlib, not a dependency)."""
+    from ..mixed.plot import group_series, plot_records, read_records
+
+    records = read_records(list(results))
+    for name, pts in group_series(records).items():
+        info(f"{name}: " + ", ".join(f"{x:.3f} bpw -> {y:.2f}" for x, y, _ in pts))
+    path = plot_records(records, out, title=title, log_y=not linear_y, max_bpw=max_bpw)
+    info(f"wrote {path}")
+
+
+from .finetune import finetune as finetune_command  # noqa: E402  (the `lpq finetune` command)
+
+cli.add_command(finetune_command)
 
 
 def main(argv: list[str] | None = None) -> None:
