@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,48 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from kernels import ROOFLINE_TBPS, SHAPES, copies_for, timed  # noqa: E402  (one timer for every kernel bench)
 from results_io import write_records, write_section  # noqa: E402
 
 from lpq.formats.squeezellm import SQUEEZELLM  # noqa: E402
 from lpq.kernels import cuda_build, squeezellm_cuda  # noqa: E402
 from lpq.spec import QuantSpec  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
 FORMATS = {"s3": (3, 0.0), "s3sp": (3, 0.0045), "s4": (4, 0.0), "s2": (2, 0.0), "s4sp": (4, 0.0045)}
-ROOFLINE_TBPS = 3.0
-ROTATE_BYTES = 256 * 2**20
 SECTION = "Kernels (squeezellm LUT)"
-
-
-def timed(fn_for_copy, n_copies: int, min_calls: int = 200, min_replays: int = 20) -> float:
-    """Median microseconds per call of fn_for_copy(i), i cycling over the copies, via graph replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(n_copies):  # warm-up (lazy init, cuBLAS handles, workspaces)
-            fn_for_copy(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_copies):
-            fn_for_copy(i)
-    for _ in range(3):
-        g.replay()
-    replays = max(min_replays, -(-min_calls // n_copies))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    per_call = [a.elapsed_time(b) * 1000.0 / n_copies for a, b in ev]
-    del g
-    return statistics.median(per_call)
-
-
-def copies_for(nbytes: int) -> int:
-    return max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
 
 
 def random_layer(n: int, k: int, bits: int, density: float, gen: torch.Generator):

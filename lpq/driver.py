@@ -213,6 +213,30 @@ class QuantizationRun:
         return self.results
 
     # -- resume ---------------------------------------------------------------------------------------
+    def restore_saved_specs(self) -> None:
+        """With --resume, the layers of blocks already saved keep the specs they were saved with.
+
+        For methods whose spec depends on the data (squeezellm's nnz, ptq161's salient count), the
+        plan made before the run cannot know them; each saved block file records them.
+        """
+        if not self.opts.resume or self.opts.work_dir is None:
+            return
+        from safetensors import safe_open
+
+        for i in range(len(self.blocks)):
+            path = self._block_file(i)
+            if path is None or not path.is_file():
+                continue
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception:
+                continue  # a damaged block file is reported when the driver loads it
+            for name, m in meta.items():
+                qualified = f"{self.blocks_name}.{i}.{name}"
+                if qualified in self.specs:
+                    self.specs[qualified] = QuantSpec.from_dict(json.loads(m)["spec"])
+
     def _block_file(self, i: int) -> Path | None:
         return None if self.opts.work_dir is None else self.opts.work_dir / "blocks" / f"{i:05d}.safetensors"
 

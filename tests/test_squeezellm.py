@@ -218,3 +218,38 @@ def test_fisher_diagonal_shapes_and_restores_model():
         assert fisher[n].shape == w.shape and fisher[n].dtype == torch.float32
         assert (fisher[n] >= 0).all() and fisher[n].sum() > 0
     assert not model.training and not any(p.requires_grad and p.grad is not None for p in model.parameters())
+
+
+def test_resume_keeps_the_saved_blocks_data_dependent_specs(tmp_path, monkeypatch):
+    """nnz depends on each layer's weights: a resumed run must load the saved blocks with their own nnz
+    and end with the same checkpoint as an uninterrupted run."""
+    import lpq
+    from conftest import make_model
+    from lpq.methods.squeezellm import SqueezeLLM
+
+    kwargs = dict(method="squeezellm", bits=3, device="cpu", method_options={"fisher": False, "outliers": 2.0,
+                                                                              "sensitive": 0.0})
+    whole = lpq.quantize(make_model("llama"), tmp_path / "whole", **kwargs)
+    calls = {"n": 0}
+    original = SqueezeLLM.quantize_block
+
+    def interrupted(self, ctx):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, ctx)
+
+    monkeypatch.setattr(SqueezeLLM, "quantize_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lpq.quantize(make_model("llama"), tmp_path / "resumed", **kwargs)
+    monkeypatch.setattr(SqueezeLLM, "quantize_block", original)
+    resumed = lpq.quantize(make_model("llama"), tmp_path / "resumed", resume=True, **kwargs)
+    a = {n: m for n, m in whole.model.named_modules() if hasattr(m, "quantized_weight")}
+    b = {n: m for n, m in resumed.model.named_modules() if hasattr(m, "quantized_weight")}
+    assert a.keys() == b.keys() and len(a) == 14
+    for name in a:
+        assert a[name].spec.options["nnz"] == b[name].spec.options["nnz"], name
+        assert torch.equal(a[name].dequantize(), b[name].dequantize()), name
+    x = torch.randint(3, 100, (1, 16))  # both saved checkpoints load and give the same logits
+    logits = [lpq.load(tmp_path / d, device="cpu")(x).logits for d in ("whole", "resumed")]
+    assert torch.equal(logits[0], logits[1])

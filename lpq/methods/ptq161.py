@@ -35,7 +35,6 @@ and the merged model is what the block-wise PTQ then quantizes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any
@@ -46,9 +45,8 @@ from torch import nn
 
 from ..errors import LpqError, SpecError
 from ..formats import QuantizedWeight
-from ..formats.ptq161 import BINARY_ALIGN, SALIENT_ALIGN, SALIENT_BITS, binarized, pack_ptq161
+from ..formats.ptq161 import BINARY_ALIGN, SALIENT_ALIGN, SALIENT_BITS, binarized, pack_ptq161, spec_salient
 from ..quant import fit_minmax
-from ..spec import QuantSpec
 from . import Method, Observer, register_method
 
 log = logging.getLogger("lpq.ptq161")
@@ -366,7 +364,8 @@ class PTQ161(Method):
             spec = spec.replace(options={**spec.options, "salient": salient_count(k, self.salient_ratio)})
             get_format("ptq161").check_shape(k, n, spec, layer=name)
             run.specs[name] = spec
-        _resumed_specs(run)
+        if hasattr(run, "restore_saved_specs"):
+            run.restore_saved_specs()  # --resume: saved blocks keep their data-dependent specs
         if self.preprocess:
             if run.calib_tokens is None:
                 raise LpqError("ptq161 preprocess needs calibration data")
@@ -409,7 +408,7 @@ class PTQ161(Method):
         for n in ctx.linears:
             spec = ctx.spec(n)
             w = ctx.weight(n)  # [N, K] float32
-            mask = salient_mask(observers.pop(n).value(), spec_salient_of(spec))
+            mask = salient_mask(observers.pop(n).value(), spec_salient(spec))
             codes, scale, zero = quantize_salient(w[:, mask])
             mu, signs, alpha = init_binary(w[:, ~mask])
             layers[n] = {
@@ -509,29 +508,3 @@ class PTQ161(Method):
 
     def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
         raise LpqError("ptq161 quantizes whole blocks (block-wise optimisation); it has no per-layer path")
-
-
-def spec_salient_of(spec: QuantSpec) -> int:
-    return int((spec.options or {}).get("salient", 0) or 0)
-
-
-def _resumed_specs(run) -> None:
-    """With --resume, blocks loaded from the work directory keep the specs they were saved with."""
-    opts = getattr(run, "opts", None)
-    if opts is None or not opts.resume or opts.work_dir is None:
-        return
-    from safetensors import safe_open
-
-    for i in range(len(run.blocks)):
-        path = run._block_file(i)
-        if path is None or not path.is_file():
-            continue
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:
-            continue  # the driver reports a damaged block file itself
-        for name, m in meta.items():
-            qualified = f"{run.blocks_name}.{i}.{name}"
-            if qualified in run.specs:
-                run.specs[qualified] = QuantSpec.from_dict(json.loads(m)["spec"])

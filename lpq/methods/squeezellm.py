@@ -14,7 +14,6 @@ weights and, with gradient checkpointing, one block's activations per batch.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -328,34 +327,14 @@ class SqueezeLLM(Method):
             # the saved config rebuilds each module from its spec: the format is squeezellm, per row
             run.specs[name] = spec.replace(format="squeezellm", group_size=-1, act_order=False,
                                            options={**(spec.options or {}), **self._record()})
-        self._resumed_specs(run)
+        if hasattr(run, "restore_saved_specs"):
+            run.restore_saved_specs()  # --resume: saved blocks keep their data-dependent specs
         if self.fisher:
             if run.calib_tokens is None:
                 raise LpqError("squeezellm needs calibration data for its Fisher sensitivities (or fisher=False)")
             log.info("squeezellm: Fisher sensitivities over %d sequences", run.calib_tokens.shape[0])
             self._fisher = fisher_diagonal(run.model, run.calib_tokens, list(run.specs), run.device,
                                            getattr(run.opts, "calib_batch_size", 1))
-
-    def _resumed_specs(self, run) -> None:
-        """With --resume, blocks loaded from the work directory keep the specs (nnz) they were saved with."""
-        opts = getattr(run, "opts", None)
-        if opts is None or not opts.resume or opts.work_dir is None:
-            return
-        from safetensors import safe_open
-
-        for i in range(len(run.blocks)):
-            path = run._block_file(i)
-            if path is None or not path.is_file():
-                continue
-            try:
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata() or {}
-            except Exception:
-                continue  # the driver reports a damaged block file itself
-            for name, m in meta.items():
-                qualified = f"{run.blocks_name}.{i}.{name}"
-                if qualified in run.specs:
-                    run.specs[qualified] = QuantSpec.from_dict(json.loads(m)["spec"])
 
     def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
         check_bits(spec, name)
