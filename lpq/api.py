@@ -193,6 +193,12 @@ def quantize(
     seconds["load"] = time.perf_counter() - t0
     model_dtype = next(loaded.parameters()).dtype
 
+    if mixed is not None:  # a budget below the floor is refused now, not after minutes of calibration
+        from .mixed.plan import precheck_budget
+
+        precheck_budget(loaded, spec, bits=budget_bits, target_size=target_size, candidates=candidates,
+                        ignore=ignore, overrides=overrides)
+
     calib_record = None
     tokens = None
     work_dir = _work_dir(out_path) if out_path is not None else None

@@ -266,6 +266,7 @@ def test_cli_mixed_refusals(llama_dir, tmp_path, capsys, text_file):
                        "--seqlen", "32", "--out", str(tmp_path / "c"))
     assert_one_line_error(code, err, "floor", "--bits")
     assert not (tmp_path / "c").exists()
+    assert not (tmp_path / ".c.lpq-partial").exists()  # refused before any work: nothing to resume
 
 
 @pytest.mark.parametrize("kind,method", [("fisher", "rtn"), ("gptq", "gptq")])

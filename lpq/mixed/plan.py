@@ -211,6 +211,33 @@ def usable_sensitivity(values: dict[str, float], floor: float = 1e-6) -> dict[st
     return {n: max(v, floor * top) for n, v in values.items()}
 
 
+def _below_floor(budget: Budget, floor: int, weights: int, smallest: list[str]) -> SpecError:
+    return SpecError(
+        f"a budget of {budget.label} is below the {', '.join(smallest)} floor (every layer at its smallest "
+        f"width: {8 * floor / weights:.3f} bits per weight, {floor} bytes, scales and zeros counted): "
+        f"raise --bits to at least {math.ceil(1000 * 8 * floor / weights) / 1000:.3f} or --target-size to {floor}"
+    )
+
+
+def check_floor(specs: dict[str, QuantSpec], shapes: dict[str, tuple[int, int]],
+                per_layer: dict[str, list[tuple[int, int]]], budget: Budget) -> None:
+    """Refuse a budget below the floor before any costly pass: the bytes of each candidate follow from its
+    shape alone (a data-dependent sparse part only adds bytes, so this floor is a lower bound)."""
+    from .cost import candidate_spec, fits, spec_bytes
+
+    floor, smallest = 0, set()
+    for n, spec in specs.items():
+        k, o = shapes[n]
+        sizes = [(spec_bytes(candidate_spec(spec, b, g), k, o), (b, g)) for b, g in per_layer[n]
+                 if fits(candidate_spec(spec, b, g), k, o)]
+        if sizes:
+            size, key = min(sizes)
+            floor += size
+            smallest.add(_label(*key))
+    if floor > budget.bytes:
+        raise _below_floor(budget, floor, sum(k * o for k, o in shapes.values()), sorted(smallest))
+
+
 def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: list[list[str]] = (),
                   max_cells: int = 200_000) -> MixedPlan:
     """Solve min Σ Ω_i·Δ_i(c_i) (Ω from :func:`usable_sensitivity`) s.t. Σ bytes_i(c_i) ≤ budget; refuse a budget below the floor."""
@@ -220,11 +247,7 @@ def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: lis
     if floor > budget.bytes:
         smallest = sorted({_label(*min(costs.layers[n].options, key=lambda k: costs.layers[n].options[k]["bytes"]))
                            for n in names})
-        raise SpecError(
-            f"a budget of {budget.label} is below the {', '.join(smallest)} floor (every layer at its smallest "
-            f"width: {8 * floor / weights:.3f} bits per weight, {floor} bytes, scales and zeros counted): "
-            f"raise --bits to at least {math.ceil(1000 * 8 * floor / weights) / 1000:.3f} or --target-size to {floor}"
-        )
+        raise _below_floor(budget, floor, weights, smallest)
     omega = usable_sensitivity(sens.values)
     options = {n: {key: (int(o["bytes"]), omega[n] * float(o["delta"]))
                    for key, o in costs.layers[n].options.items()} for n in names}
@@ -238,6 +261,23 @@ def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: lis
     return MixedPlan(budget.bytes, budget.label, sens.kind, costs.method, layers, alloc.objective, alloc.lower_bound,
                      alloc.exact, alloc.cell, [list(t) for t in ties], sens.stability(),
                      {"sensitivity": sens.seconds, "costs": costs.seconds}, costs.how)
+
+
+def _layers_and_budget(model, spec: QuantSpec, bits, target_size, candidates, ignore, overrides):
+    """-> (name -> base spec, name -> (in, out), name -> candidate widths, the budget)."""
+    cands = parse_candidates(candidates, spec.group_size)
+    base = spec.replace(bits=min(b for b, _ in cands), group_size=cands[0][1])
+    specs, shapes, pinned = quantized_layers(model, base, ignore, overrides)
+    budget = make_budget(bits, target_size, sum(k * n for k, n in shapes.values()))
+    per_layer = {n: ([(s.bits, s.group_size)] if n in pinned else cands) for n, s in specs.items()}
+    return specs, shapes, per_layer, budget
+
+
+def precheck_budget(model, spec: QuantSpec, *, bits=None, target_size=None, candidates=None, ignore=(),
+                    overrides=None) -> None:
+    """Refuse a budget that no plan can meet, in a second, before calibration data or any pass."""
+    specs, shapes, per_layer, budget = _layers_and_budget(model, spec, bits, target_size, candidates, ignore, overrides)
+    check_floor(specs, shapes, per_layer, budget)
 
 
 def plan_mixed(
@@ -261,12 +301,8 @@ def plan_mixed(
     """The whole planning step on an unquantized model (left as found): layers, costs, sensitivity,
     allocation. ``tokens`` [S, L] are the windows the sensitivity and GPTQ's costs are measured on."""
     check_kind(sensitivity)
-    cands = parse_candidates(candidates, spec.group_size)
-    base = spec.replace(bits=min(b for b, _ in cands), group_size=cands[0][1])
-    specs, shapes, pinned = quantized_layers(model, base, ignore, overrides)
-    weights = sum(k * n for k, n in shapes.values())
-    budget = make_budget(bits, target_size, weights)
-    per_layer = {n: ([(s.bits, s.group_size)] if n in pinned else cands) for n, s in specs.items()}
+    specs, shapes, per_layer, budget = _layers_and_budget(model, spec, bits, target_size, candidates, ignore, overrides)
+    check_floor(specs, shapes, per_layer, budget)  # before the passes that take minutes
     fisher_diag = None
     method_options = dict(method_options or {})
     if spec.method == "squeezellm" and method_options.get("fisher", True) not in (False, "false", "0", 0):
