@@ -42,6 +42,18 @@ class Kernel:
         raise NotImplementedError
 
 
+def cuda_input_problem(x: torch.Tensor) -> str | None:
+    """Why lpq's CUDA kernels cannot take input ``x`` (not on a GPU, not fp16/bf16, a GPU older than sm_80), or None."""
+    if not x.is_cuda:
+        return f"input is on {x.device.type}, not CUDA"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"activations are {x.dtype}; the CUDA kernels take float16 or bfloat16"
+    major, _ = torch.cuda.get_device_capability(x.device)
+    if major < 8:
+        return f"compute capability {major}.x < 8.0"
+    return None
+
+
 def register_kernel(kernel: Kernel) -> Kernel:
     _KERNELS.append(kernel)
     _KERNELS.sort(key=lambda k: -k.priority)

@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import Kernel, cuda_build, register_kernel
+from . import Kernel, cuda_build, cuda_input_problem, register_kernel
 
 log = logging.getLogger("lpq.kernels")
 
@@ -108,15 +108,11 @@ class PTQ161CudaKernel(Kernel):
         reason = super().why_not(layer, x)
         if reason:
             return reason
-        if not x.is_cuda:
-            return f"input is on {x.device.type}, not CUDA"
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            return f"activations are {x.dtype}; the CUDA kernel takes float16 or bfloat16"
+        reason = cuda_input_problem(x)
+        if reason:
+            return reason
         if x.shape[-1] != layer.in_features:
             return f"input has {x.shape[-1]} features, the layer {layer.in_features}"
-        major, _ = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            return f"compute capability {major}.x < 8.0"
         if not load():
             return f"CUDA extension unavailable: {_state['reason']}"
         return None

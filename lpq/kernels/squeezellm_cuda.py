@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.packing import unpack_rows
-from . import Kernel, register_kernel
+from . import Kernel, cuda_input_problem, register_kernel
 from . import cuda_build
 
 STATE_KEY = "squeezellm_cuda"
@@ -213,10 +213,9 @@ class SqueezeLLMCudaKernel(Kernel):
         reason = super().why_not(layer, x)
         if reason:
             return reason
-        if not x.is_cuda:
-            return f"input is on {x.device.type}, not CUDA"
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            return f"activations are {x.dtype}; the CUDA kernels take float16 or bfloat16"
+        reason = cuda_input_problem(x)
+        if reason:
+            return reason
         if layer.spec.bits not in BITS:
             return f"bits={layer.spec.bits} not supported (2, 3, 4)"
         k = layer.in_features
@@ -226,9 +225,6 @@ class SqueezeLLMCudaKernel(Kernel):
             return f"in_features={k} is too large (below {MAX_K})"
         if x.shape[-1] != k:
             return f"input has {x.shape[-1]} features, the layer {k}"
-        major, _ = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            return f"compute capability {major}.x < 8.0"
         if not cuda_build.load_lut():
             return f"CUDA extension unavailable: {cuda_build.lut_failure_reason()}"
         return None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.packing import unpack_cols, unpack_rows
-from . import Kernel, register_kernel
+from . import Kernel, cuda_input_problem, register_kernel
 from . import cuda_build
 
 STATE_KEY = "uniform_cuda"
@@ -182,10 +182,9 @@ class UniformCudaKernel(Kernel):
         reason = super().why_not(layer, x)
         if reason:
             return reason
-        if not x.is_cuda:
-            return f"input is on {x.device.type}, not CUDA"
-        if x.dtype not in (torch.float16, torch.bfloat16):
-            return f"activations are {x.dtype}; the CUDA kernels take float16 or bfloat16"
+        reason = cuda_input_problem(x)
+        if reason:
+            return reason
         spec = layer.spec
         if spec.bits not in (2, 3, 4, 8):
             return f"bits={spec.bits} not supported (2, 3, 4, 8)"
@@ -205,9 +204,6 @@ class UniformCudaKernel(Kernel):
                 layer.__dict__["_lpq_gidx_ok"] = ok
             if not ok:
                 return "g_idx does not give every group group_size columns (cannot reorder the input)"
-        major, _ = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            return f"compute capability {major}.x < 8.0"
         if not cuda_build.load():
             return f"CUDA extension unavailable: {cuda_build.failure_reason()}"
         return None
