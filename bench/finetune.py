@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lpq import api, evaluate  # noqa: E402
 from lpq.finetune import finetune  # noqa: E402
 from lpq.inspect import inspect as inspect_dir  # noqa: E402
-from results_io import device_name, versions, write_records, write_section  # noqa: E402
+from results_io import BENCH, device_name, versions, write_records, write_section  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 
@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows of 2048 (default: all)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default=None,
+                    help="folder for the GPTQ models and fine-tune outputs (kept: a later run reuses the GPTQ models)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the records an earlier run of the same --name saved; run only what is missing")
     ap.add_argument("--name", default="finetune-smollm2")
     ap.add_argument("--section", default="QAT fine-tuning: SmolLM2-135M, GPTQ w3/w2 + LoRA-QAT")
     args = ap.parse_args()
@@ -67,31 +71,50 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     gpu = device_name(str(dev))
     text = evaluate.load_eval_text(args.text)
-    work = Path(tempfile.mkdtemp(prefix="lpq-ft-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lpq-ft-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    old = BENCH / "results" / f"{args.name}.json"
+    kept = json.loads(old.read_text()) if args.resume and old.is_file() else []
     t_all = time.perf_counter()
 
     fp_model, tokenizer = api.load_any(args.model, str(dev))
     fp_ppl = evaluate.perplexity(fp_model, tokenizer, text, 2048, args.windows).perplexity
     del fp_model
     print(json.dumps({"fp_perplexity": fp_ppl}), flush=True)
+    n_windows = evaluate.eval_windows(tokenizer, text, 2048, args.windows).shape[0]
+    kept = [r for r in kept if r["windows"] == n_windows and r["data"] == Path(args.data).name]
 
     records = []
     for width in args.widths.split(","):
         bits, group = (int(v) for v in width.split(":"))
+        todo = []
+        for optim in args.optims.split(","):
+            key = _key(bits, group, optim, args)
+            prev = [r for r in kept if _key(r["bits"], r["group_size"], r["optim"], None, r) == key]
+            if prev:
+                records.append(prev[-1])
+            else:
+                todo.append(optim)
+        if not todo:
+            continue
         qdir = work / f"gptq-w{bits}-g{group}"
         t0 = time.perf_counter()
-        api.quantize(args.model, qdir, method="gptq", bits=bits, group_size=group, act_order=True,
-                     method_options={"mse": True}, calib=args.calib, nsamples=args.nsamples, seqlen=args.calib_seqlen,
-                     device=str(dev))
-        quant_s = time.perf_counter() - t0
-        for optim in args.optims.split(","):
+        if not (qdir / "config.json").is_file():
+            api.quantize(args.model, qdir, method="gptq", bits=bits, group_size=group, act_order=True,
+                         method_options={"mse": True}, calib=args.calib, nsamples=args.nsamples,
+                         seqlen=args.calib_seqlen, device=str(dev))
+            quant_s = time.perf_counter() - t0
+        else:
+            quant_s = None  # made by an earlier run of this script (--work)
+        for optim in todo:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             out = work / f"ft-w{bits}-g{group}-{optim}"
             res = finetune(qdir, args.data, out, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
                            batch=args.batch, seqlen=args.seqlen, optim=optim, state_bits=args.state_bits,
-                           variant=args.variant, device=str(dev), eval_text=args.text, eval_windows=args.windows)
+                           variant=args.variant, device=str(dev), eval_text=args.text, eval_windows=args.windows,
+                           overwrite=True)
             p = res.perplexity
             gap = p["before"] - fp_ppl
             rec = {
@@ -101,7 +124,7 @@ def main() -> None:
                 "bpw": inspect_dir(out)["bpw"], "bpw_before": inspect_dir(qdir)["bpw"],
                 "fp_perplexity": fp_ppl, "perplexity_before": p["before"], "perplexity_unmerged": p["unmerged"],
                 "perplexity": p["merged"], "recovered": (p["before"] - p["merged"]) / gap if gap > 0 else None,
-                "windows": evaluate.eval_windows(tokenizer, text, 2048, args.windows).shape[0], "seqlen": 2048,
+                "windows": n_windows, "seqlen": 2048,
                 "steps": args.steps, "batch": args.batch, "train_seqlen": args.seqlen, "lr": args.lr,
                 "train_tokens": res.tokens, "train_s": res.train_seconds, "tokens_per_s": res.tokens_per_s,
                 "state_bytes": res.state_bytes, "trainable_params": res.trainable_params,
@@ -111,12 +134,15 @@ def main() -> None:
             }
             records.append(rec)
             print(json.dumps(rec), flush=True)
+            write_records(args.name, records + [r for r in kept if r not in records])  # a cut run keeps what it did
     total_s = time.perf_counter() - t_all
-
+    records += [r for r in kept if r not in records]  # earlier runs of other widths/optimizers stay in the table
+    records.sort(key=lambda r: (-r["bits"], r["group_size"], r["optim"] != "adamw"))
     write_records(args.name, records)
     adam = {(r["bits"], r["group_size"]): r for r in records if r["optim"] == "adamw"}
     lines = [
-        f"{gpu}; {versions()}; date {date}; whole script {total_s:.0f} s.",
+        f"{gpu}; {versions()}; date {date}; this run of the script {total_s:.0f} s"
+        + (" (records of earlier runs kept by --resume)." if kept else "."),
         f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.",
         f"GPTQ (act-order + mse grid, {args.nsamples}x{args.calib_seqlen} windows of wiki.valid), then LoRA-QAT "
         f"({args.variant}: LoRA rank {args.lora_rank} + learned fp16 step sizes on frozen codes) for {args.steps} steps of "
@@ -141,6 +167,15 @@ def main() -> None:
             f"{r['tokens_per_s']:,.0f} | {r['train_s']:.0f} | {r['peak_mem_gb']:.1f} |"
         )
     write_section(args.section, "\n".join(lines))
+
+
+def _key(bits, group, optim, args, rec=None):
+    """What makes two records the same run: width, optimizer (SOLO's state bits), variant, steps, rank."""
+    if rec is not None:
+        return (bits, group, optim, rec["state_bits"] if optim == "solo" else 32, rec["options"].split(",")[2],
+                rec["steps"], rec["options"].split(",")[3], rec["batch"], rec["train_seqlen"], rec["lr"])
+    return (bits, group, optim, args.state_bits if optim == "solo" else 32, args.variant, args.steps,
+            f"rank{args.lora_rank}", args.batch, args.seqlen, args.lr)
 
 
 if __name__ == "__main__":

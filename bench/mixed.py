@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0", help="average bits per weight, overheads counted")
     ap.add_argument("--kinds", default="hutchinson,fisher,gptq", help="sensitivity kinds to compare")
+    ap.add_argument("--compare-at", default=None,
+                    help="budgets at which the kinds after the first are run too (default: every budget)")
     ap.add_argument("--uniform", default="2:64,3:128,4:128", help="uniform BITS:GROUP runs for comparison")
     ap.add_argument("--candidates", default="2:64,3:128,4:128,8:128", help="widths the allocator chooses from")
     ap.add_argument("--tie", action="append", default=[], help="layer endings sharing a width, e.g. q_proj,k_proj,v_proj")
@@ -89,6 +91,7 @@ def main() -> None:
     options = {k: True for k, on in (("mse", args.mse),) if on}
     budgets = [float(b) for b in args.budgets.split(",") if b]
     kinds = [k for k in args.kinds.split(",") if k]
+    compare_at = None if args.compare_at is None else {float(b) for b in args.compare_at.split(",") if b}
     cands = parse_candidates(args.candidates, 128)
     calib_label = f"{args.calib_label} {args.nsamples}x{args.seqlen}"
     dev_label = f"{device_name(str(dev))} {str(dtype).replace('torch.', '')}"
@@ -161,6 +164,8 @@ def main() -> None:
     seen: dict[str, int] = {}
     for budget in budgets:
         for kind in kinds:
+            if kind != kinds[0] and compare_at is not None and budget not in compare_at:
+                continue
             try:
                 plan = allocate_plan(sens[kind], costs, make_budget(budget, None, weights),
                                      tie_groups_for(names, args.tie))
@@ -301,6 +306,20 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
             line = _interp(r["bpw"], (w2["bpw"], w2["perplexity"]), (w3["bpw"], w3["perplexity"]))
             lines.append(f"- budget 2.5, {r['sensitivity']}: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw against "
                          f"{line:.2f} on the w2-w3 line: {'met' if r['perplexity'] < line else 'not met'}")
+    # no target at the other budgets: each mixed run against the straight line between the uniform runs around it
+    ladder = sorted((r for r in records if r["series"].startswith("uniform")), key=lambda r: r["bpw"])
+    others = [r for r in records if r.get("budget") not in (None, 2.5, 3.0)]
+    if others and len(ladder) >= 2:
+        lines += ["", "Other budgets (no target; against the straight line between the uniform runs around them):", ""]
+    for r in others if len(ladder) >= 2 else []:
+        lo = max((u for u in ladder if u["bpw"] <= r["bpw"]), key=lambda u: u["bpw"], default=ladder[0])
+        hi = min((u for u in ladder if u["bpw"] > r["bpw"]), key=lambda u: u["bpw"], default=ladder[-1])
+        if lo is hi:
+            lo, hi = ladder[-2], ladder[-1]
+        line = _interp(r["bpw"], (lo["bpw"], lo["perplexity"]), (hi["bpw"], hi["perplexity"]))
+        lines.append(f"- budget {r['budget']:g}, {r['sensitivity']}: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw; "
+                     f"the {lo['label']}-{hi['label']} line gives {line:.2f} there "
+                     f"({'below' if r['perplexity'] < line else 'above'} it)")
     lines += ["", "Sensitivity pass (the time to measure Ω; the per-width costs took "
               f"{costs.seconds:.1f} s more): how the estimates settle — samples (probes for Hutchinson, windows for "
               "Fisher) until each layer's running mean stays within 10 % of its final value, and the rank agreement "

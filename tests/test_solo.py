@@ -162,3 +162,29 @@ def test_state_dict_resume_is_exact():
 def test_bad_bits():
     with pytest.raises(LpqError, match="state-bits 5"):
         SOLO([torch.nn.Parameter(torch.zeros(4))], bits=5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_one_flat_group_equals_an_optimizer_per_tensor(bits):
+    """The group's tensors share one flat state, padded per tensor to whole blocks: every tensor must
+    move exactly as under its own SOLO, including a tensor without a gradient in some steps (it keeps
+    its states and its step count) and a tensor small enough for fp32 states."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(7, 50), (64,), (3, 3), (40, 33)]  # 350, 64, 9 (fp32 states), 1320 entries
+    together = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    alone = [torch.nn.Parameter(t.detach().clone()) for t in together]
+    kw = dict(lr=1e-2, bits=bits, min_quant_numel=32, block_size=64, weight_decay=0.1)
+    opt = SOLO(together, **kw)
+    single = [SOLO([p], **kw) for p in alone]
+    for step in range(6):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for i, (a, b) in enumerate(zip(together, alone)):
+            skip = i == 1 and step in (2, 3)
+            a.grad = None if skip else grads[i].clone()
+            b.grad = None if skip else grads[i].clone()
+        opt.step()
+        for o, b in zip(single, alone):
+            if b.grad is not None:
+                o.step()
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -143,6 +143,39 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # the optimizer
 # ---------------------------------------------------------------------------------------------------
+class _Flat:
+    """Tensors laid end to end, each padded to a whole number of blocks: the flat state of one group."""
+
+    def __init__(self, params: list, quantized: bool, block: int) -> None:
+        self.params, self.quantized = params, quantized
+        self.sizes = [p.numel() for p in params]
+        self.padded = [-(-k // block) * block for k in self.sizes]
+        self.numel = sum(self.padded)
+        self._seg: dict[str, torch.Tensor] = {}
+
+    def segment_ids(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._seg:
+            self._seg[key] = torch.repeat_interleave(torch.arange(len(self.sizes), device=device),
+                                                     torch.tensor(self.padded, device=device))
+        return self._seg[key]
+
+    def gather(self, grads: list) -> torch.Tensor:
+        """Per-tensor gradients (None: zeros) -> [numel] fp32 with zero padding; one concatenation."""
+        dev = self.params[0].device
+        pieces = []
+        for g, k, kp in zip(grads, self.sizes, self.padded):
+            pieces.append(torch.zeros(kp, device=dev) if g is None else g.reshape(-1).float())
+            if g is not None and kp > k:
+                pieces.append(torch.zeros(kp - k, device=dev))
+        return torch.cat(pieces)
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """[numel] -> a view of each tensor's entries, in its shape."""
+        return [part[:k].view(p.shape) for part, k, p in zip(flat.split(self.padded), self.sizes, self.params)]
+
+
+# ---------------------------------------------------------------------------------------------------
 class SOLO(torch.optim.Optimizer):
     """AdamW with ``bits``-bit moment states (see the module docstring).
 
@@ -166,6 +199,7 @@ class SOLO(torch.optim.Optimizer):
         self.bits, self.block_size, self.min_quant_numel = bits, block_size, min_quant_numel
         self.stochastic, self.stochastic_m, self.seed = stochastic, stochastic_m, seed
         self._generators: dict[str, torch.Generator] = {}
+        self._flat: dict[int, tuple] = {}  # group index -> (the group's tensors, their flat layouts)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -178,53 +212,78 @@ class SOLO(torch.optim.Optimizer):
     def _quantized(self, p: torch.Tensor) -> bool:
         return p.numel() >= self.min_quant_numel
 
+    # -- the step: one flat pass per parameter group -------------------------------------------------
+    # A LoRA fine-tune has hundreds of small trainable tensors; quantizing each one's states on its own
+    # costs ~700 tensor operations per tensor per step (launch-bound on a GPU: seconds per step). So the
+    # tensors of a group are laid end to end, each padded to whole blocks (a block never spans two
+    # tensors, so the numbers are exactly those of a per-tensor SOLO), and the states of the whole
+    # group are updated and re-quantized at once. The flat states live in the state of the group's
+    # first tensor of each kind (low-bit, or fp32 for tensors under ``min_quant_numel``).
+    def _layouts(self, gi: int, group: dict) -> list[_Flat]:
+        key = (gi, tuple(id(p) for p in group["params"]))
+        if self._flat.get(gi, (None,))[0] != key:
+            quant = [p for p in group["params"] if self._quantized(p)]
+            plain = [p for p in group["params"] if not self._quantized(p)]
+            self._flat[gi] = (key, [_Flat(ps, True, self.block_size) for ps in (quant,) if ps]
+                              + [_Flat(ps, False, self.block_size) for ps in (plain,) if ps])
+        return self._flat[gi][1]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        bits, block = self.bits, self.block_size
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                state = self.state[p]
-                n = p.numel()
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    if self._quantized(p):
-                        state["m_absmax"] = None
-                    else:
-                        state["m"] = torch.zeros_like(p, dtype=torch.float32)
-                        state["v"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = int(state["step"].item())
-                if "m" in state:
-                    m, v = state["m"], state["v"]
-                elif state.get("m_absmax") is None:  # first step of a quantized state
-                    m = torch.zeros(n, device=p.device)
-                    v = torch.zeros(n, device=p.device)
-                else:
-                    m = dequantize_signed(unpack_codes(state["m_codes"], bits), state["m_absmax"], bits, block, n)
-                    v = dequantize_log(unpack_codes(state["v_codes"], bits), state["v_lo"], state["v_hi"], bits, block, n)
-                m = m.view_as(g).mul_(beta1).add_(g, alpha=1 - beta1)
-                v = v.view_as(g).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                m_hat = m / (1 - beta1 ** t)
-                v_hat = v / (1 - beta2 ** t)
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_((m_hat / (v_hat.sqrt() + group["eps"])).to(p.dtype), alpha=-group["lr"])
-                if "m" in state:
-                    continue
-                gen = self._generator(p.device)
-                mc, absmax = quantize_signed(m.reshape(-1), bits, block, self.stochastic_m, gen)
-                vc, lo, hi = quantize_log(v.reshape(-1), bits, block, self.stochastic, gen)
-                state["m_codes"], state["m_absmax"] = pack_codes(mc, bits), absmax
-                state["v_codes"], state["v_lo"], state["v_hi"] = pack_codes(vc, bits), lo, hi
+        for gi, group in enumerate(self.param_groups):
+            for flat in self._layouts(gi, group):
+                self._step_flat(flat, group)
         return loss
+
+    def _step_flat(self, flat: _Flat, group: dict) -> None:
+        bits, block = self.bits, self.block_size
+        beta1, beta2 = group["betas"]
+        params = flat.params
+        has = [p.grad is not None for p in params]
+        if not any(has):
+            return
+        dev = params[0].device
+        state = self.state[params[0]]
+        n = flat.numel
+        if "steps" not in state:
+            state["steps"] = torch.zeros(len(params), device=dev)
+            m = torch.zeros(n, device=dev)
+            v = torch.zeros(n, device=dev)
+        elif flat.quantized:
+            m = dequantize_signed(unpack_codes(state["m_codes"], bits), state["m_absmax"], bits, block, n)
+            v = dequantize_log(unpack_codes(state["v_codes"], bits), state["v_lo"], state["v_hi"], bits, block, n)
+        else:
+            m, v = state["m"], state["v"]
+        g = flat.gather([p.grad if h else None for p, h in zip(params, has)])  # [n] fp32, zero padding
+        seg = flat.segment_ids(dev)  # [n]: which tensor each entry belongs to
+        stepped = torch.tensor(has, device=dev)
+        state["steps"] += stepped
+        t = state["steps"][seg]  # [n] each entry's own step count (tensors without a gradient keep theirs)
+        new_m = m * beta1 + g * (1 - beta1)
+        new_v = v * beta2 + g * g * (1 - beta2)
+        if all(has):
+            m, v = new_m, new_v
+        else:
+            mask = stepped[seg]
+            m, v = torch.where(mask, new_m, m), torch.where(mask, new_v, v)
+        update = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
+        live = [p for p, h in zip(params, has) if h]
+        parts = [u.to(p.dtype) for u, p, h in zip(flat.split(update), params, has) if h]
+        if group["weight_decay"]:
+            torch._foreach_mul_(live, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(live, parts, alpha=-group["lr"])
+        if not flat.quantized:
+            state["m"], state["v"] = m, v
+            return
+        gen = self._generator(dev)
+        mc, absmax = quantize_signed(m, bits, block, self.stochastic_m, gen)
+        vc, lo, hi = quantize_log(v, bits, block, self.stochastic, gen)
+        state["m_codes"], state["m_absmax"] = pack_codes(mc, bits), absmax
+        state["v_codes"], state["v_lo"], state["v_hi"] = pack_codes(vc, bits), lo, hi
 
     # -- memory and checkpoints ----------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -232,7 +291,7 @@ class SOLO(torch.optim.Optimizer):
         total = 0
         for state in self.state.values():
             for k, v in state.items():
-                if k != "step" and isinstance(v, torch.Tensor):
+                if k != "steps" and isinstance(v, torch.Tensor):
                     total += v.numel() * v.element_size()
         return total
 
