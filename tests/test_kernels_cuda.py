@@ -18,6 +18,7 @@ import lpq.kernels as K
 from lpq.errors import LpqError
 from lpq.formats.uniform import UNIFORM, pack_uniform
 from lpq.kernels import cuda_build, uniform_cuda
+from lpq.kernels.w3_layout import W3_SLOTS, W3_SPARE_BITS
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
 
@@ -103,7 +104,16 @@ def decode_repacked(st: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             w = words[..., p // 2]
             i = p % 2
             lo, hi = (w >> (8 * i)) & 255, (w >> (8 * i + 16)) & 255
-        else:
+        elif st["w3_layout"] == "fields":  # 3 bits: five fields + a spare bit per half (w3_layout.py)
+            base, i = 3 * (p // 16), p % 16
+            if i < 15:
+                word, shift, pos = W3_SLOTS[i]
+                w = words[..., base + word]
+                lo, hi = (w >> (shift + pos)) & 7, (w >> (shift + pos + 16)) & 7
+            else:
+                lo = sum(((words[..., base + b] >> bit) & 1) << b for b, bit in enumerate(W3_SPARE_BITS))
+                hi = sum(((words[..., base + b] >> (bit + 16)) & 1) << b for b, bit in enumerate(W3_SPARE_BITS))
+        else:  # 3 bits, LPQ_W3_LAYOUT=planes
             w = words[..., p // 8]
             sh = 2 * (p % 8)
             h = words[..., 4 + p // 16]

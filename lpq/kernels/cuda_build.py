@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .w3_layout import W3_LAYOUT
+
 log = logging.getLogger("lpq.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -50,11 +52,13 @@ def _cache_dir(tag: str) -> Path:
     return root
 
 
-def _source_hash(arch: str, files: list[str] | None = None) -> str:
+def _source_hash(arch: str, files: list[str] | None = None, defines: list[str] | None = None) -> str:
     h = hashlib.sha256()
     for name in files or SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
+    for d in defines or []:
+        h.update(d.encode())
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
     h.update(arch.encode())
@@ -117,14 +121,16 @@ def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: 
 
     sources = sources or SOURCES
     arch, gencode = _arch_flags()
-    tag = _source_hash(arch, sources + (headers or HEADERS))
+    # LPQ_W3_LAYOUT=planes: the earlier 3-bit layout, for comparisons (w3_layout.py; the repack agrees)
+    defines = ["-DLPQ_W3_PLANES=1"] if prefix == "lpq_cuda" and W3_LAYOUT == "planes" else []
+    tag = _source_hash(arch, sources + (headers or HEADERS), defines)
     build_dir = _cache_dir(f"{arch}-{tag}" if prefix == "lpq_cuda" else f"{prefix}-{arch}-{tag}")
     os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
     cpp_extension.load(
         name=f"{prefix}_{tag}",
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", *gencode, "-lineinfo"],
+        extra_cuda_cflags=["-O3", "-std=c++17", *gencode, "-lineinfo", *defines],
         extra_include_paths=[str(CSRC)],
         build_directory=str(build_dir),
         is_python_module=False,

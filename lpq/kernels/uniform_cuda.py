@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..formats.packing import unpack_cols, unpack_rows
 from . import Kernel, cuda_input_problem, register_kernel
 from . import cuda_build
+from .w3_layout import W3_LAYOUT, pack_w3_fields
 
 STATE_KEY = "uniform_cuda"
 _SLICE = 4096  # output features repacked at a time (bounds the temporary memory of prepare)
@@ -44,8 +45,9 @@ def _to_int32(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
-def _pack_lane_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
-    """c [..., 32 pairs, 2] codes of one lane in one chunk -> [..., 2*bits] words (int64, unsigned)."""
+def _pack_lane_codes(c: torch.Tensor, bits: int, w3_layout: str = W3_LAYOUT) -> torch.Tensor:
+    """c [..., 32 pairs, 2] codes of one lane in one chunk -> [..., 2*bits] words (int64, unsigned).
+    3 bits: the "fields" layout of w3_layout.py, or the earlier 2-bit + 1-bit planes (LPQ_W3_LAYOUT=planes)."""
     def pairs_to_words(v: torch.Tensor, b: int) -> torch.Tensor:
         ppw = 16 // b  # pairs per word
         v = v.reshape(*v.shape[:-2], v.shape[-2] // ppw, ppw, 2)
@@ -55,6 +57,8 @@ def _pack_lane_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
         return lo | hi
 
     c = c.to(torch.int64)
+    if bits == 3 and w3_layout == "fields":
+        return pack_w3_fields(c)
     if bits == 3:
         return torch.cat([pairs_to_words(c & 3, 2), pairs_to_words(c >> 2, 1)], dim=-1)
     return pairs_to_words(c, bits)
@@ -113,7 +117,7 @@ def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
     sc = sp.view(g, nt, 2, 8).permute(0, 1, 3, 2).contiguous().view(torch.int32).view(g, nt, 8)
     zz = zp.view(g, nt, 2, 8).permute(0, 1, 3, 2).to(torch.uint8).contiguous().view(torch.int16).view(g, nt, 8)
     return {"qw": qw, "sc": sc.contiguous(), "zp": zz.contiguous(), "perm": perm, "fold": fold, "gs": gs,
-            "bits": bits, "n": n, "k": k}
+            "bits": bits, "n": n, "k": k, "w3_layout": W3_LAYOUT if bits == 3 else None}
 
 
 def _fused_max_m() -> int:

@@ -16,8 +16,19 @@
 //
 // Codes of one lane in one chunk: 32 "pairs" P = j*4 + r, two codes each (low half, high half).
 //   bits 2, 4, 8: word P / (16/b) holds pair i = P % (16/b) at bits [b*i, b*i+b) and [16+b*i, ...).
-//   bits 3: words 0..3 hold the low two bits as for bits 2; words 4..5 hold the third bit of pair
-//           i = P % 16 of word 4 + P / 16 at bits i and 16 + i.
+//   bits 3 ("fields" layout, the default): two triples of words, T = P / 16 holding pairs 16T..16T+15 in
+//           its words A = 3T, B = 3T + 1, C = 3T + 2. Every 16-bit half of a word has five whole 3-bit
+//           fields and one spare bit (the same bits in both halves: the low code of a pair in the low
+//           half, the high code 16 bits up). Bits of one half, low to high (i: pair i of the triple):
+//             A: [spare q15.b0 | i0  1-3 | i1  4-6 | i2  7-9 | i3 10-12 | i4 13-15]
+//             B: [i8   0-2 | i9  3-5 | spare q15.b1 @6 | i10 7-9 | i11 10-12 | i12 13-15]
+//             C: [i5   0-2 | i6  3-5 | i7  6-8 | spare q15.b2 @9 | i13 10-12 | i14 13-15]
+//           Pair 15 is the three spare bits. The fp16 decoder reads every field with one mask at bit
+//           0, 3 or 6 of w, w >> 1 or w >> 7 (A), w or w >> 7 (B), w or w >> 7 (C), and the spare bits at
+//           bits 0 / 1 / 2 of A / B >> 5 / C >> 7: 5 shifts per triple, 3 mask positions (W3Slot below).
+//   bits 3 with LPQ_W3_PLANES (the earlier layout, kept for comparison): words 0..3 hold the low two
+//           bits as for bits 2; words 4..5 hold the third bit of pair i = P % 16 of word 4 + P / 16 at
+//           bits i and 16 + i.
 // One chunk of one n-tile is 32 lanes * 2b words, stored as segments of 16 bytes per lane
 // ([seg][lane][4 words]); for 3 bits the last two words form a [lane][2 words] tail.
 //
@@ -100,25 +111,86 @@ __device__ __forceinline__ void load_codes(uint32_t (&w)[2 * BITS], const uint32
   }
 }
 
+// 3-bit "fields" layout (see the top of this file): where pair i (0..14) of a triple sits. The field
+// is bits [shift + pos, shift + pos + 3) of word `word` of the triple (A = 0, B = 1, C = 2), read by the
+// fp16 decoder as the mask at bit `pos` of (w >> shift). Pair 15: the spare bits, bit b of its codes
+// at bit w3_spare_bit(b) of word b (read at bit b of w >> (w3_spare_bit(b) - b)). The CPU emulation in
+// lpq/kernels/w3_layout.py holds the same table (tests/test_w3_layout.py compares the two).
+struct W3Slot {
+  int word, shift, pos;
+};
+// W3_SLOTS_BEGIN
+#define LPQ_W3_SLOTS                                                                                         \
+  {0, 1, 0}, {0, 1, 3}, {0, 1, 6}, {0, 7, 3}, {0, 7, 6}, {2, 0, 0}, {2, 0, 3}, {2, 0, 6}, {1, 0, 0}, {1, 0, 3}, \
+      {1, 7, 0}, {1, 7, 3}, {1, 7, 6}, {2, 7, 3}, {2, 7, 6}
+#define LPQ_W3_SPARE_BITS 0, 6, 9
+// W3_SLOTS_END
+__host__ __device__ constexpr W3Slot w3_slot(int i) {
+  constexpr W3Slot t[15] = {LPQ_W3_SLOTS};
+  return t[i];
+}
+__host__ __device__ constexpr int w3_spare_bit(int b) {
+  constexpr int t[3] = {LPQ_W3_SPARE_BITS};
+  return t[b];
+}
+
+// Pair P (0..31) of a 3-bit lane block as magic + 2^pos * q (fp16/bf16 bits in both halves), pos =
+// w3_pos<P, kAtZero>(). The field pairs keep their mask position (the fp16 fast decoder scales it away
+// in its HFMA2); with kAtZero every field is first shifted to bit 0, as the generic decoder (magic + q,
+// then one subtraction of magic + z) needs. The spare pair is always at bit 0: three LOP3 gather its bits.
+template <int P, bool kAtZero>
+__host__ __device__ constexpr int w3_pos() {
+  return (P % 16 == 15 || kAtZero) ? 0 : w3_slot(P % 16).pos;
+}
+template <int P, bool kAtZero>
+__device__ __forceinline__ uint32_t w3_raw(const uint32_t (&w)[6], uint32_t magic) {
+  constexpr int base = 3 * (P / 16), i = P % 16;
+  if constexpr (i == 15) {
+    static_assert(w3_spare_bit(0) == 0, "spare bit 0 is read in place");
+    constexpr int s1 = w3_spare_bit(1) - 1, s2 = w3_spare_bit(2) - 2;
+    const uint32_t t = lop_and_or(w[base], 0x00010001u, magic);
+    const uint32_t u = lop_and_or(w[base + 1] >> s1, 0x00020002u, t);
+    return lop_and_or(w[base + 2] >> s2, 0x00040004u, u);
+  } else {
+    constexpr W3Slot sl = w3_slot(i);
+    constexpr int shift = kAtZero ? sl.shift + sl.pos : sl.shift;
+    constexpr int pos = w3_pos<P, kAtZero>();
+    const uint32_t v = w[base + sl.word];
+    return lop_and_or(shift ? v >> shift : v, 0x00070007u << pos, magic);
+  }
+}
+
 // The four A registers of k-tile J (values magic + q, not yet zero-shifted).
 template <int BITS, typename T, int J>
 __device__ __forceinline__ void decode_tile(const uint32_t (&w)[2 * BITS], uint32_t (&a)[4]) {
   constexpr uint32_t M = Magic<T>::word;
+#ifndef LPQ_W3_PLANES
+  constexpr bool kFields = BITS == 3;
+#else
+  constexpr bool kFields = false;
+#endif
+  if constexpr (kFields) {
+    static_for<0, 4>([&](auto rc) {
+      constexpr int r = decltype(rc)::value;
+      a[r] = w3_raw<J * 4 + r, true>(w, M);
+    });
+  } else {
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int P = J * 4 + r;
-    if constexpr (BITS == 4) {
-      a[r] = lop_and_or(w[P / 4] >> (4 * (P % 4)), 0x000F000Fu, M);
-    } else if constexpr (BITS == 2) {
-      a[r] = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
-    } else if constexpr (BITS == 3) {
-      uint32_t lo = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
-      const int i = P % 16;  // the third bit sits at bit i: move it to bit 2
-      const uint32_t h = w[4 + P / 16];
-      a[r] = lop_and_or(i >= 2 ? (h >> (i - 2)) : (h << (2 - i)), 0x00040004u, lo);
-    } else {  // 8 bits, fp16 only here: bytes i and i+2 of the word, with 0x64 as high bytes
-      const int i = P % 2;
-      a[r] = __byte_perm(w[P / 2], 0x64646464u, 0x4040 | (i + 2) << 8 | i);
+    for (int r = 0; r < 4; ++r) {
+      const int P = J * 4 + r;
+      if constexpr (BITS == 4) {
+        a[r] = lop_and_or(w[P / 4] >> (4 * (P % 4)), 0x000F000Fu, M);
+      } else if constexpr (BITS == 2) {
+        a[r] = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
+      } else if constexpr (BITS == 3) {  // LPQ_W3_PLANES: a 2-bit plane and a 1-bit plane
+        uint32_t lo = lop_and_or(w[P / 8] >> (2 * (P % 8)), 0x00030003u, M);
+        const int i = P % 16;  // the third bit sits at bit i: move it to bit 2
+        const uint32_t h = w[4 + P / 16];
+        a[r] = lop_and_or(i >= 2 ? (h >> (i - 2)) : (h << (2 - i)), 0x00040004u, lo);
+      } else {  // 8 bits, fp16 only here: bytes i and i+2 of the word, with 0x64 as high bytes
+        const int i = P % 2;
+        a[r] = __byte_perm(w[P / 2], 0x64646464u, 0x4040 | (i + 2) << 8 | i);
+      }
     }
   }
 }
@@ -159,6 +231,61 @@ __device__ __forceinline__ void tile_a(const uint32_t (&w)[2 * BITS], const uint
   }
 }
 
+
+// fp16, 2-, 3- and 4-bit codes: no shift per register. A mask at bit position b*i of a byte gives the fp16
+// 1024 + 2^(b*i) * q (exact, inside the 10 mantissa bits); one HFMA2 with 2^(-b*i) and -(1024/2^(b*i) + z)
+// then yields q - z exactly. Positions i (0 .. 8/b - 1) inside a byte, the byte chosen by one shift
+// per word. off[r][i]: the half2 bits of -(1024/2^(b*i) + z) for row g (r = 0) and g + 8 (r = 1).
+// 3 bits (fields layout): masks at bit 0, 3 or 6 (i = 0, 1, 2) of a word or of one of its shifts
+// (w3_raw): 1024 + 2^6 q <= 1472 stays in [1024, 2048), and so does 2^(10-6) + z inside fast_off.
+template <int BITS> struct FastDecode {
+#ifndef LPQ_W3_PLANES
+  static constexpr bool ok = (BITS == 2 || BITS == 3 || BITS == 4);
+#else
+  static constexpr bool ok = (BITS == 2 || BITS == 4);
+#endif
+  static constexpr int npos = ok ? (BITS == 3 ? 3 : 8 / BITS) : 1;  // mask positions
+};
+template <int BITS>
+__device__ __forceinline__ uint32_t fast_off(uint32_t z, int i) {
+  // fp16 of -(2^(10 - BITS*i) + z): exponent 25 - BITS*i, z at mantissa bit BITS*i; both halves
+  return z * ((1u << (BITS * i)) * 0x00010001u) + ((uint32_t)((25 - BITS * i) << 10 | 0x8000) * 0x00010001u);
+}
+template <int BITS, int J>
+__device__ __forceinline__ void tile_a_fast(const uint32_t (&w)[2 * BITS], const uint32_t (&off)[2][FastDecode<BITS>::npos],
+                                            uint32_t (&a)[4]) {
+  constexpr uint32_t M = Magic<__half>::word;
+  if constexpr (BITS == 3) {
+    // one LOP3 (three for the spare pair) and one HFMA2 per register; the shifts of w3_raw are shared
+    // by the pairs of a word (CSE: 5 per triple)
+    static_for<0, 4>([&](auto rc) {
+      constexpr int r = decltype(rc)::value;
+      constexpr int P = J * 4 + r;
+      constexpr int pos = w3_pos<P, false>();
+      const uint32_t raw = w3_raw<P, false>(w, M);
+      constexpr uint32_t inv = (uint32_t)((15 - pos) << 10) * 0x00010001u;  // 2^(-pos) in both halves
+      __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw), *reinterpret_cast<const __half2*>(&inv),
+                          *reinterpret_cast<const __half2*>(&off[r & 1][pos / 3]));
+      a[r] = *reinterpret_cast<uint32_t*>(&v);
+    });
+  } else {
+    constexpr int ppw = 16 / BITS;  // pairs per word
+    constexpr int npos = FastDecode<BITS>::npos;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int P = J * 4 + r;
+      const int i = P % ppw;  // pair index inside the word
+      const int byte = i / npos, pos = i % npos;
+      const uint32_t base = byte ? (w[P / ppw] >> (8 * byte)) : w[P / ppw];
+      const uint32_t mask = ((1u << BITS) - 1) * 0x00010001u << (BITS * pos);
+      const uint32_t raw = lop_and_or(base, mask, M);
+      const uint32_t inv = (uint32_t)((15 - BITS * pos) << 10) * 0x00010001u;  // 2^(-BITS*pos) in both halves
+      __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw), *reinterpret_cast<const __half2*>(&inv),
+                          *reinterpret_cast<const __half2*>(&off[r & 1][pos]));
+      a[r] = *reinterpret_cast<uint32_t*>(&v);
+    }
+  }
+}
 
 // Small-m fused kernel.  Block: `nwarps` warps (dynamic), NT n-tiles, MT token tiles of 8.
 // The warps of a block split the chunks of K; CPS consecutive chunks form one pipeline step.
@@ -256,6 +383,11 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
         float s_lo[NT], s_hi[NT];
         uint32_t zz[NT][2];
         float zf[NT][2];
+        // fp16 3-bit codes use the mask + HFMA2 decoder here too (2/4-bit keep the shift decoder in v2)
+        constexpr bool kFast = BITS == 3 && FastDecode<BITS>::ok && std::is_same<T, __half>::value;
+        constexpr int NPOS = FastDecode<BITS>::npos;
+        uint32_t off[NT][2][NPOS];
+        (void)off;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           uint32_t s2 = scur[c][f][nt];
@@ -269,6 +401,13 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
           zz[nt][1] = (one | zh) * 0x00010001u;
           zf[nt][0] = 8388608.f + (float)zl;
           zf[nt][1] = 8388608.f + (float)zh;
+          if constexpr (kFast) {
+#pragma unroll
+            for (int i = 0; i < NPOS; ++i) {
+              off[nt][0][i] = fast_off<BITS>(zl, i);
+              off[nt][1][i] = fast_off<BITS>(zh, i);
+            }
+          }
         }
         float gacc[NT][MT][4];
 #pragma unroll
@@ -283,9 +422,13 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             uint32_t a[4];
-            const uint32_t zzn[2] = {zz[nt][0], zz[nt][1]};
-            const float zfn[2] = {zf[nt][0], zf[nt][1]};
-            tile_a<BITS, T, f * TPF + jj>(wcur[c][nt], zzn, zfn, a);
+            if constexpr (kFast) {
+              tile_a_fast<BITS, f * TPF + jj>(wcur[c][nt], off[nt], a);
+            } else {
+              const uint32_t zzn[2] = {zz[nt][0], zz[nt][1]};
+              const float zfn[2] = {zf[nt][0], zf[nt][1]};
+              tile_a<BITS, T, f * TPF + jj>(wcur[c][nt], zzn, zfn, a);
+            }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) mma16816(gacc[nt][mt], a, xw[mt][2 * jj], xw[mt][2 * jj + 1], T());
           }
@@ -340,41 +483,6 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
       if (bias) s += to_float(bias[n]);
       y[(size_t)tok * p.N + n] = from_float<T>(s);
     }
-  }
-}
-
-
-// fp16, 2- and 4-bit codes: no shift per register. A mask at bit position b*i of a byte gives the fp16
-// 1024 + 2^(b*i) * q (exact, inside the 10 mantissa bits); one HFMA2 with 2^(-b*i) and -(1024/2^(b*i) + z)
-// then yields q - z exactly. Positions i (0 .. 8/b - 1) inside a byte, the byte chosen by one shift
-// per word. off[r][i]: the half2 bits of -(1024/2^(b*i) + z) for row g (r = 0) and g + 8 (r = 1).
-template <int BITS> struct FastDecode {
-  static constexpr bool ok = (BITS == 2 || BITS == 4);
-  static constexpr int npos = ok ? 8 / BITS : 1;  // positions per byte
-};
-template <int BITS>
-__device__ __forceinline__ uint32_t fast_off(uint32_t z, int i) {
-  // fp16 of -(2^(10 - BITS*i) + z): exponent 25 - BITS*i, z at mantissa bit BITS*i; both halves
-  return z * ((1u << (BITS * i)) * 0x00010001u) + ((uint32_t)((25 - BITS * i) << 10 | 0x8000) * 0x00010001u);
-}
-template <int BITS, int J>
-__device__ __forceinline__ void tile_a_fast(const uint32_t (&w)[2 * BITS], const uint32_t (&off)[2][FastDecode<BITS>::npos],
-                                            uint32_t (&a)[4]) {
-  constexpr uint32_t M = Magic<__half>::word;
-  constexpr int ppw = 16 / BITS;   // pairs per word
-  constexpr int npos = FastDecode<BITS>::npos;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int P = J * 4 + r;
-    const int i = P % ppw;              // pair index inside the word
-    const int byte = i / npos, pos = i % npos;
-    const uint32_t base = byte ? (w[P / ppw] >> (8 * byte)) : w[P / ppw];
-    const uint32_t mask = ((1u << BITS) - 1) * 0x00010001u << (BITS * pos);
-    const uint32_t raw = lop_and_or(base, mask, M);
-    const uint32_t inv = (uint32_t)((15 - BITS * pos) << 10) * 0x00010001u;  // 2^(-BITS*pos) in both halves
-    __half2 v = __hfma2(*reinterpret_cast<const __half2*>(&raw), *reinterpret_cast<const __half2*>(&inv),
-                        *reinterpret_cast<const __half2*>(&off[r & 1][pos]));
-    a[r] = *reinterpret_cast<uint32_t*>(&v);
   }
 }
 
@@ -537,6 +645,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
       constexpr bool kFast = FastDecode<BITS>::ok && std::is_same<T, __half>::value;
       constexpr int NPOS = FastDecode<BITS>::npos;
       uint32_t off[NT][2][NPOS];
+      (void)off;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         uint32_t s2 = ss[(nt * FOLDS + f) * 8 + g];
