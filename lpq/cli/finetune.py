@@ -59,6 +59,8 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
                            eval_text=eval_text, eval_windows=eval_windows)
     except LpqError as e:
         raise UserError(e) from None
+    if not res.main_process:  # under accelerate launch, one summary for the whole run
+        return
     summary = res.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -12,7 +12,8 @@ the step, the losses so far and the torch RNG states; ``resume`` continues from 
 repeats the uninterrupted run's losses exactly (same device, same settings).
 
 Several GPUs: run under ``accelerate launch``; each process takes its share of every global batch
-(data parallel, gradients averaged by DDP). bf16 autocast on GPUs, fp32 on the CPU.
+(data parallel, gradients averaged by DDP), only the main process writes checkpoints and the output.
+bf16 autocast on GPUs, fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -94,10 +95,12 @@ class FinetuneResult:
     resumed_from: int = 0
     peak_memory_gb: float = 0.0
     model: Any = None
+    main_process: bool = True  # False on the other processes of an ``accelerate launch`` run
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("model")
+        d.pop("main_process")
         d["out"] = str(self.out) if self.out is not None else None
         return d
 
@@ -205,6 +208,33 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
                 break
 
 
+def _check_launch(acc) -> None:
+    """Refuse accelerate's sharded modes: the loop wraps the model in DDP itself and would ignore them."""
+    from accelerate.utils import DistributedType
+
+    kind = getattr(acc, "distributed_type", None)
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise LpqError(f"lpq finetune runs data-parallel (DDP) only, not {kind.value}: "
+                       "launch with accelerate launch --num_processes N, without --use_fsdp or --use_deepspeed")
+
+
+def _data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
+    """DDP over the trainable adapters and steps (the only parameters that need gradients).
+
+    The frozen buffers (codes [N, K] uint8, scales0/zeros [G, N], g_idx) are the same on every process
+    and are broadcast once when DDP is built; DDP's default would broadcast them again before every
+    forward, about one byte per weight per step.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch >= 2.13 names the switch forward_sync_buffers (and deprecates broadcast_buffers)
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None, **no_sync)
+
+
 class _Progress:
     """A rich bar with the step, loss and tokens per second (silent when quiet or not the main process)."""
 
@@ -240,6 +270,7 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
+    _check_launch(acc)
     if cfg.batch % world:
         raise LpqError(f"--batch {cfg.batch} must be a multiple of the {world} processes")
     optimizer = make_optimizer(model, cfg)
@@ -254,7 +285,7 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
     if hasattr(model, "config"):
         model.config.use_cache = False
     model.train()
-    ddp_model = acc.prepare_model(model) if world > 1 else model
+    ddp_model = _data_parallel(model, dev) if world > 1 else model
     autocast = dev.type == "cuda"
     bar = _Progress(cfg.steps, start, acc.is_main_process)
     tokens = 0
@@ -290,6 +321,7 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
+    del ddp_model
     model.eval()
     if cfg.grad_checkpointing:
         _checkpointing(model, False)
@@ -356,6 +388,7 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
     work = _work_dir(out_path) if out_path is not None else None
     dev = resolve_device(device)
     acc = Accelerator(cpu=dev.type == "cpu")
+    _check_launch(acc)
     if acc.num_processes > 1:
         dev = acc.device  # one GPU per process under accelerate launch
     manifest = _manifest(str(quant_dir), str(data), cfg)
@@ -416,4 +449,4 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
         ppl["merged"] = _eval_ppl(merged, tokenizer, eval_body, eval_seqlen, eval_windows, dev)
     return FinetuneResult(out_path, run["losses"], cfg.steps, run["tokens"], run["seconds"],
                           run["tokens"] / max(run["seconds"], 1e-9), run["state_bytes"], n_trainable, ppl,
-                          run["resumed_from"], peak, model)
+                          run["resumed_from"], peak, model, acc.is_main_process)
