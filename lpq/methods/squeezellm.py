@@ -8,8 +8,10 @@ Maths (pure functions, any device):
 
 The plugin (:class:`SqueezeLLM`) computes the Fisher diagonal once in ``prepare`` and packs each linear
 in the ``squeezellm`` format. Memory: the Fisher diagonal is one float32 per quantized weight, kept on
-the CPU (twice the fp16 model); the backward pass holds the model, its gradients for the quantized
-weights and, with gradient checkpointing, one block's activations per batch.
+the CPU (twice the fp16 model). Option ``fisher_mode``: ``whole`` backpropagates through the whole model
+on the device (the model, the quantized weights' gradients and checkpointed activations must fit),
+``blocks`` holds one decoder block on the device at a time (see :mod:`lpq.methods.fisher`), ``auto``
+(default) takes ``whole`` when it fits in the device's free memory.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import LpqError, SpecError
 from ..formats import QuantizedWeight
 from ..formats.squeezellm import SQUEEZELLM_BITS, pack_squeezellm
 from ..spec import QuantSpec
 from . import Method, register_method
+from .fisher import FISHER_MODES, check_fisher_mode, fisher_diagonal  # noqa: F401  (fisher_diagonal: public here too)
 
 log = logging.getLogger("lpq.squeezellm")
 
@@ -203,73 +205,6 @@ def squeezellm_quantize(
     return idx, lut, mask, fake
 
 
-# ---- sensitivities ---------------------------------------------------------------------------------
-
-
-def fisher_diagonal(
-    model: nn.Module, tokens: torch.Tensor, names: list[str], device: torch.device | str = "cpu", batch_size: int = 1
-) -> dict[str, torch.Tensor]:
-    """Mean over batches of the squared gradient of the LM loss for each named linear's weight.
-
-    -> {name: [out_features, in_features] float32 on the CPU} (Conv1D weights transposed). The model is
-    run on ``device`` with gradient checkpointing where it supports it, dropout off, and left as found.
-    """
-    from ..models.arch import is_conv1d
-
-    device = torch.device(device)
-    modules = {n: model.get_submodule(n) for n in names}
-    requires = {p: p.requires_grad for p in model.parameters()}
-    dropouts = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
-    was_training = model.training
-    orig_device = next(model.parameters()).device
-    checkpointing = bool(getattr(model, "supports_gradient_checkpointing", False))
-    fisher = {n: torch.zeros(tuple(reversed(m.weight.shape)) if is_conv1d(m) else tuple(m.weight.shape),
-                             dtype=torch.float32) for n, m in modules.items()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in modules.values():
-            m.weight.requires_grad_(True)
-        model.to(device)
-        if checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()  # transformers checkpoints only in training mode
-        for m in dropouts:
-            m.p = 0.0
-        batches = 0
-        for start in range(0, tokens.shape[0], batch_size):
-            batch = tokens[start : start + batch_size].to(device)
-            for m in modules.values():
-                m.weight.grad = None
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            for n, m in modules.items():
-                g = m.weight.grad
-                if g is None:
-                    continue
-                g = g.t() if is_conv1d(m) else g
-                fisher[n] += g.float().pow(2).cpu()
-            batches += 1
-        for f in fisher.values():
-            f /= max(batches, 1)
-    finally:
-        for m in modules.values():
-            m.weight.grad = None
-        for p, r in requires.items():
-            p.requires_grad_(r)
-        for m, p in dropouts.items():
-            m.p = p
-        if checkpointing:
-            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-            disable()
-        model.train(was_training)
-        model.to(orig_device)
-    return fisher
-
-
 # ---- the plugin ------------------------------------------------------------------------------------
 
 
@@ -290,16 +225,18 @@ def _as_bool(name: str, value: Any) -> bool:
 
 @register_method
 class SqueezeLLM(Method):
-    """Options: outliers (0.40 %), sensitive (0.05 %), iters (50), fisher (True)."""
+    """Options: outliers (0.40 %), sensitive (0.05 %), iters (50), fisher (True), fisher_mode (auto,
+    whole or blocks: how the Fisher is computed; the same sensitivities either way)."""
 
     name = "squeezellm"
     needs_calibration = True
     sequential = False
-    option_names = ("outliers", "sensitive", "iters", "fisher")
+    option_names = ("outliers", "sensitive", "iters", "fisher", "fisher_mode")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.fisher = _as_bool("fisher", _opt(options, "fisher", True))
+        self.fisher_mode = check_fisher_mode(_opt(options, "fisher_mode", "auto"))
         self.outliers = check_percent("outliers", _opt(options, "outliers", 0.40))
         if not self.fisher and options.get("sensitive") is None:
             self.sensitive = 0.0  # the default sensitive share needs Fisher; unweighted means none
@@ -334,7 +271,7 @@ class SqueezeLLM(Method):
                 raise LpqError("squeezellm needs calibration data for its Fisher sensitivities (or fisher=False)")
             log.info("squeezellm: Fisher sensitivities over %d sequences", run.calib_tokens.shape[0])
             self._fisher = fisher_diagonal(run.model, run.calib_tokens, list(run.specs), run.device,
-                                           getattr(run.opts, "calib_batch_size", 1))
+                                           getattr(run.opts, "calib_batch_size", 1), mode=self.fisher_mode)
 
     def quantize_layer(self, name, weight, observer, spec) -> QuantizedWeight:
         check_bits(spec, name)

@@ -308,7 +308,8 @@ def plan_mixed(
     if spec.method == "squeezellm" and method_options.get("fisher", True) not in (False, "false", "0", 0):
         from ..methods.squeezellm import fisher_diagonal
 
-        fisher_diag = fisher_diagonal(model, tokens, list(specs), device, batch_size)
+        fisher_diag = fisher_diagonal(model, tokens, list(specs), device, batch_size,
+                                      mode=method_options.get("fisher_mode", "auto"))
     costs = measure_costs(model, specs, shapes, per_layer, spec.method, method_options, tokens, device, batch_size,
                           fisher=fisher_diag, want_input_energy=sensitivity == "gptq")
     sens = measure_sensitivity(sensitivity, model, tokens, list(specs), device, probes, batch_size, seed, costs)
