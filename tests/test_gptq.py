@@ -283,8 +283,11 @@ def test_gptq_export_import_is_exact(bits, gs, act_order, sym):
     assert g["qweight"].dtype == g["qzeros"].dtype == g["g_idx"].dtype == torch.int32
     assert g["scales"].dtype == torch.float16
     assert torch.equal(g["qweight"], qw.tensors["qweight"])  # same bit layout as lpq's own
-    stored = unpack_cols(g["qzeros"], bits, n)
-    assert torch.equal(stored, (zeros.int() - 1) & ((1 << bits) - 1))  # v1: zero - 1, per field mod 2**b
+    if bits == 3:  # v1: zero - 1, field by field (fields past N stay 0)
+        assert torch.equal(unpack_cols(g["qzeros"], bits, n), (zeros.int() - 1) & 7)
+    else:  # v1: zero - 1 on whole words, as GPTQModel writes it; lpq pads N with zero points of 0
+        padded = torch.nn.functional.pad(zeros, (0, -n % chunk_shape(bits)[0]))
+        assert torch.equal(g["qzeros"], reference_v1_qzeros(padded, bits))
     if not act_order:
         assert torch.equal(g["g_idx"], group_index(k, gs))
     spec2, back = from_gptq(g, bits, gs, sym, desc_act=act_order)
@@ -371,15 +374,28 @@ def reference_pack_along_k(codes_kn: list[list[int]], bits: int) -> torch.Tensor
     return torch.tensor(out, dtype=torch.int32)
 
 
+def reference_v1_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ v1 qzeros [G, N*b/32] for zero points [G, N] as GPTQModel writes them, with Python integers:
+    at 3 bits each field holds (zero - 1) mod 8; at 2, 4 and 8 bits each packed int32 word of the zero
+    points minus a one in every field, modulo 2**32 (so a zero point of 0 borrows from the field above)."""
+    z = zeros.int().tolist()  # [G][N], packed along N
+    if bits == 3:
+        return reference_pack_along_k([list(r) for r in zip(*[[(v - 1) & 7 for v in row] for row in z])], 3).t()
+    v2 = reference_pack_along_k([list(r) for r in zip(*z)], bits).t().tolist()
+    ones = sum(1 << shift for shift in range(0, 32, bits))
+    words = [[((w & 0xFFFFFFFF) - ones) % (1 << 32) for w in row] for row in v2]
+    return torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words], dtype=torch.int32)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_layout_matches_the_documented_gptq_layout(bits):
     """Hand-constructed check of the GPTQ layout (works without any third-party package)."""
     spec, qw, (codes, scales, zeros, _) = random_layer(bits, 32, False, False, n=32, k=64, seed=bits)
     g = to_gptq(qw.tensors, spec, 64, 32)
     assert torch.equal(g["qweight"], reference_pack_along_k(codes.t().tolist(), bits))
-    v1 = ((zeros.int() - 1) & ((1 << bits) - 1)).tolist()  # [G, N]: packed along N
-    expect = reference_pack_along_k([list(r) for r in zip(*v1)], bits).t()
-    assert torch.equal(g["qzeros"], expect)
+    assert torch.equal(g["qzeros"], reference_v1_qzeros(zeros, bits))
+    if bits != 3:  # the zero points of 0 in this layer borrow from the field above them
+        assert not torch.equal(unpack_cols(g["qzeros"], bits, 32), (zeros.int() - 1) & ((1 << bits) - 1))
     if bits == 3:
         w0, w1 = int(g["qweight"][0, 0]) & 0xFFFFFFFF, int(g["qweight"][1, 0]) & 0xFFFFFFFF
         c10 = int(codes[0, 10])

@@ -3,12 +3,15 @@
 lpq's ``uniform`` format already uses GPTQ's tensor layout, so only two things differ:
 
 * ``qzeros``. A GPTQ checkpoint in the original (v1, ``checkpoint_format: "gptq"``) convention stores
-  every zero point minus one, each ``bits``-wide field taken modulo 2**bits (a zero point of 0 is
-  stored as 2**bits - 1 and comes back as 0 when the reader adds one and masks). lpq stores the zero
-  points as they are, which is GPTQ's v2 convention (``checkpoint_format: "gptq_v2"``). Readers that
-  extract a field and add one without masking again (as several GPTQ kernels do) read a stored
-  2**bits - 1 as 2**bits; that is a limit of the v1 convention itself: only a group whose weights are all >= 0 can
-  get a zero point of 0 on lpq's asymmetric grid, and symmetric grids never do.
+  every zero point minus one. lpq stores the zero points as they are, which is GPTQ's v2 convention
+  (``checkpoint_format: "gptq_v2"``). The two differ only where a zero point is 0, and there the
+  conversion follows GPTQModel (the loader behind transformers' GPTQ support), which writes and reads
+  v1 exactly: at 2, 4 and 8 bits it subtracts one from every field of each int32 word at once, so a
+  zero point of 0 becomes 2**bits - 1 and borrows one from the field above it (the top field's borrow
+  leaves the word); at 3 bits, whose fields straddle words, each field is shifted on its own, modulo 8.
+  Kernels that extract a field and add one without masking cannot read a zero point of 0 from v1 in
+  any encoding; that is a limit of the v1 convention itself: only a group whose weights are all >= 0
+  can get a zero point of 0 on lpq's asymmetric grid, and symmetric grids never do.
 * ``g_idx``. GPTQ checkpoints carry it for every layer (the group of each input column; without
   act-order it is k // group_size, with a per-channel grid all zeros); lpq stores it only with
   act-order.
@@ -38,9 +41,19 @@ _V2_FORMATS = ("gptq_v2",)
 
 
 def _shift_zero_fields(qzeros: torch.Tensor, bits: int, n: int, delta: int) -> torch.Tensor:
-    """Add ``delta`` to every packed zero-point field, modulo 2**bits (no carry between fields)."""
-    zeros = unpack_cols(qzeros, bits, n)
-    return pack_cols((zeros + delta) & ((1 << bits) - 1), bits)
+    """Add ``delta`` (+-1) to every packed zero-point field of qzeros int32 [G, words], as GPTQModel does.
+
+    3 bits: field by field, modulo 8 (no carry between fields). 2, 4 and 8 bits: on each whole int32 word
+    modulo 2**32, so a field that wraps carries into / borrows from the field above it; identical to
+    field by field unless a zero point is 0 (v2) or a stored field is 2**bits - 1 (v1), and exactly
+    invertible, so v1 -> v2 -> v1 gives back the same words.
+    """
+    if bits == 3:
+        zeros = unpack_cols(qzeros, bits, n)
+        return pack_cols((zeros + delta) & ((1 << bits) - 1), bits)
+    ones = sum(1 << shift for shift in range(0, 32, bits))  # a one in every field: 0x55555555, 0x11111111, 0x01010101
+    words = (qzeros.to(torch.int64) + delta * ones) & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
 
 
 def to_gptq(
@@ -48,7 +61,7 @@ def to_gptq(
 ) -> dict[str, torch.Tensor]:
     """lpq ``uniform`` tensors of one linear -> the same layer in GPTQ's v1 checkpoint convention.
 
-    Returns ``qweight``, ``qzeros`` (zero - 1 per field, modulo 2**bits), ``scales`` and ``g_idx``
+    Returns ``qweight``, ``qzeros`` (zero - 1, see :func:`_shift_zero_fields`), ``scales`` and ``g_idx``
     (always present); any other entry (e.g. ``bias``) is passed through unchanged.
     """
     _check(tensors, spec.bits, spec.group_size, in_features, out_features, "lpq")
