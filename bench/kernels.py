@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
     ap.add_argument("--shapes", default="")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the fused kernel's variants (0 v3, 1 v2, 2 deep rings) x warps 4/8 at m <= 16 (notes)")
+                    help="also time the fused kernel's variants (0 v3, 1 v2, 2 deep rings, 3 two n-tiles per warp) x warps 4/8 at m <= 16 (notes)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -198,7 +198,7 @@ def main() -> None:
                                     speedup_vs_torch_int4=(i4[m] / us) if (m in i4 and bits == 4) else None, date=date))
                 if args.variants and m <= 16:
                     alt = {(v, w): timed(lambda i: lpq_call(sts[i], x, warps=w, variant=v), nc)
-                           for v in (0, 1, 2) for w in (4, 8)}
+                           for v in (0, 1, 2, 3) for w in (4, 8)}
                     variants.append(f"{f} {n}x{k} m={m}: default {us:.2f} us; " + ", ".join(
                         f"v{v}/w{w} {t:.2f}" for (v, w), t in alt.items()))
             del sts, st

@@ -127,35 +127,54 @@ def _fused_max_m() -> int:
         return 64
 
 
+GEMM_VARIANTS = (0, 1, 2, 3)
+
+
 def _gemm_variant() -> int | None:
     """Fused-kernel variant forced by ``LPQ_GEMM_VARIANT`` (benchmarks): 0 the cp.async-ring kernel
-    (v3), 1 the register-prefetch kernel (v2), 2 v3 with deeper rings at m <= 8. None: the rule of
-    :func:`default_variant`."""
+    (v3), 1 the register-prefetch kernel (v2), 2 v3 with deeper rings at m <= 8, 3 v3 with two
+    n-tiles per warp at m <= 8. None: the rule of :func:`default_variant`."""
     try:
         v = int(os.environ.get("LPQ_GEMM_VARIANT", ""))
     except ValueError:
         return None
-    return v if v in (0, 1, 2) else None
+    return v if v in GEMM_VARIANTS else None
 
 
 GEMM_VARIANT = _gemm_variant()
 
 
-def default_warps(st: dict, m: int) -> int:
-    """Warps per block of the fused kernel (measured on the H100, bench/NOTES-kernels.md): 8 when
-    there are few blocks (each must keep more loads in flight), 4 when there are many."""
-    blocks = st["sc"].shape[1] // (1 if m <= 8 else 2)
-    return 4 if blocks >= 340 else 8
+def default_warps(st: dict, m: int, variant: int = 0) -> int:
+    """Warps per block of the fused kernel, from the H100 timings at m = 1 (bench/NOTES-kernels.md,
+    round 4): with few blocks (< 340) each must keep more chunks in flight, so 8 warps; with many,
+    4. One n-tile per block (variant 0): 8 also when K is short (<= 32 chunks of 128: each of 4 warps
+    would get 8 chunks or fewer, about its ring depth). Two n-tiles (variant 3): between 128 and 340
+    blocks, 8 only for long K (>= 128 chunks; 8192x8192 is faster with 4, 8192x28672 with 8)."""
+    tiles_per_block = 1 if m <= 8 and variant != 3 else 2
+    blocks = st["sc"].shape[1] // tiles_per_block
+    chunks = -(-st["k"] // 128)
+    if blocks >= 340:
+        return 8 if tiles_per_block == 1 and m <= 8 and chunks <= 32 else 4
+    if tiles_per_block == 2 and m <= 8 and 128 < blocks and chunks < 128:
+        return 4
+    return 8
 
 
 def default_variant(st: dict, m: int) -> int:
-    """v3 everywhere except 3-/4-bit at 9 <= m <= 16 with >= 8192 outputs, where v2 measured faster
-    on the H100 (bench/NOTES-kernels.md: v3's ring of 16 activation rows keeps few warps per SM)."""
-    return 1 if 8 < m <= 16 and st["n"] >= 8192 and st["bits"] in (3, 4) else 0
+    """m <= 8: two n-tiles per warp (3) for 2- and 3-bit codes, whose decode makes them instruction-
+    bound, so sharing the per-chunk copy, activation and scale work over 32 rows pays (H100, m = 1:
+    W3 28672x8192 48.5 -> 44.0 us, W2 8192x28672 47.3 -> 38.4 us); 4-bit stays on one n-tile (3 was
+    slower: it is near the memory roofline already). 9 <= m <= 16: v3 except 3-/4-bit with >= 8192
+    outputs, where v2 measured faster (v3's ring of 16 activation rows keeps few warps per SM)."""
+    if m <= 8:
+        return 3 if st["bits"] in (2, 3) else 0
+    return 1 if m <= 16 and st["n"] >= 8192 and st["bits"] in (3, 4) else 0
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
          variant: int | None = None) -> torch.Tensor:
+    if variant is not None and variant not in GEMM_VARIANTS:  # here: a failing check inside the op ends the process
+        raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS}, got {variant}")
     k = st["k"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq uniform_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -163,10 +182,10 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq uniform_gemm: activations must be float16 or bfloat16, got {x2.dtype}")
     if not x2.is_cuda or x2.device != st["qw"].device:
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
-    if warps is None:
-        warps = default_warps(st, x2.shape[0])
     if variant is None:
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
+    if warps is None:
+        warps = default_warps(st, x2.shape[0], variant)
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
                                            st["n"], st["k"], warps, variant)
 

@@ -43,7 +43,8 @@ template <int BITS> constexpr int ring_m8() { return BITS == 2 ? 8 : (BITS == 3 
 template <int BITS> constexpr int ring_m8_deep() { return BITS == 2 ? 12 : (BITS == 3 ? 10 : (BITS == 4 ? 8 : 5)); }
 
 // variant 0: v3 cp.async ring kernel (default); 1: the v2 register-prefetch kernel; 2: v3 with
-// deeper rings at m <= 8.
+// deeper rings at m <= 8; 3: v3 with two n-tiles per warp at m <= 8 (the per-chunk copy, activation
+// and scale work shared by 32 output rows instead of 16).
 template <int BITS, typename T, int S>
 cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
   if (variant == 1) {
@@ -53,6 +54,7 @@ cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream
   }
   if (a.M <= 8) {
     if (variant == 2) return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8_deep<BITS>()>(a, nwarps, stream);
+    if (variant == 3) return launch_gemm_cp_cfg<BITS, T, S, 1, 2, ring_m8<BITS>()>(a, nwarps, stream);
     return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
   }
   if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream);
