@@ -192,3 +192,33 @@ def test_blocks_on_cuda_match_whole_and_leave_the_model_on_the_cpu():
     whole = F.fisher_whole(model, _tokens(), names, "cuda", batch_size=2)
     _assert_state(model, before)
     _assert_same_fisher(whole, blocks, names)
+
+
+def _fp16_setup():
+    import copy
+
+    model = make_model("llama")
+    with torch.no_grad():  # shrink every gradient into fp16's subnormal range, as long windows do on real models
+        model.model.norm.weight.mul_(1e-3)
+    names = _names(model)
+    tokens = _tokens(4, 64)
+    reference = F.fisher_whole(model, tokens, names, "cpu", 2)  # float32
+    return copy.deepcopy(model).half(), tokens, names, reference
+
+
+def _worst_relative_error(fisher, reference, names):
+    return max(float((fisher[n] - reference[n]).norm() / reference[n].norm()) for n in names)
+
+
+def test_fp16_fisher_is_loss_scaled(monkeypatch):
+    """An fp16 model's Fisher matches the float32 one within fp16 rounding, both ways, because the loss
+    is scaled before the backward pass; without the scale (1.0) a quarter of the signal is lost to
+    underflow in this setup, so the setup does exercise it. A starting scale so large that every
+    gradient overflows is halved until it fits, with the same result."""
+    half, tokens, names, reference = _fp16_setup()
+    for start, bound in ((F.FP16_LOSS_SCALE, 2e-2), (2.0**60, 2e-2)):
+        monkeypatch.setattr(F, "FP16_LOSS_SCALE", start)
+        for fn in (F.fisher_whole, F.fisher_blocks):
+            assert _worst_relative_error(fn(half, tokens, names, "cpu", 2), reference, names) < bound, (start, fn)
+    monkeypatch.setattr(F, "FP16_LOSS_SCALE", 1.0)
+    assert _worst_relative_error(F.fisher_whole(half, tokens, names, "cpu", 2), reference, names) > 0.1

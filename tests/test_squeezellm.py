@@ -9,7 +9,8 @@ from lpq.errors import LpqError, SpecError
 from lpq.formats import get_format
 from lpq.formats.squeezellm import pack_squeezellm
 from lpq.methods import get_method
-from lpq.methods.squeezellm import (outlier_scores, split_dense_sparse, squeezellm_quantize, weighted_kmeans_rows,
+from lpq.methods.squeezellm import (lut_gptq_sweep, outlier_scores, split_dense_sparse, squeezellm_gptq_quantize,
+                                    squeezellm_quantize, weighted_kmeans_rows,
                                     weighted_objective)
 from lpq.spec import QuantSpec
 
@@ -121,11 +122,11 @@ def test_dense_only_has_no_sparse_tensors():
 
 def test_bad_options_rejected():
     for bad in ({"outliers": -0.1}, {"outliers": 100}, {"sensitive": 150}, {"sensitive": "x"}, {"iters": -1},
-                {"fisher": False, "sensitive": 0.1}):
+                {"fisher": False, "sensitive": 0.1}, {"gptq": "maybe"}, {"gptq": True, "damp": -1}):
         with pytest.raises(SpecError):
             get_method("squeezellm", **bad)
     with pytest.raises(SpecError, match="does not take"):
-        get_method("squeezellm", damp=0.1)
+        get_method("squeezellm", block_size=64)
     m = get_method("squeezellm", fisher=False)
     assert m.sensitive == 0 and not m.needs_calibration
     w = torch.randn(8, 64)
@@ -253,3 +254,94 @@ def test_resume_keeps_the_saved_blocks_data_dependent_specs(tmp_path, monkeypatc
     x = torch.randint(3, 100, (1, 16))  # both saved checkpoints load and give the same logits
     logits = [lpq.load(tmp_path / d, device="cpu")(x).logits for d in ("whole", "resumed")]
     assert torch.equal(logits[0], logits[1])
+
+
+def _correlated_inputs(n_tokens=512, k=64, seed=0):
+    """X [T, K] with strongly correlated columns (a few shared factors plus noise): where error
+    feedback matters."""
+    g = torch.Generator().manual_seed(seed)
+    factors = torch.randn(n_tokens, 6, generator=g)
+    return factors @ torch.randn(6, k, generator=g) + 0.2 * torch.randn(n_tokens, k, generator=g)
+
+
+def _sorted_lut(w, bits):
+    centroids, _ = weighted_kmeans_rows(w, None, 1 << bits, 30)
+    return torch.cummax(centroids.half().float(), dim=1).values
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lut_gptq_sweep_lowers_the_output_error(bits):
+    """Same codebooks, same weights: assigning with error feedback on the input Hessian leaves a smaller
+    layer-output error ||X (W - Q)ᵀ||² than nearest-centroid assignment (and every value is still a
+    centroid of its row)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(48, 64, generator=g)
+    x = _correlated_inputs()
+    h = 2.0 / x.shape[0] * x.t() @ x
+    lut = _sorted_lut(w, bits)
+    idx, fake, info = lut_gptq_sweep(w, h, lut)
+    nearest = torch.gather(lut, 1, torch.searchsorted(((lut[:, 1:] + lut[:, :-1]) / 2).contiguous(), w))
+    assert torch.equal(fake, torch.gather(lut, 1, idx))
+    out_err = lambda q: float((x @ (w - q).t()).square().sum())  # noqa: E731
+    assert out_err(fake) < 0.8 * out_err(nearest)
+    assert info["loss"] > 0
+
+
+def test_lut_gptq_sweep_without_correlation_is_nearest_assignment():
+    """H = c·I: no column's error can be absorbed by another, so the sweep is plain nearest-centroid
+    assignment (the error feedback of GPTQ vanishes with U's off-diagonal)."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 40, generator=g)
+    lut = _sorted_lut(w, 3)
+    idx, fake, _ = lut_gptq_sweep(w, 3.0 * torch.eye(40), lut)
+    mid = ((lut[:, 1:] + lut[:, :-1]) / 2).contiguous()
+    assert torch.equal(idx, torch.searchsorted(mid, w))
+
+
+def test_lut_gptq_keeps_sparse_positions_exactly_and_round_trips():
+    """Positions in the sparse mask keep their (swept) value in fp16, index the centroid nearest 0
+    (as the format stores them), and the packed layer dequantizes to exactly the returned weight."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=g)
+    w[3, 7] = 9.0  # an outlier
+    fisher = torch.rand(32, 64, generator=g)
+    x = _correlated_inputs(seed=3)
+    h = 2.0 / x.shape[0] * x.t() @ x
+    idx, lut, mask, fake = squeezellm_gptq_quantize(w, h, fisher, 3, outliers=2.0, sensitive=1.0, iters=20)
+    assert bool(mask[3, 7]) and int(mask.sum()) > 0
+    assert torch.equal(fake[mask], fake[mask].half().float())
+    nz = lut.float().abs().argmin(dim=1, keepdim=True).expand_as(idx)
+    assert torch.equal(idx[mask], nz[mask])
+    assert torch.equal(fake[~mask], torch.gather(lut.float(), 1, idx)[~mask])
+    spec = QuantSpec(bits=3, group_size=-1, method="squeezellm", format="squeezellm")
+    qw = pack_squeezellm(idx, lut, mask, fake, spec)
+    back = get_format("squeezellm").dequantize(qw.tensors, qw.spec, 64, 32).float()
+    torch.testing.assert_close(back, fake, rtol=0, atol=0)
+
+
+def test_gptq_option_end_to_end(tmp_path, text_file):
+    """--option gptq=true: quantized stage by stage on input Hessians, recorded in the config, loads to
+    the same logits as the reference architecture with the dequantized weights; bad damp refused."""
+    import lpq.api
+    from lpq.models.arch import set_linear_weight
+
+    out = tmp_path / "sq3g"
+    lpq.api.quantize(make_model("llama"), out, method="squeezellm", bits=3, group_size=-1, tokenizer=make_tokenizer(),
+                     calib=str(text_file), nsamples=4, seqlen=64, device="cpu", dtype=torch.float32,
+                     method_options={"outliers": 0.4, "sensitive": 0.05, "iters": 20, "gptq": True})
+    loaded = lpq.api.load(out, device="cpu", dtype=torch.float32)
+    ref = make_model("llama")
+    ref_keys = set(ref.state_dict())
+    ref.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in ref_keys}, strict=False)
+    layers = 0
+    for name, module in loaded.named_modules():
+        if type(module).__name__ == "QuantizedLinear":
+            assert module.spec.options.get("gptq") is True and module.spec.options.get("damp") == 0.01
+            set_linear_weight(ref.get_submodule(name), module.dequantize())
+            layers += 1
+    assert layers > 0
+    ids = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SpecError, match="damp"):
+        get_method("squeezellm", gptq=True, damp=0)

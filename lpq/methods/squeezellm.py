@@ -5,6 +5,7 @@ Maths (pure functions, any device):
   :func:`split_dense_sparse`    which weights leave the dense part: outliers and most sensitive ones
   :func:`weighted_kmeans_rows`  per-row weighted 1-D k-means, vectorised over all rows at once
   :func:`squeezellm_quantize`   weight [N, K] (+ sensitivity) -> indices, codebook, sparse mask
+  :func:`lut_gptq_sweep`        GPTQ's column sweep with error feedback onto fixed per-row codebooks
 
 The plugin (:class:`SqueezeLLM`) computes the Fisher diagonal once in ``prepare`` and packs each linear
 in the ``squeezellm`` format. Memory: the Fisher diagonal is one float32 per quantized weight, kept on
@@ -12,6 +13,13 @@ the CPU (twice the fp16 model). Option ``fisher_mode``: ``whole`` backpropagates
 on the device (the model, the quantized weights' gradients and checkpointed activations must fit),
 ``blocks`` holds one decoder block on the device at a time (see :mod:`lpq.methods.fisher`), ``auto``
 (default) takes ``whole`` when it fits in the device's free memory.
+
+Option ``gptq`` (off by default; not in the paper): the codebooks are fitted as above, then the
+weights are assigned to them column by column with GPTQ's error feedback on the layer's input Hessian
+(the rounding error of each column is spread over the columns not yet assigned, so the layer's output
+error, not each weight's, is what is minimised). It needs the input activations (one Hessian
+[K, K] per linear, quantized stage by stage as GPTQ's true-sequential order) and costs one sweep per
+linear; the stored format is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from ..formats.squeezellm import SQUEEZELLM_BITS, pack_squeezellm
 from ..spec import QuantSpec
 from . import Method, register_method
 from .fisher import FISHER_MODES, check_fisher_mode, fisher_diagonal  # noqa: F401  (fisher_diagonal: public here too)
+from .gptq import HessianObserver, _inverse_cholesky_upper
 
 log = logging.getLogger("lpq.squeezellm")
 
@@ -205,6 +214,90 @@ def squeezellm_quantize(
     return idx, lut, mask, fake
 
 
+def lut_gptq_sweep(
+    weight: torch.Tensor, hessian: torch.Tensor, lut: torch.Tensor, keep: torch.Tensor | None = None,
+    damp: float = 0.01, block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Assign weight [N, K] to fixed per-row codebooks lut [N, C] (sorted ascending) column by column,
+    in order of decreasing input energy (H_jj), with GPTQ's error feedback on the input Hessian
+    H [K, K]: after column j is rounded, its error e / U_jj is subtracted from the later columns through
+    the inverse Cholesky factor U of H (lazy block updates of ``block_size`` columns). Positions in
+    ``keep`` [N, K] bool are stored exactly (fp16) instead: their error is only fp16 rounding.
+
+    -> (idx [N, K] int64 into each row's codebook; at ``keep`` the centroid nearest 0, as the format
+    stores them, fake [N, K] float32: the weight the squeezellm format dequantizes to, info dict).
+    Columns without input (H_jj = 0) get weight 0 before rounding, as GPTQ treats them.
+    """
+    n, k = weight.shape
+    device = weight.device
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
+    lut32 = lut.to(device=device, dtype=torch.float32)
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    H = 0.5 * (H + H.t())
+    dead = H.diagonal() == 0
+    if bool(dead.any()):
+        d = dead.nonzero().squeeze(1)
+        H[d, d] = 1.0
+        W[:, d] = 0.0
+    keep = torch.zeros(n, k, dtype=torch.bool, device=device) if keep is None else keep.to(device)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # no groups: any order can be stored
+    W, keep, H = W[:, perm], keep[:, perm], H[perm][:, perm]
+    U, info = _inverse_cholesky_upper(H, damp)
+    del H
+    mid = ((lut32[:, 1:] + lut32[:, :-1]) * 0.5).contiguous()  # [N, C-1] decision boundaries
+    WT = W.t().contiguous()  # [K, N]: one contiguous row per column of W
+    KT = keep.t().contiguous()
+    IT = torch.empty(k, n, dtype=torch.int64, device=device)
+    QT = torch.empty(k, n, dtype=torch.float32, device=device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    B = max(1, int(block_size))
+    for i1 in range(0, k, B):
+        i2 = min(i1 + B, k)
+        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]
+        E1 = torch.empty(i2 - i1, n, dtype=torch.float32, device=device)
+        for i in range(i2 - i1):
+            j = i1 + i
+            w = W1[i]  # [N]
+            idx = torch.searchsorted(mid, w[:, None]).squeeze(1)  # [N]
+            q = torch.gather(lut32, 1, idx[:, None]).squeeze(1)
+            q = torch.where(KT[j], w.to(torch.float16).float(), q)
+            IT[j], QT[j] = idx, q
+            err = torch.sub(w, q, out=E1[i]).div_(U1[i, i])
+            if i + 1 < i2 - i1:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        loss += E1.square().sum() * 0.5
+        if i2 < k:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    inv = torch.argsort(perm)
+    idx = IT.t()[:, inv].contiguous()
+    fake = QT.t()[:, inv].contiguous()
+    keep = keep[:, inv]
+    if bool(keep.any()):
+        nearest_zero = lut32.abs().argmin(dim=1, keepdim=True).expand_as(idx)
+        idx = torch.where(keep, nearest_zero, idx)
+    info.update(loss=float(loss), dead_columns=int(dead.sum()))
+    return idx, fake, info
+
+
+def squeezellm_gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor | None, bits: int,
+    outliers: float = 0.40, sensitive: float = 0.05, iters: int = 50, damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`squeezellm_quantize` (same split, same Fisher-weighted codebooks fitted on the original
+    weights), but the weights are assigned with :func:`lut_gptq_sweep`. -> (idx, lut fp16, sparse mask,
+    fake [N, K] float32 as the format dequantizes it; its values at the mask are the sparse values)."""
+    w = weight.float()
+    mask = split_dense_sparse(w, fisher, outliers, sensitive)
+    kweights = fisher.float() if fisher is not None else torch.ones_like(w)
+    kweights = kweights.masked_fill(mask, 0.0)
+    centroids, _ = weighted_kmeans_rows(w, kweights, 1 << bits, iters)
+    lut32 = torch.cummax(centroids.to(torch.float16).float(), dim=1).values
+    idx, fake, _ = lut_gptq_sweep(w, hessian, lut32, mask, damp)
+    return idx, lut32.to(torch.float16), mask, fake
+
+
 # ---- the plugin ------------------------------------------------------------------------------------
 
 
@@ -226,12 +319,14 @@ def _as_bool(name: str, value: Any) -> bool:
 @register_method
 class SqueezeLLM(Method):
     """Options: outliers (0.40 %), sensitive (0.05 %), iters (50), fisher (True), fisher_mode (auto,
-    whole or blocks: how the Fisher is computed; the same sensitivities either way)."""
+    whole or blocks: how the Fisher is computed; the same sensitivities either way), gptq (False:
+    assign the weights with GPTQ's error feedback, see the module docstring) and damp (0.01, its
+    dampening)."""
 
     name = "squeezellm"
     needs_calibration = True
     sequential = False
-    option_names = ("outliers", "sensitive", "iters", "fisher", "fisher_mode")
+    option_names = ("outliers", "sensitive", "iters", "fisher", "fisher_mode", "gptq", "damp")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -250,12 +345,28 @@ class SqueezeLLM(Method):
             raise SpecError(f"--iters {options.get('iters')!r} is not an integer") from None
         if self.iters < 0:
             raise SpecError(f"--iters {self.iters} is negative: give the k-means iteration cap (e.g. 50)")
-        self.needs_calibration = self.fisher  # no gradients, no data
+        self.gptq = _as_bool("gptq", _opt(options, "gptq", False))
+        try:
+            self.damp = float(_opt(options, "damp", 0.01))
+        except (TypeError, ValueError):
+            raise SpecError(f"--damp {options.get('damp')!r} is not a number (e.g. 0.01)") from None
+        if not self.damp > 0:
+            raise SpecError(f"--damp {self.damp} must be positive (e.g. 0.01)")
+        # data: the Fisher needs gradients on it; the gptq sweep needs each linear's input Hessian,
+        # taken stage by stage (each stage sees the already quantized earlier ones, as GPTQ)
+        self.needs_calibration = self.fisher or self.gptq
+        self.sequential = self.gptq
         self._fisher: dict[str, torch.Tensor] = {}
         self._run = None
 
     def _record(self) -> dict[str, Any]:
-        return {"outliers": self.outliers, "sensitive": self.sensitive, "iters": self.iters, "fisher": self.fisher}
+        rec = {"outliers": self.outliers, "sensitive": self.sensitive, "iters": self.iters, "fisher": self.fisher}
+        if self.gptq:
+            rec.update(gptq=True, damp=self.damp)
+        return rec
+
+    def make_observer(self, name, in_features, spec, device):
+        return HessianObserver(in_features, device) if self.gptq else None
 
     def prepare(self, run) -> None:
         self._run = run
@@ -281,9 +392,17 @@ class SqueezeLLM(Method):
             if fisher is None:
                 raise LpqError(f"squeezellm has no Fisher sensitivities for {name}: prepare() was not run")
             fisher = fisher.to(weight.device)
-        idx, lut, mask, _ = squeezellm_quantize(weight, fisher, spec.bits, self.outliers, self.sensitive, self.iters)
+        if self.gptq:
+            if observer is None or observer.n == 0:
+                raise LpqError(f"squeezellm gptq=true has no input statistics for {name}: it needs calibration data")
+            idx, lut, mask, fake = squeezellm_gptq_quantize(weight, observer.H, fisher, spec.bits, self.outliers,
+                                                            self.sensitive, self.iters, self.damp)
+            kept = fake  # the sparse values are the swept weights at the mask, as stored
+        else:
+            idx, lut, mask, _ = squeezellm_quantize(weight, fisher, spec.bits, self.outliers, self.sensitive, self.iters)
+            kept = weight
         spec = spec.replace(options={**(spec.options or {}), **self._record()})
-        qw = pack_squeezellm(idx, lut, mask, weight, spec, layer=name)
+        qw = pack_squeezellm(idx, lut, mask, kept, spec, layer=name)
         if self._run is not None and name in self._run.specs:
             self._run.specs[name] = qw.spec  # what config.json records: format and nnz of this module
         return qw
