@@ -1,6 +1,7 @@
 """QAT fine-tuning of GPTQ-quantized SmolLM2: perplexity recovered, SOLO vs AdamW states, tokens/s.
 
     python bench/finetune.py --device cuda                      # the H100 run (about 8 minutes)
+    python bench/finetune.py --device cuda --widths 2:64 --distill smollm2-135m --work /tmp/ftwork --resume   # + KD, alpha 0.5
     python bench/finetune.py --device cpu --widths 3:128 --optims adamw --steps 4 --batch 2 --seqlen 256 \
         --nsamples 4 --calib-seqlen 512 --windows 2 --section "QAT fine-tuning: SmolLM2-135M (CPU, indicative)"
 
@@ -11,6 +12,9 @@ with perplexity on --text (test, PROTOCOL §2) before fine-tuning, after it with
 lpq.load: fp16 with lpq's kernels on a GPU). "recovered" = (before - merged) / (before - fp): the share
 of the gap to the unquantized model won back by the fully quantized model. SOLO's final perplexity
 is compared with AdamW's on the same width, with the bytes of the optimizer states of each.
+--distill MODEL (normally the unquantized --model) trains on (1 - a) * CE + a * KL(teacher || student)
+with a = --distill-alpha; its records carry the teacher and alpha, and are compared with the run of the
+same width and optimizer without distillation when one is in the table (--resume keeps both apart).
 Writes its section of bench/RESULTS.md and bench/results/<--name>.json.
 """
 
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lpq import api, evaluate  # noqa: E402
-from lpq.finetune import finetune  # noqa: E402
+from lpq.finetune import DISTILL_ALPHA, finetune  # noqa: E402
 from lpq.inspect import inspect as inspect_dir  # noqa: E402
 from results_io import BENCH, device_name, versions, write_records, write_section  # noqa: E402
 
@@ -57,6 +61,10 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--distill", default=None, metavar="MODEL",
+                    help="distil from this teacher (normally the unquantized --model); default: plain CE")
+    ap.add_argument("--distill-alpha", type=float, default=None,
+                    help=f"weight of the KL term, loss = (1-a) CE + a KL (default {DISTILL_ALPHA} with --distill)")
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows of 2048 (default: all)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default=None,
@@ -66,6 +74,10 @@ def main() -> None:
     ap.add_argument("--name", default="finetune-smollm2")
     ap.add_argument("--section", default="QAT fine-tuning: SmolLM2-135M, GPTQ w3/w2 + LoRA-QAT")
     args = ap.parse_args()
+    if args.distill_alpha is not None and args.distill is None:
+        ap.error("--distill-alpha needs --distill MODEL")
+    if args.distill is not None and args.distill_alpha is None:
+        args.distill_alpha = DISTILL_ALPHA
 
     dev = api.resolve_device(args.device)
     date = datetime.date.today().isoformat()
@@ -110,11 +122,11 @@ def main() -> None:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            out = work / f"ft-w{bits}-g{group}-{optim}"
+            out = work / f"ft-w{bits}-g{group}-{optim}{_kd_suffix(args.distill, args.distill_alpha)}"
             res = finetune(qdir, args.data, out, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
                            batch=args.batch, seqlen=args.seqlen, optim=optim, state_bits=args.state_bits,
                            variant=args.variant, device=str(dev), eval_text=args.text, eval_windows=args.windows,
-                           overwrite=True)
+                           overwrite=True, distill=args.distill, distill_alpha=args.distill_alpha)
             p = res.perplexity
             gap = p["before"] - fp_ppl
             rec = {
@@ -129,6 +141,9 @@ def main() -> None:
                 "train_tokens": res.tokens, "train_s": res.train_seconds, "tokens_per_s": res.tokens_per_s,
                 "state_bytes": res.state_bytes, "trainable_params": res.trainable_params,
                 "peak_mem_gb": res.peak_memory_gb, "quantize_s": quant_s, "final_loss": res.losses[-1],
+                "distill": args.distill, "distill_alpha": args.distill_alpha,
+                "final_ce_loss": res.ce_losses[-1] if res.ce_losses else res.losses[-1],
+                "final_kd_loss": res.kd_losses[-1] if res.kd_losses else None,
                 "calib": f"wikitext2-valid {args.nsamples}x{args.calib_seqlen}", "data": Path(args.data).name,
                 "kl": None, "device": gpu, "date": date,
             }
@@ -137,45 +152,86 @@ def main() -> None:
             write_records(args.name, records + [r for r in kept if r not in records])  # a cut run keeps what it did
     total_s = time.perf_counter() - t_all
     records += [r for r in kept if r not in records]  # earlier runs of other widths/optimizers stay in the table
-    records.sort(key=lambda r: (-r["bits"], r["group_size"], r["optim"] != "adamw"))
+    records.sort(key=sort_key)
     write_records(args.name, records)
-    adam = {(r["bits"], r["group_size"]): r for r in records if r["optim"] == "adamw"}
-    lines = [
-        f"{gpu}; {versions()}; date {date}; this run of the script {total_s:.0f} s"
-        + (" (records of earlier runs kept by --resume)." if kept else "."),
-        f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.",
-        f"GPTQ (act-order + mse grid, {args.nsamples}x{args.calib_seqlen} windows of wiki.valid), then LoRA-QAT "
-        f"({args.variant}: LoRA rank {args.lora_rank} + learned fp16 step sizes on frozen codes) for {args.steps} steps of "
-        f"{args.batch}x{args.seqlen} tokens of `{Path(args.data).name}`, peak lr {args.lr}, then merged into the same "
-        f"packed width. Perplexity on `wiki.test.raw`, {records[0]['windows'] if records else '-'} windows of 2048 "
-        f"(PROTOCOL §2): unquantized {fp_ppl:.2f}. 'unmerged' is the fp32 training model (bf16 autocast on a GPU); "
-        "'merged' is the saved packed model reloaded by lpq.load (fp16, lpq's kernels on a GPU). "
-        "recovered = (before - merged) / (before - unquantized). State memory: bytes of the optimizer's moment "
-        "states (AdamW fp32; SOLO packed codes + block scales).",
-        "",
-        "| width | optimizer | bpw | before | unmerged | merged | recovered | vs AdamW | state MB | tokens/s | train s | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in records:
-        base = adam.get((r["bits"], r["group_size"]))
-        vs = f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f} %" if base and base is not r else "-"
-        opt = "AdamW fp32" if r["optim"] == "adamw" else f"SOLO {r['state_bits']}-bit"
-        rec = "-" if r["recovered"] is None else f"{r['recovered'] * 100:.0f} %"
-        lines.append(
-            f"| w{r['bits']} g{r['group_size']} | {opt} | {r['bpw']:.3f} | {r['perplexity_before']:.2f} | "
-            f"{r['perplexity_unmerged']:.2f} | {r['perplexity']:.2f} | {rec} | {vs} | {r['state_bytes'] / 1e6:.2f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['train_s']:.0f} | {r['peak_mem_gb']:.1f} |"
-        )
+    header = (f"{gpu}; {versions()}; date {date}; this run of the script {total_s:.0f} s"
+              + (" (records of earlier runs kept by --resume)." if kept else ".")
+              + f"\nCommand: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.")
+    lines = render(records, fp_ppl, header, args)
     write_section(args.section, "\n".join(lines))
 
 
+def sort_key(r: dict) -> tuple:
+    return (-r["bits"], r["group_size"], r["steps"], r["lr"], r.get("distill") is not None,
+            r.get("distill_alpha") or 0, r["optim"] != "adamw")
+
+
+def _run_key(r: dict) -> tuple:
+    """Two records are the same recipe apart from the optimizer: width, steps, lr, batch, teacher."""
+    return (r["bits"], r["group_size"], r["steps"], r["lr"], r["batch"], r.get("distill"), r.get("distill_alpha"))
+
+
+def render(records: list[dict], fp_ppl: float, header: str, args) -> list[str]:
+    """The RESULTS.md section: one row per record; 'vs AdamW' against the AdamW run of the same recipe
+    (width, steps, lr, batch, teacher), 'vs no KD' against the same recipe and optimizer without a teacher."""
+    adam = {_run_key(r): r for r in records if r["optim"] == "adamw"}
+    plain = {(*_run_key(r)[:5], r["optim"], r["state_bits"]): r for r in records if r.get("distill") is None}
+    teachers = sorted({r["distill"] for r in records if r.get("distill") is not None})
+    kd_note = ("" if not teachers else
+               f" KD: the loss is (1 - α) * CE + α * KL(teacher || student) per token, temperature 1, teacher "
+               f"{', '.join(f'`{t}`' for t in teachers)} (fp32 weights, same bf16 autocast); 'vs no KD' compares the "
+               "merged perplexity with the same width, steps, lr and optimizer trained on CE alone.")
+    lines = [
+        header,
+        f"GPTQ (act-order + mse grid, {args.nsamples}x{args.calib_seqlen} windows of wiki.valid), then LoRA-QAT "
+        f"({args.variant}: LoRA rank {args.lora_rank} + learned fp16 step sizes on frozen codes) for the steps of "
+        f"{args.batch}x{args.seqlen} tokens of `{Path(args.data).name}` and the peak lr of each row (warm-up, then "
+        "cosine decay), then merged into the same packed width. Perplexity on `wiki.test.raw`, "
+        f"{records[0]['windows'] if records else '-'} windows of 2048 "
+        f"(PROTOCOL §2): unquantized {fp_ppl:.2f}. 'unmerged' is the fp32 training model (bf16 autocast on a GPU); "
+        "'merged' is the saved packed model reloaded by lpq.load (fp16, lpq's kernels on a GPU). "
+        "recovered = (before - merged) / (before - unquantized). State memory: bytes of the optimizer's moment "
+        "states (AdamW fp32; SOLO packed codes + block scales)." + kd_note,
+        "",
+        "| width | optimizer | steps | lr | KD α | bpw | before | unmerged | merged | recovered | vs AdamW | vs no KD | "
+        "state MB | tokens/s | train s | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        kd = r.get("distill") is not None
+        base = adam.get(_run_key(r))
+        vs = f"{(r['perplexity'] / base['perplexity'] - 1) * 100:+.1f} %" if base and base is not r else "-"
+        ce_run = plain.get((*_run_key(r)[:5], r["optim"], r["state_bits"])) if kd else None
+        vs_ce = f"{(r['perplexity'] / ce_run['perplexity'] - 1) * 100:+.1f} %" if ce_run else "-"
+        opt = "AdamW fp32" if r["optim"] == "adamw" else f"SOLO {r['state_bits']}-bit"
+        rec = "-" if r["recovered"] is None else f"{r['recovered'] * 100:.0f} %"
+        lines.append(
+            f"| w{r['bits']} g{r['group_size']} | {opt} | {r['steps']} | {r['lr']:g} | "
+            f"{r['distill_alpha'] if kd else '-'} | {r['bpw']:.3f} | "
+            f"{r['perplexity_before']:.2f} | {r['perplexity_unmerged']:.2f} | {r['perplexity']:.2f} | {rec} | {vs} | "
+            f"{vs_ce} | {r['state_bytes'] / 1e6:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['train_s']:.0f} | {r['peak_mem_gb']:.1f} |"
+        )
+    return lines
+
+
 def _key(bits, group, optim, args, rec=None):
-    """What makes two records the same run: width, optimizer (SOLO's state bits), variant, steps, rank."""
+    """What makes two records the same run: width, optimizer (SOLO's state bits), variant, steps, rank,
+    batch, lr and the distillation teacher and weight (records older than --distill have neither)."""
     if rec is not None:
         return (bits, group, optim, rec["state_bits"] if optim == "solo" else 32, rec["options"].split(",")[2],
-                rec["steps"], rec["options"].split(",")[3], rec["batch"], rec["train_seqlen"], rec["lr"])
+                rec["steps"], rec["options"].split(",")[3], rec["batch"], rec["train_seqlen"], rec["lr"],
+                rec.get("distill"), rec.get("distill_alpha"))
     return (bits, group, optim, args.state_bits if optim == "solo" else 32, args.variant, args.steps,
-            f"rank{args.lora_rank}", args.batch, args.seqlen, args.lr)
+            f"rank{args.lora_rank}", args.batch, args.seqlen, args.lr, args.distill, args.distill_alpha)
+
+
+def _kd_suffix(teacher: str | None, alpha: float | None) -> str:
+    """Output-folder suffix of a distilled run, so that it never reuses a plain run's folder."""
+    if teacher is None:
+        return ""
+    label = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(teacher).name)[:40]
+    return f"-kd{alpha:g}-{label}"
 
 
 if __name__ == "__main__":

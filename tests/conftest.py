@@ -94,6 +94,24 @@ def sample_text() -> str:
 
 
 @pytest.fixture(scope="session")
+def qdir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama quantized with RTN w3 g32 (the fine-tuning tests' base; they only read it)."""
+    import lpq
+
+    out = tmp_path_factory.mktemp("ft") / "q3"
+    lpq.quantize(make_model("llama"), out, tokenizer=tokenizer, method="rtn", bits=3, group_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory, sample_text) -> Path:
+    """12k characters of training text for the fine-tuning tests."""
+    p = tmp_path_factory.mktemp("ftdata") / "train.txt"
+    p.write_text(sample_text[:12000], encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory, sample_text) -> Path:
     p = tmp_path_factory.mktemp("text") / "calib.txt"
     p.write_text(sample_text, encoding="utf-8")

@@ -16,20 +16,6 @@ from lpq.nn import QuantizedLinear
 from conftest import make_model
 
 
-@pytest.fixture(scope="module")
-def qdir(tmp_path_factory, tokenizer):
-    out = tmp_path_factory.mktemp("ft") / "q3"
-    lpq.quantize(make_model("llama"), out, tokenizer=tokenizer, method="rtn", bits=3, group_size=32)
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory, sample_text):
-    p = tmp_path_factory.mktemp("ftdata") / "train.txt"
-    p.write_text(sample_text[:12000], encoding="utf-8")
-    return p
-
-
 def _ids(n=2, length=48, seed=0):
     return torch.randint(3, 100, (n, length), generator=torch.Generator().manual_seed(seed))
 

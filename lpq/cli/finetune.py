@@ -37,6 +37,11 @@ class UserError(click.ClickException):
 @click.option("--state-bits", type=int, default=3, show_default=True, help="SOLO state precision: 2, 3 or 4.")
 @click.option("--variant", type=click.Choice(["l4q", "qalora"]), default="l4q", show_default=True,
               help="l4q: LoRA + learned step sizes, re-quantized at the merge; qalora: group-pooled adapter folded into the zeros.")
+@click.option("--distill", default=None, metavar="MODEL",
+              help="Distil from this teacher (the unquantized model: built-in name, directory, .gguf or hub id): "
+                   "the student learns its next-token distributions.")
+@click.option("--distill-alpha", type=float, default=None, metavar="A",
+              help="Weight of the distillation term: loss = (1-A) * CE + A * KL(teacher || student). [default: 0.5]")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
@@ -47,8 +52,8 @@ class UserError(click.ClickException):
 @click.option("--eval-text", default=None, metavar="FILE", help="Measure perplexity before, unmerged and merged on this text.")
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows of 2048 tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, state_bits, variant, save_every, resume,
-             overwrite, out, save_format, device, seed, eval_text, eval_windows, as_json):
+def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, state_bits, variant, distill, distill_alpha,
+             save_every, resume, overwrite, out, save_format, device, seed, eval_text, eval_windows, as_json):
     """Fine-tune the packed model in QUANT_DIR (made by lpq quantize) and save it merged, fully quantized."""
     from ..finetune import finetune as run_finetune
 
@@ -56,7 +61,7 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
         res = run_finetune(quant_dir, data, out, qat=qat, steps=steps, lora_rank=lora_rank, lr=lr, batch=batch,
                            seqlen=seqlen, optim=optim, state_bits=state_bits, variant=variant, save_every=save_every,
                            resume=resume, overwrite=overwrite, device=device, seed=seed, save_format=save_format,
-                           eval_text=eval_text, eval_windows=eval_windows)
+                           eval_text=eval_text, eval_windows=eval_windows, distill=distill, distill_alpha=distill_alpha)
     except LpqError as e:
         raise UserError(e) from None
     if not res.main_process:  # under accelerate launch, one summary for the whole run
@@ -66,5 +71,9 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
         click.echo(json.dumps(summary, indent=2))
         return
     ppl = "".join(f", perplexity {k} {v:.3f}" for k, v in res.perplexity.items())
-    info(f"wrote {res.out}: {res.steps} steps, final loss {res.losses[-1]:.4f}, {res.tokens_per_s:,.0f} tokens/s, "
+    kd = ""
+    if res.distill is not None:
+        kd = (f", distilled from {res.distill} (alpha {res.distill_alpha:g}; final ce {res.ce_losses[-1]:.4f}, "
+              f"kl {res.kd_losses[-1]:.4f})")
+    info(f"wrote {res.out}: {res.steps} steps, final loss {res.losses[-1]:.4f}{kd}, {res.tokens_per_s:,.0f} tokens/s, "
          f"optimizer states {res.state_bytes / 1e6:.2f} MB{ppl}")

@@ -3,13 +3,14 @@
     lpq.finetune.finetune(quant_dir, data, out, steps=..., optim="solo", state_bits=3)
 
 qat.py: the trainable layer (frozen codes, LoRA, learned step sizes); merge.py: back to packed
-layers; solo.py: the low-bit-state optimizer; train.py: the loop, checkpoints and resume.
+layers; solo.py: the low-bit-state optimizer; train.py: the loop, checkpoints and resume, and the
+distillation loss from an unquantized teacher (``distill=``, :func:`distill_loss`).
 """
 
 from .merge import merge_qat, save_merged
 from .qat import QATLinear, prepare_qat, qat_layers, trainable_parameters
 from .solo import SOLO
-from .train import FinetuneConfig, FinetuneResult, finetune, train_qat
+from .train import DISTILL_ALPHA, FinetuneConfig, FinetuneResult, distill_loss, finetune, train_qat
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "QATLinear", "SOLO", "finetune", "merge_qat", "prepare_qat",
-           "qat_layers", "save_merged", "train_qat", "trainable_parameters"]
+__all__ = ["DISTILL_ALPHA", "FinetuneConfig", "FinetuneResult", "QATLinear", "SOLO", "distill_loss", "finetune",
+           "merge_qat", "prepare_qat", "qat_layers", "save_merged", "train_qat", "trainable_parameters"]
