@@ -1,19 +1,23 @@
 """Mixed precision against uniform widths: perplexity vs true bits per weight (PROTOCOL §2, §6).
 
     python bench/mixed.py --model smollm2-135m --device cuda --act-order --mse \\
-        --budgets 2.5,3.0,3.5,4.0 --kinds hutchinson,fisher,gptq --uniform 2:64,3:128,4:128
+        --budgets 2.5,3.0,3.5,4.0 --kinds hutchinson,fisher,gptq --uniform 2:64,3:128,4:128 --costs weight,output
 
-One planning pass on the unquantized model: the per-width costs Δ_i(b) of the method underneath (GPTQ
-by default, on the input Hessians of the first --sens-samples calibration windows) and each sensitivity
-kind (timed: the sensitivity-pass time). Then, per budget and kind, the exact allocation and a full
-``lpq.quantize`` with that plan as per-layer overrides (identical plans are quantized once), plus the
-uniform runs and the unquantized model; each is measured by ``lpq.inspect`` (true bpw, overheads
-counted) and perplexity (+ KL unless --no-kl) on the evaluation text.
+One planning pass on the unquantized model: the per-width costs of the method underneath (GPTQ by
+default, on the input Hessians of the first --sens-samples calibration windows), both the weight cost
+Δ = ||ΔW||² and the output cost Δ_out = K tr(ΔW A ΔWᵀ)/tr(A) (lpq/mixed/cost.py), and each sensitivity
+kind (timed: the sensitivity-pass time). Then, per budget, kind and cost model (--costs), the exact
+allocation and a full ``lpq.quantize`` with that plan as per-layer overrides (identical plans are
+quantized once), plus the uniform runs and the unquantized model; each is measured by ``lpq.inspect``
+(true bpw, overheads counted) and perplexity (+ KL unless --no-kl) on the evaluation text.
 
-Writes the section "--section" of bench/RESULTS.md, bench/results/<--name>.json (quality records, with
-``series`` and ``budget``), <--name>-sensitivity.json (pass times and how the estimates settle), and
-bench/results/<--name>.png when matplotlib is importable (it is not a dependency of lpq: without it the
-PNG is skipped; ``lpq plot bench/results/<--name>.json`` draws it later).
+Writes the section "--section" of bench/RESULTS.md (or --results-md), <--results-dir>/<--name>.json
+(quality records, with ``series``, ``budget``, ``sensitivity`` and ``cost``), <--name>-sensitivity.json
+(pass times and how the estimates settle), <--name>-planning.json (the planning pass, for --resume: Δ and
+Δ_out of every option and the sensitivities; a cache without Δ_out is re-measured when --costs asks for
+the output cost), and <--name>.png when matplotlib is importable (it is not a dependency of lpq: without
+it the PNG is skipped; ``lpq plot bench/results/<--name>.json`` draws it later). --results-dir defaults
+to bench/results; point it (and --results-md) elsewhere for a trial run that must not touch them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from lpq import api, evaluate  # noqa: E402
 from lpq.calibration import calibration_tokens  # noqa: E402
 from lpq.errors import SpecError  # noqa: E402
 from lpq.inspect import inspect as inspect_dir  # noqa: E402
-from lpq.mixed.cost import CostTable, LayerCosts, measure_costs, parse_candidates  # noqa: E402
+from lpq.mixed.cost import CostTable, LayerCosts, check_cost, measure_costs, parse_candidates  # noqa: E402
 from lpq.mixed.plan import allocate_plan, make_budget, measure_sensitivity, quantized_layers  # noqa: E402
 from lpq.mixed.sensitivity import Sensitivity, spearman  # noqa: E402
 from lpq.models.loading import load_model, load_tokenizer, resolve_source  # noqa: E402
@@ -54,6 +58,8 @@ def main() -> None:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0", help="average bits per weight, overheads counted")
     ap.add_argument("--kinds", default="hutchinson,fisher,gptq", help="sensitivity kinds to compare")
+    ap.add_argument("--costs", "--cost", dest="costs", default="weight",
+                    help="cost models to plan with: weight (||dW||^2), output (K tr(dW A dW^T)/tr(A)) or weight,output")
     ap.add_argument("--compare-at", default=None,
                     help="budgets at which the kinds after the first are run too (default: every budget)")
     ap.add_argument("--uniform", default="2:64,3:128,4:128", help="uniform BITS:GROUP runs for comparison")
@@ -76,10 +82,13 @@ def main() -> None:
     ap.add_argument("--uniform-from", default=None, metavar="JSON",
                     help="take the uniform runs from an earlier quality record file (same method and flags) instead of running them")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the records (and the planning pass) an earlier run of the same --name saved; measure only what is missing")
+                    help="keep the records (and the planning pass) an earlier run of the same --name saved, also those of runs this "
+                         "call does not ask for; measure only what is missing")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new quantization after this many minutes; what is done is written (continue with --resume)")
     ap.add_argument("--results-md", default=None, help="markdown file for the section [default: bench/RESULTS.md]")
+    ap.add_argument("--results-dir", default=None,
+                    help="folder of the JSON records, planning cache and PNG [default: bench/results]")
     ap.add_argument("--name", default="mixed-smollm2")
     ap.add_argument("--section", default="Mixed precision: SmolLM2-135M, GPTQ underneath")
     args = ap.parse_args()
@@ -91,6 +100,13 @@ def main() -> None:
     options = {k: True for k, on in (("mse", args.mse),) if on}
     budgets = [float(b) for b in args.budgets.split(",") if b]
     kinds = [k for k in args.kinds.split(",") if k]
+    try:
+        cost_models = [check_cost(c.strip()) for c in args.costs.split(",") if c.strip()]
+    except SpecError as e:
+        sys.exit(str(e).replace("--mixed-cost", "--costs"))
+    if not cost_models:
+        sys.exit("--costs is empty: give weight, output or weight,output")
+    results_dir = Path(args.results_dir) if args.results_dir else BENCH / "results"
     compare_at = None if args.compare_at is None else {float(b) for b in args.compare_at.split(",") if b}
     cands = parse_candidates(args.candidates, 128)
     calib_label = f"{args.calib_label} {args.nsamples}x{args.seqlen}"
@@ -98,7 +114,7 @@ def main() -> None:
 
     # ---- planning pass on the unquantized model (kept on the CPU; blocks stream through the device) ----
     start = time.perf_counter()
-    cache_path = BENCH / "results" / f"{args.name}-planning.json"
+    cache_path = results_dir / f"{args.name}-planning.json"
     cache_key = {k: getattr(args, k) for k in ("model", "method", "candidates", "act_order", "mse", "probes",
                                                 "sens_samples", "calib", "nsamples", "seqlen")}
     cache = json.loads(cache_path.read_text()) if args.resume and cache_path.is_file() else None
@@ -113,12 +129,19 @@ def main() -> None:
     specs, shapes, _ = quantized_layers(model, base)
     names = list(specs)
     weights = sum(k * n for k, n in shapes.values())
-    if cache is not None:
+    costs = None
+    if cache is not None:  # options: {"bytes", "delta"} and, in caches made since the output cost, "delta_out"
         costs = CostTable({n: LayerCosts(v["in"], v["out"], {tuple(json.loads(k)): o for k, o in v["options"].items()})
                            for n, v in cache["costs"].items()}, cache["method"], cache["how"], {}, cache["seconds"])
-    else:
-        costs = measure_costs(model, specs, shapes, cands, args.method, options, sens_tokens, dev)
-    print(f"costs: {costs.how}, {costs.seconds:.1f} s", flush=True)
+        missing = [c for c in cost_models if not costs.has(c)]
+        if missing:  # an older cache: measure the costs again (the cached sensitivities stay)
+            print(f"costs: the cached table has no {','.join(missing)} costs; measuring them again", flush=True)
+            costs = None
+    if costs is None:
+        # Δ_out needs each layer's input moment: GPTQ's pass has it anyway; other methods stream it when asked
+        costs = measure_costs(model, specs, shapes, cands, args.method, options, sens_tokens, dev,
+                              want_output="output" in cost_models)
+    print(f"costs: {costs.how}, {costs.seconds:.1f} s, cost models {','.join(cost_models)}", flush=True)
     sens, sens_records = {}, []
     cached_sens = {r["sensitivity"]: r for r in (cache or {}).get("sensitivity", [])}
     for kind in kinds:
@@ -143,7 +166,7 @@ def main() -> None:
                "device": dev_label, "date": date, **{f"stability_{k}": v for k, v in st.items()}}
         sens_records.append(rec)
         print(json.dumps(rec), flush=True)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     cache_path.write_text(json.dumps({
         "key": cache_key, "method": costs.method, "how": costs.how, "seconds": costs.seconds,
         "costs": {n: {"in": lc.in_features, "out": lc.out_features,
@@ -166,13 +189,14 @@ def main() -> None:
         for kind in kinds:
             if kind != kinds[0] and compare_at is not None and budget not in compare_at:
                 continue
-            try:
-                plan = allocate_plan(sens[kind], costs, make_budget(budget, None, weights),
-                                     tie_groups_for(names, args.tie))
-            except SpecError as e:
-                print(f"budget {budget}: skipped ({e})", flush=True)
-                continue
-            runs.append((f"mixed {kind}", budget, kind, *plan.base(), plan.overrides(), plan))
+            for cost in cost_models:
+                try:
+                    plan = allocate_plan(sens[kind], costs, make_budget(budget, None, weights),
+                                         tie_groups_for(names, args.tie), cost=cost)
+                except SpecError as e:
+                    print(f"budget {budget}: skipped ({e})", flush=True)
+                    continue
+                runs.append((_series(kind, cost), budget, kind, *plan.base(), plan.overrides(), plan))
 
     reference, ref_tok = api.load_any(args.model, str(dev), dtype)
     fp = evaluate.perplexity(reference, ref_tok, text, args.eval_seqlen, args.windows, args.batch_size)
@@ -189,7 +213,7 @@ def main() -> None:
                 records.append({**r, "series": f"uniform {args.method}", "label": f"w{r['bits']} g{r['group_size']}",
                                 "budget": None, "sensitivity": None, "source": Path(args.uniform_from).name})
     done = {}
-    old_path = BENCH / "results" / f"{args.name}.json"
+    old_path = results_dir / f"{args.name}.json"
     if args.resume and old_path.is_file():
         done = {_run_key(r): r for r in json.loads(old_path.read_text()) if r.get("series") != "unquantized"}
     left = 0
@@ -229,12 +253,14 @@ def main() -> None:
                "seqlen": args.eval_seqlen, "kl": m["kl"], "widths": m["widths"], "quantize_s": m["quantize_s"],
                "calib": calib_label, "device": dev_label, "date": date}
         if plan is not None:
-            rec.update(planned_bpw=plan.bpw, objective=plan.objective, exact=plan.exact)
+            rec.update(cost=plan.cost, planned_bpw=plan.bpw, objective=plan.objective, exact=plan.exact)
         records.append(rec)
         print(json.dumps(rec), flush=True)
+        _write_records(results_dir, args.name, _with_kept(records, done))  # a call killed later keeps this run
 
-    write_records(args.name, records)
-    write_records(args.name + "-sensitivity", sens_records)
+    records = _with_kept(records, done)
+    _write_records(results_dir, args.name, records)
+    _write_records(results_dir, args.name + "-sensitivity", sens_records)
     if left:
         print(f"PARTIAL: {left} run(s) not started within --max-minutes; run the same command again with --resume",
               flush=True)
@@ -242,7 +268,7 @@ def main() -> None:
     try:
         from lpq.mixed.plot import plot_records
 
-        png = plot_records(records, BENCH / "results" / f"{args.name}.png",
+        png = plot_records(records, results_dir / f"{args.name}.png",
                            title=f"{args.model_label}: perplexity vs bits per weight", max_bpw=8.5)
     except Exception as e:  # matplotlib missing: the PNG is optional
         print(f"no PNG: {e}", flush=True)
@@ -253,7 +279,39 @@ def main() -> None:
         write_section(args.section, body)
 
 
+def _series(kind: str, cost: str) -> str:
+    """The series of a mixed run: the weight cost keeps the name records had before the output cost."""
+    return f"mixed {kind}" if cost == "weight" else f"mixed {kind} {cost}-cost"
+
+
+def _cost_of(r: dict) -> str | None:
+    """A mixed record's cost model (records from before the output cost used the weight cost)."""
+    return None if r.get("budget") is None else r.get("cost") or "weight"
+
+
+def _write_records(folder: Path, name: str, records: list[dict]) -> None:
+    if folder.resolve() == (BENCH / "results").resolve():
+        write_records(name, records)
+    else:
+        (folder / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n")
+
+
+def _shown(folder: Path) -> str:
+    """A results folder as the report names it: relative to the repository when inside it."""
+    try:
+        return str(folder.resolve().relative_to(BENCH.parent))
+    except ValueError:
+        return str(folder)
+
+
+def _with_kept(records: list[dict], done: dict[str, dict]) -> list[dict]:
+    """records + the earlier records (--resume) of runs this call did not measure or ask for."""
+    have = {_run_key(r) for r in records if r.get("series") != "unquantized"}
+    return records + [r for k, r in done.items() if k not in have]
+
+
 def _run_key(r: dict) -> str:
+    """Which run a record is; the series names the sensitivity kind and (for the output cost) the cost."""
     if r.get("budget") is None:
         return json.dumps([r["series"], r["bits"], r["group_size"]])
     return json.dumps([r["series"], float(r["budget"]), r["sensitivity"]])
@@ -279,11 +337,13 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
         f"Perplexity on `wiki.test.raw` (PROTOCOL §2), {records[0]['windows']} windows of {args.eval_seqlen}. "
         f"{args.method.upper()} underneath ({records[-1]['options'] or 'no flags'}), calibrated on {calib_label}. "
         "bpw is `lpq inspect`'s: every stored byte of the quantized linears (codes, scales, zeros, g_idx) over their "
-        f"weights; a mixed run's budget is that same count. Widths chosen from {args.candidates}; costs Δ = {costs.how} "
-        f"and the sensitivities measured on the first {args.sens_samples} calibration windows.",
+        f"weights; a mixed run's budget is that same count. Widths chosen from {args.candidates}; per-width costs "
+        f"from {costs.how} and the sensitivities measured on the first {args.sens_samples} calibration windows. "
+        "Cost model: weight = Ω·||ΔW||², output = Ω·K tr(ΔW A ΔWᵀ)/tr(A) with A the layer's input second moment "
+        "(lpq/mixed/cost.py).",
         "",
-        "| run | budget | sensitivity | bpw | size MB | perplexity | KL | widths (layers) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | budget | sensitivity | cost | bpw | size MB | perplexity | KL | widths (layers) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         widths = ", ".join(f"{k}: {v}" for k, v in (r.get("widths") or {}).items()) or "-"
@@ -291,7 +351,8 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
         size = "-" if r.get("size_mb") is None else f"{r['size_mb']:.1f}"
         run = r["series"] if r["series"] == "unquantized" else (
             f"{r['series']} {r['label']}" if r.get("budget") is None else "mixed")
-        lines.append(f"| {run} | {r.get('budget') or '-'} | {r.get('sensitivity') or '-'} | {r['bpw']:.3f} | {size} | "
+        lines.append(f"| {run} | {r.get('budget') or '-'} | {r.get('sensitivity') or '-'} | {_cost_of(r) or '-'} | "
+                     f"{r['bpw']:.3f} | {size} | "
                      f"{r['perplexity']:.2f} | {kl} | {widths} |")
     # the issue's targets
     lines += ["", "Targets (issue 7):", ""]
@@ -299,12 +360,12 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
     for r in records:
         if r.get("budget") == 3.0 and w3 is not None:
             closed = (w3["perplexity"] - r["perplexity"]) / (w3["perplexity"] - fp)
-            lines.append(f"- budget 3.0, {r['sensitivity']}: closes {closed:.1%} of uniform w3's gap to the unquantized "
+            lines.append(f"- budget 3.0, {r['sensitivity']}, {_cost_of(r)} cost: closes {closed:.1%} of uniform w3's gap to the unquantized "
                          f"model ({w3['perplexity']:.2f} -> {r['perplexity']:.2f}; target ≥ 10 %): "
                          f"{'met' if closed >= 0.10 else 'not met'}")
         if r.get("budget") == 2.5 and w2 is not None and w3 is not None:
             line = _interp(r["bpw"], (w2["bpw"], w2["perplexity"]), (w3["bpw"], w3["perplexity"]))
-            lines.append(f"- budget 2.5, {r['sensitivity']}: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw against "
+            lines.append(f"- budget 2.5, {r['sensitivity']}, {_cost_of(r)} cost: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw against "
                          f"{line:.2f} on the w2-w3 line: {'met' if r['perplexity'] < line else 'not met'}")
     # no target at the other budgets: each mixed run against the straight line between the uniform runs around it
     ladder = sorted((r for r in records if r["series"].startswith("uniform")), key=lambda r: r["bpw"])
@@ -317,7 +378,7 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
         if lo is hi:
             lo, hi = ladder[-2], ladder[-1]
         line = _interp(r["bpw"], (lo["bpw"], lo["perplexity"]), (hi["bpw"], hi["perplexity"]))
-        lines.append(f"- budget {r['budget']:g}, {r['sensitivity']}: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw; "
+        lines.append(f"- budget {r['budget']:g}, {r['sensitivity']}, {_cost_of(r)} cost: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw; "
                      f"the {lo['label']}-{hi['label']} line gives {line:.2f} there "
                      f"({'below' if r['perplexity'] < line else 'above'} it)")
     lines += ["", "Sensitivity pass (the time to measure Ω; the per-width costs took "
@@ -335,10 +396,11 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
         lines.append(f"| {s['sensitivity']} | {s['seconds']:.1f} | {s['windows']} x {s['seqlen']} | "
                      f"{s.get('stability_samples', '-')} | {settle} | {s.get('stability_unsettled_layers', '-')} | "
                      f"{'-' if rho is None else f'{rho:.3f}'} | {s[f'spearman_vs_{ref}']:.3f} |")
+    folder = _shown(Path(args.results_dir) if args.results_dir else BENCH / "results")
     if png is not None:
-        lines += ["", f"Plot: `bench/results/{Path(png).name}`."]
+        lines += ["", f"Plot: `{folder}/{Path(png).name}`."]
     else:
-        lines += ["", f"No PNG (matplotlib is not installed; it is optional): `lpq plot bench/results/{args.name}.json` draws it."]
+        lines += ["", f"No PNG (matplotlib is not installed; it is optional): `lpq plot {folder}/{args.name}.json` draws it."]
     return "\n".join(lines)
 
 

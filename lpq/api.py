@@ -132,6 +132,7 @@ def quantize(
     tie: list[str] | tuple[str, ...] = (),
     probes: int = 4,
     sensitivity_samples: int = 8,
+    mixed_cost: str = "weight",
 ) -> QuantizeResult:
     """Quantize a causal LM and (if ``out`` is given) save it packed.
 
@@ -148,7 +149,9 @@ def quantize(
     ``group_size``; or '2:64,3:128,4:128,8:128') that minimises Σ sensitivity × weight perturbation
     within the budget. ``sensitivity`` is 'hutchinson' (Hessian trace, ``probes`` probe vectors per
     window), 'fisher' or 'gptq', measured on the first ``sensitivity_samples`` calibration windows;
-    ``tie`` lists layer endings that share a width ('q_proj,k_proj,v_proj'). The plan is returned in
+    ``tie`` lists layer endings that share a width ('q_proj,k_proj,v_proj'). ``mixed_cost`` is the weight
+    perturbation the sensitivity multiplies: 'weight' (||ΔW||²) or 'output' (K tr(ΔW A ΔWᵀ)/tr(A), A the
+    layer's input second moment; lpq.mixed.cost). The plan is returned in
     ``result.plan`` and recorded in the saved config.
     """
     disable_transformers_progress()
@@ -156,10 +159,11 @@ def quantize(
     _check_bits(bits, mixed, target_size)
     budget_bits = bits
     if mixed is not None:
-        from .mixed.cost import parse_candidates
+        from .mixed.cost import check_cost, parse_candidates
         from .mixed.sensitivity import check_kind
 
         check_kind(sensitivity)
+        check_cost(mixed_cost)
         cands = parse_candidates(candidates, group_size)
         if sensitivity_samples < 1:
             raise LpqError(f"--sensitivity-samples {sensitivity_samples}: need at least one calibration window")
@@ -215,7 +219,7 @@ def quantize(
     mixed_record = None if mixed is None else {
         "mixed": mixed, "bits": budget_bits, "target_size": target_size, "sensitivity": sensitivity,
         "candidates": candidates if candidates is None or isinstance(candidates, str) else [list(c) if isinstance(c, (list, tuple)) else c for c in candidates],
-        "tie": list(tie), "probes": probes, "sensitivity_samples": sensitivity_samples}
+        "tie": list(tie), "probes": probes, "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost}
     manifest = _manifest(model_name, spec, method_options or {}, ignore, overrides or {}, calib_record, mixed_record)
     if work_dir is not None:
         if work_dir.exists() and resume:
@@ -248,7 +252,8 @@ def quantize(
                                             bits=budget_bits, target_size=target_size, sensitivity=sensitivity,
                                             candidates=candidates, tie=tie, method_options=method_options,
                                             ignore=ignore, overrides=overrides, probes=probes,
-                                            samples=sensitivity_samples, batch_size=calib_batch_size, seed=seed)
+                                            samples=sensitivity_samples, batch_size=calib_batch_size, seed=seed,
+                                            cost=mixed_cost)
         if not method_plugin.needs_calibration:
             tokens = None  # the method itself does not read them
 
@@ -288,7 +293,7 @@ def quantize(
 
 
 def _mixed_plan(model, spec: QuantSpec, tokens, dev, work_dir, resume, seconds, *, bits, target_size, sensitivity,
-                candidates, tie, method_options, ignore, overrides, probes, samples, batch_size, seed):
+                candidates, tie, method_options, ignore, overrides, probes, samples, batch_size, seed, cost):
     """Plan the widths (or read the plan a resumed run saved) -> (plan, default spec, overrides for the driver)."""
     from .mixed.plan import MixedPlan, plan_mixed
 
@@ -300,7 +305,7 @@ def _mixed_plan(model, spec: QuantSpec, tokens, dev, work_dir, resume, seconds, 
         plan = plan_mixed(model, spec, bits=bits, target_size=target_size, sensitivity=sensitivity,
                           candidates=candidates, tie=tie, method_options=method_options, ignore=ignore,
                           overrides=overrides, tokens=tokens[:samples], device=str(dev), probes=probes,
-                          batch_size=batch_size, seed=seed)
+                          batch_size=batch_size, seed=seed, cost=cost)
         if saved is not None:
             saved.write_text(json.dumps(plan.to_record()))
     info("mixed precision: " + plan.summary())

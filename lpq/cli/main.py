@@ -92,6 +92,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--probes", type=int, default=4, show_default=True, help="--mixed hutchinson: probe vectors per calibration window.")
 @click.option("--sensitivity-samples", type=int, default=8, show_default=True,
               help="--mixed: calibration windows the sensitivity and the per-width costs are measured on.")
+@click.option("--mixed-cost", type=click.Choice(["weight", "output"]), default="weight", show_default=True,
+              help="--mixed: the perturbation each sensitivity multiplies: ||dW||^2 (weight) or the layer-output error K tr(dW A dW^T)/tr(A), A the input second moment (output).")
 @click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -100,7 +102,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
              outliers, sensitive, salient_ratio, preprocess, epochs, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
              max_shard_size, trust_remote_code, mixed, sensitivity, target_size, candidates, tie, probes,
-             sensitivity_samples, recipe, save_recipe, as_json):
+             sensitivity_samples, mixed_cost, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
     from click.core import ParameterSource
 
@@ -119,7 +121,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                  "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype,
                  "calib_batch_size": calib_batch_size, "ignore": ignore, "mixed": mixed, "sensitivity": sensitivity,
                  "target_size": target_size, "candidates": candidates, "tie": tie, "probes": probes,
-                 "sensitivity_samples": sensitivity_samples}
+                 "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost}
         for key in local:
             if key in plan and key not in given:
                 local[key] = plan[key]
@@ -128,6 +130,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
         calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
         mixed, sensitivity, target_size = local["mixed"], local["sensitivity"], local["target_size"]
         candidates, probes, sensitivity_samples = local["candidates"], local["probes"], local["sensitivity_samples"]
+        mixed_cost = local["mixed_cost"]
         tie = tuple([local["tie"]] if isinstance(local["tie"], str) else (local["tie"] or ()))
         options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
@@ -151,12 +154,13 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
             out = f"out/{stem}-{method}-w{bits}-{g}"
         else:
             out = f"out/{stem}-{method}-mixed-{target_size or f'w{bits:g}'}-{sensitivity}"
+            out += "-output" if mixed_cost == "output" else ""
     run_options = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
     if mixed is not None:
         run_options.update(mixed=mixed, sensitivity=sensitivity, target_size=target_size, candidates=candidates,
-                           tie=list(tie), probes=probes, sensitivity_samples=sensitivity_samples)
+                           tie=list(tie), probes=probes, sensitivity_samples=sensitivity_samples, mixed_cost=mixed_cost)
     result = api.quantize(model, out, device=device, resume=resume, overwrite=overwrite, max_shard_size=max_shard_size,
                           trust_remote_code=trust_remote_code, save_format=save_format, **run_options)
     if save_recipe and result.plan is not None:
@@ -172,7 +176,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                "size_bytes": report["total_bytes"], "seconds": result.seconds, "peak_memory_gb": result.peak_memory_gb}
     if result.plan is not None:
         summary["mixed"] = {"budget_bytes": result.plan.budget_bytes, "quantized_bytes": report.get("quantized_bytes"),
-                            "sensitivity": result.plan.sensitivity, "widths": result.plan.widths(),
+                            "sensitivity": result.plan.sensitivity, "cost": result.plan.cost, "widths": result.plan.widths(),
                             "stability": result.plan.stability, "exact": result.plan.exact}
     if as_json:
         _print_json(summary)

@@ -8,9 +8,13 @@ reports as ``quantized_bytes`` and, divided by the quantized weights, as ``bpw``
   --bits B          Σ bytes_i ≤ floor(B · Σ n_i / 8)   (n_i = weights of linear i): inspect's bpw ≤ B
   --target-size S   Σ bytes_i ≤ S, with S in bytes: 1.2GB = 1.2e9, 300MB, 512MiB = 512·2^20, 1000000
 
+The perturbation each layer's Ω multiplies is chosen by ``cost`` (``--mixed-cost``): ``weight``,
+Δ = ||ΔW||², or ``output``, Δ_out = K tr(ΔW A ΔWᵀ)/tr(A) with A the layer's input moment (cost.py has
+the derivation: the same second-order model with a Kronecker-factored Hessian).
+
 The plan is written as a recipe whose ``overrides`` name every quantized linear with its width, so
 ``--recipe plan.yaml`` re-runs it without measuring anything; ``mixed_plan`` keeps the record (budget,
-each layer's sensitivity, Δ and bytes) for the reader.
+cost model, each layer's sensitivity, Δ, Δ_out and bytes) for the reader.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from ..errors import SpecError
 from ..spec import QuantSpec
 from .allocate import solve
-from .cost import CostTable, measure_costs, parse_candidates
+from .cost import CostTable, check_cost, cost_words, measure_costs, parse_candidates
 from .sensitivity import Sensitivity, check_kind, fisher, from_input_energy, hutchinson
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -96,9 +100,11 @@ def tie_groups(names: list[str], ties: list[str] | tuple[str, ...]) -> list[list
 class MixedPlan:
     """The chosen width of every quantized linear, and why.
 
-    layers: name -> {bits, group_size, sensitivity (Ω as measured), weights, bytes, delta (Δ of the
-    choice)}. objective = Σ Ω·Δ of the choices (Ω as in :func:`usable_sensitivity`); lower_bound ≤ the true optimum (equal when the
-    allocation was exact in bytes).
+    layers: name -> {bits, group_size, sensitivity (Ω as measured), weights, bytes, delta (||ΔW||² of the
+    choice), delta_out (Δ_out of the choice, when measured)}. cost: the perturbation the allocator used,
+    "weight" (delta) or "output" (delta_out); cost_model says the same in words. objective = Σ Ω·Δ of the
+    choices in that cost (Ω as in :func:`usable_sensitivity`); lower_bound ≤ the true optimum (equal
+    when the allocation was exact in bytes).
     """
 
     budget_bytes: int
@@ -114,6 +120,7 @@ class MixedPlan:
     stability: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     cost_model: str = ""
+    cost: str = "weight"
 
     @property
     def bytes(self) -> int:
@@ -141,7 +148,8 @@ class MixedPlan:
     def to_record(self) -> dict[str, Any]:
         return {
             "budget": self.budget_label, "budget_bytes": self.budget_bytes, "bytes": self.bytes,
-            "bpw": self.bpw, "sensitivity": self.sensitivity, "method": self.method, "cost_model": self.cost_model,
+            "bpw": self.bpw, "sensitivity": self.sensitivity, "method": self.method, "cost": self.cost,
+            "cost_model": self.cost_model,
             "objective": self.objective, "lower_bound": self.lower_bound, "exact": self.exact,
             "cell_bytes": self.cell_bytes, "ties": [list(t) for t in self.ties], "stability": dict(self.stability),
             "seconds": dict(self.seconds), "widths": self.widths(),
@@ -155,13 +163,14 @@ class MixedPlan:
                        {n: dict(v) for n, v in rec["layers"].items()}, float(rec.get("objective", 0.0)),
                        float(rec.get("lower_bound", 0.0)), bool(rec.get("exact", True)), int(rec.get("cell_bytes", 1)),
                        [list(t) for t in rec.get("ties", [])], dict(rec.get("stability", {})),
-                       dict(rec.get("seconds", {})), str(rec.get("cost_model", "")))
+                       dict(rec.get("seconds", {})), str(rec.get("cost_model", "")),
+                       check_cost(str(rec.get("cost", "weight"))))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SpecError(f"the mixed_plan record is malformed ({e}): re-create it with --save-recipe") from None
 
     def summary(self) -> str:
         widths = ", ".join(f"{k}: {v}" for k, v in self.widths().items())
-        return (f"{self.sensitivity} sensitivity, {self.bpw:.3f} bits per weight, {self.bytes} of "
+        return (f"{self.sensitivity} sensitivity, {self.cost} cost, {self.bpw:.3f} bits per weight, {self.bytes} of "
                 f"{self.budget_bytes} bytes budgeted; {widths}")
 
 
@@ -239,8 +248,11 @@ def check_floor(specs: dict[str, QuantSpec], shapes: dict[str, tuple[int, int]],
 
 
 def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: list[list[str]] = (),
-                  max_cells: int = 200_000) -> MixedPlan:
-    """Solve min Σ Ω_i·Δ_i(c_i) (Ω from :func:`usable_sensitivity`) s.t. Σ bytes_i(c_i) ≤ budget; refuse a budget below the floor."""
+                  max_cells: int = 200_000, cost: str = "weight") -> MixedPlan:
+    """Solve min Σ Ω_i·Δ_i(c_i) (Ω from :func:`usable_sensitivity`; Δ the ``cost`` model's perturbation:
+    ``weight`` reads each option's ``delta``, ``output`` its ``delta_out``) s.t. Σ bytes_i(c_i) ≤ budget;
+    refuse a budget below the floor, and the output cost on a table that lacks it."""
+    key = costs.require(cost)
     names = list(costs.layers)
     floor = sum(min(int(o["bytes"]) for o in costs.layers[n].options.values()) for n in names)
     weights = sum(costs.layers[n].weights for n in names)
@@ -249,8 +261,8 @@ def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: lis
                            for n in names})
         raise _below_floor(budget, floor, weights, smallest)
     omega = usable_sensitivity(sens.values)
-    options = {n: {key: (int(o["bytes"]), omega[n] * float(o["delta"]))
-                   for key, o in costs.layers[n].options.items()} for n in names}
+    options = {n: {k: (int(o["bytes"]), omega[n] * float(o[key]))
+                   for k, o in costs.layers[n].options.items()} for n in names}
     chosen, alloc = solve(options, budget.bytes, ties, max_cells)
     layers = {}
     for n in names:
@@ -258,9 +270,11 @@ def allocate_plan(sens: Sensitivity, costs: CostTable, budget: Budget, ties: lis
         o = costs.layers[n].options[(b, g)]
         layers[n] = {"bits": int(b), "group_size": int(g), "sensitivity": float(sens.values[n]),
                      "weights": costs.layers[n].weights, "bytes": int(o["bytes"]), "delta": float(o["delta"])}
+        if "delta_out" in o:
+            layers[n]["delta_out"] = float(o["delta_out"])
     return MixedPlan(budget.bytes, budget.label, sens.kind, costs.method, layers, alloc.objective, alloc.lower_bound,
                      alloc.exact, alloc.cell, [list(t) for t in ties], sens.stability(),
-                     {"sensitivity": sens.seconds, "costs": costs.seconds}, costs.how)
+                     {"sensitivity": sens.seconds, "costs": costs.seconds}, cost_words(costs, cost), cost)
 
 
 def _layers_and_budget(model, spec: QuantSpec, bits, target_size, candidates, ignore, overrides):
@@ -297,10 +311,13 @@ def plan_mixed(
     probes: int = 4,
     batch_size: int = 1,
     seed: int = 0,
+    cost: str = "weight",
 ) -> MixedPlan:
     """The whole planning step on an unquantized model (left as found): layers, costs, sensitivity,
-    allocation. ``tokens`` [S, L] are the windows the sensitivity and GPTQ's costs are measured on."""
+    allocation. ``tokens`` [S, L] are the windows the sensitivity, GPTQ's costs and the input moments of
+    the output cost (``cost="output"``) are measured on."""
     check_kind(sensitivity)
+    check_cost(cost)
     specs, shapes, per_layer, budget = _layers_and_budget(model, spec, bits, target_size, candidates, ignore, overrides)
     check_floor(specs, shapes, per_layer, budget)  # before the passes that take minutes
     fisher_diag = None
@@ -311,9 +328,9 @@ def plan_mixed(
         fisher_diag = fisher_diagonal(model, tokens, list(specs), device, batch_size,
                                       mode=method_options.get("fisher_mode", "auto"))
     costs = measure_costs(model, specs, shapes, per_layer, spec.method, method_options, tokens, device, batch_size,
-                          fisher=fisher_diag, want_input_energy=sensitivity == "gptq")
+                          fisher=fisher_diag, want_input_energy=sensitivity == "gptq", want_output=cost == "output")
     sens = measure_sensitivity(sensitivity, model, tokens, list(specs), device, probes, batch_size, seed, costs)
-    return allocate_plan(sens, costs, budget, tie_groups(list(specs), tie))
+    return allocate_plan(sens, costs, budget, tie_groups(list(specs), tie), cost=cost)
 
 
 # ---- the plan as a recipe ----------------------------------------------------------------------------
@@ -323,7 +340,7 @@ def plan_recipe(options: dict[str, Any], plan: MixedPlan) -> dict[str, Any]:
     """A recipe that re-runs ``plan``: the run's options with the mixed request replaced by the plan's
     default width and one override per layer, plus the ``mixed_plan`` record."""
     bits, group = plan.base()
-    drop = {"mixed", "sensitivity", "target_size", "candidates", "tie", "probes", "sensitivity_samples"}
+    drop = {"mixed", "sensitivity", "target_size", "candidates", "tie", "probes", "sensitivity_samples", "mixed_cost"}
     rec = {k: v for k, v in options.items() if k not in drop}
     rec["bits"], rec["group_size"] = int(bits), int(group)
     user = {p: ch for p, ch in (options.get("overrides") or {}).items()}
