@@ -116,3 +116,18 @@ def text_file(tmp_path_factory, sample_text) -> Path:
     p = tmp_path_factory.mktemp("text") / "calib.txt"
     p.write_text(sample_text, encoding="utf-8")
     return p
+
+
+def interrupt_training_at(monkeypatch, at_step: int) -> None:
+    """Make a fine-tuning run stop with KeyboardInterrupt when it reaches step ``at_step`` (as Ctrl-C
+    would), through the learning-rate schedule that every step calls."""
+    from lpq.finetune import train as train_mod
+
+    real = train_mod.lr_factor
+
+    def factor(step, steps, warmup):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(train_mod, "lr_factor", factor)

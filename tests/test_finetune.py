@@ -13,7 +13,7 @@ from lpq.finetune import train as train_mod
 from lpq.finetune.merge import merge_layer
 from lpq.nn import QuantizedLinear
 
-from conftest import make_model
+from conftest import interrupt_training_at, make_model
 
 
 def _ids(n=2, length=48, seed=0):
@@ -125,23 +125,12 @@ def test_merged_model_saves_loads_and_matches(qdir, tmp_path, tokenizer):
     assert cfg["default"]["options"]["qat"]["variant"] == "l4q" and cfg["finetune"] == {"steps": 0}
 
 
-def _interrupt_at(monkeypatch, at_step):
-    real = train_mod.lr_factor
-
-    def factor(step, steps, warmup):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(train_mod, "lr_factor", factor)
-
-
 @pytest.mark.parametrize("optim", ["adamw", "solo"])
 def test_resume_repeats_the_uninterrupted_losses(qdir, train_file, tmp_path, monkeypatch, optim):
     common = dict(steps=6, batch=2, seqlen=32, lora_rank=4, lr=3e-3, optim=optim, device="cpu")
     full = finetune(qdir, train_file, tmp_path / "full", **common)
     assert len(full.losses) == 6 and full.losses[-1] < full.losses[0]
-    _interrupt_at(monkeypatch, 4)
+    interrupt_training_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         finetune(qdir, train_file, tmp_path / "cut", save_every=3, **common)
     assert (tmp_path / ".cut.lpq-finetune" / "state.pt").is_file() and not (tmp_path / "cut").exists()

@@ -21,7 +21,7 @@ from lpq.finetune import DISTILL_ALPHA, FinetuneConfig, distill_loss, finetune, 
 from lpq.finetune import train as train_mod
 from lpq.nn import QuantizedLinear
 
-from conftest import VOCAB, make_model, save_model
+from conftest import VOCAB, interrupt_training_at, make_model, save_model
 
 COMMON = dict(steps=6, batch=2, seqlen=32, lora_rank=4, lr=3e-3, device="cpu")
 
@@ -191,21 +191,10 @@ def test_teacher_stays_frozen_and_in_eval_mode(qdir, teacher_dir, tokenizer):
         assert torch.equal(p, before[n]), n
 
 
-def _interrupt_at(monkeypatch, at_step):
-    real = train_mod.lr_factor
-
-    def factor(step, steps, warmup):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(train_mod, "lr_factor", factor)
-
-
 def test_resume_of_a_kd_run_repeats_the_uninterrupted_losses(qdir, teacher_dir, train_file, tmp_path, monkeypatch):
     kd = dict(distill=str(teacher_dir), distill_alpha=0.7, **COMMON)
     full = finetune(qdir, train_file, tmp_path / "full", **kd)
-    _interrupt_at(monkeypatch, 4)
+    interrupt_training_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         finetune(qdir, train_file, tmp_path / "cut", save_every=3, **kd)
     work = tmp_path / ".cut.lpq-finetune"
