@@ -150,12 +150,13 @@ def default_warps(st: dict, m: int, variant: int = 0) -> int:
     4. One n-tile per block (variant 0): 8 also when K is short (<= 32 chunks of 128: each of 4 warps
     would get 8 chunks or fewer, about its ring depth). Two n-tiles (variant 3): between 128 and 340
     blocks, 8 only for long K (>= 128 chunks; 8192x8192 is faster with 4, 8192x28672 with 8)."""
-    tiles_per_block = 1 if m <= 8 and variant != 3 else 2
-    blocks = st["sc"].shape[1] // tiles_per_block
+    small_m = m <= 8
+    two_tiles = not small_m or variant == 3  # the m > 8 kernels always take two n-tiles per block
+    blocks = st["sc"].shape[1] // (2 if two_tiles else 1)
     chunks = -(-st["k"] // 128)
     if blocks >= 340:
-        return 8 if tiles_per_block == 1 and m <= 8 and chunks <= 32 else 4
-    if tiles_per_block == 2 and m <= 8 and 128 < blocks and chunks < 128:
+        return 8 if not two_tiles and chunks <= 32 else 4
+    if small_m and two_tiles and blocks > 128 and chunks < 128:
         return 4
     return 8
 
