@@ -14,6 +14,14 @@ clock around the training loop), the peak GPU memory of each process (torch.cuda
 over training), the final loss, the merged perplexity and the loss curve's largest deviation from the
 one-process curve. Writes its section of bench/RESULTS.md and bench/results/<--name>.json
 (--dry-run-dir: both into that folder instead).
+
+--fsdp adds, for every process count N > 1, a sharded run (``finetune(fsdp=True)``: FSDP2, each GPU holds
+1/N of the model plus the block being computed) beside the data-parallel one (--fsdp-only: the sharded
+run alone), same global batch; the table then compares 1 GPU, N GPUs data-parallel and N GPUs sharded:
+loss curve against 1 GPU, merged perplexity and the peak memory of each GPU:
+
+    python bench/make_random_model.py /tmp/smol-rand                    # where the real model cannot travel
+    python bench/finetune_multi.py --model /tmp/smol-rand --model-label SmolLM2-135M-shaped-random --fsdp
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from results_io import RESULTS_MD, device_name, versions, write_records, write_s
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 SECTION = "QAT fine-tuning: data-parallel on 2 GPUs"
+SECTION_FSDP = "QAT fine-tuning: sharded (FSDP) against data-parallel on 2 GPUs"
 
 
 def parse() -> argparse.Namespace:
@@ -62,8 +71,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--processes", default="1,2", help="process counts to compare (one GPU each)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run over gloo")
     ap.add_argument("--work", default=None, help="folder for the GPTQ model and the outputs (reused: GPTQ runs once)")
-    ap.add_argument("--name", default="finetune-multi")
-    ap.add_argument("--section", default=SECTION)
+    ap.add_argument("--fsdp", action="store_true", help="also run every N > 1 sharded (FSDP2) beside data-parallel")
+    ap.add_argument("--fsdp-only", action="store_true", help="with --fsdp: no data-parallel runs for N > 1")
+    ap.add_argument("--name", default=None, help="record name (default finetune-multi, with --fsdp finetune-fsdp)")
+    ap.add_argument("--section", default=None, help="RESULTS.md section (default by --fsdp)")
     ap.add_argument("--dry-run-dir", default=None, help="write RESULTS.md and the JSON records here, not in bench/")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed to each launched fine-tune")
     # worker mode (started by this script under accelerate launch)
@@ -71,7 +82,15 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--qdir", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    ap.add_argument("--shard", action="store_true", help=argparse.SUPPRESS)  # worker: finetune(fsdp=True)
+    args = ap.parse_args()
+    if args.fsdp_only:
+        args.fsdp = True
+    if args.name is None:
+        args.name = "finetune-fsdp" if args.fsdp else "finetune-multi"
+    if args.section is None:
+        args.section = SECTION_FSDP if args.fsdp else SECTION
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,17 +98,16 @@ def parse() -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
     from lpq.finetune import finetune
 
     res = finetune(args.qdir, args.data, args.out, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
                    batch=args.batch, seqlen=args.seqlen, optim=args.optim, variant=args.variant, device=args.device,
-                   eval_text=args.text, eval_windows=args.windows, overwrite=True)
+                   eval_text=args.text, eval_windows=args.windows, overwrite=True, fsdp=args.shard)
     state = PartialState()
-    peaks = gather_object([res.peak_memory_gb])  # one entry per process, in rank order
+    peaks = res.peak_memory_gb_per_process  # one entry per process, in rank order
     if res.main_process:
-        rec = {"processes": state.num_processes, "losses": res.losses, "tokens": res.tokens,
+        rec = {"processes": state.num_processes, "fsdp": res.fsdp, "losses": res.losses, "tokens": res.tokens,
                "train_s": res.train_seconds, "tokens_per_s": res.tokens_per_s, "peak_mem_gb_per_gpu": peaks,
                "perplexity": res.perplexity, "state_bytes": res.state_bytes, "trainable_params": res.trainable_params}
         Path(args.record).write_text(json.dumps(rec))
@@ -98,7 +116,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(args: argparse.Namespace, n: int, qdir: Path, out: Path, record: Path) -> float:
+def launch(args: argparse.Namespace, n: int, qdir: Path, out: Path, record: Path, shard: bool = False) -> float:
     """Run the worker under ``accelerate launch`` with n processes; returns the launch's wall seconds."""
     if n > 1:
         mode = ["--multi_gpu"]  # on a CPU dry run too: torchrun processes, gloo (--cpu would start one process)
@@ -111,6 +129,8 @@ def launch(args: argparse.Namespace, n: int, qdir: Path, out: Path, record: Path
            "--lora-rank", str(args.lora_rank), "--optim", args.optim, "--variant", args.variant, "--device", args.device]
     if args.windows is not None:
         cmd += ["--windows", str(args.windows)]
+    if shard:
+        cmd += ["--shard"]
     env = {**os.environ, "LPQ_QUIET": "1"}
     print("$ " + shlex.join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -161,24 +181,34 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(qdir)
     n_windows = evaluate.eval_windows(tokenizer, evaluate.load_eval_text(args.text), 2048, args.windows).shape[0]
 
-    runs = {}
+    settings = []  # (processes, mode): one GPU, then data-parallel and/or sharded for every N > 1
     for n in counts:
-        out, record = work / f"ft-{n}proc", work / f"record-{n}proc.json"
+        if n == 1:
+            settings.append((1, "1 GPU"))
+            continue
+        if not args.fsdp_only:
+            settings.append((n, "data-parallel"))
+        if args.fsdp:
+            settings.append((n, "FSDP"))
+    runs = {}
+    for n, mode in settings:
+        tag = f"{n}proc" + ("-fsdp" if mode == "FSDP" else "")
+        out, record = work / f"ft-{tag}", work / f"record-{tag}.json"
         record.unlink(missing_ok=True)
-        wall = launch(args, n, qdir, out, record)
-        runs[n] = {**json.loads(record.read_text()), "launch_s": wall, "bpw": inspect_dir(out)["bpw"]}
-        print(json.dumps({k: v for k, v in runs[n].items() if k != "losses"}), flush=True)
+        wall = launch(args, n, qdir, out, record, shard=mode == "FSDP")
+        runs[(n, mode)] = {**json.loads(record.read_text()), "launch_s": wall, "bpw": inspect_dir(out)["bpw"]}
+        print(json.dumps({k: v for k, v in runs[(n, mode)].items() if k != "losses"}), flush=True)
     total_s = time.perf_counter() - t_all
 
-    base = runs.get(1) or runs[min(runs)]
+    base = runs.get((1, "1 GPU")) or runs[min(runs)]
     records = []
-    for n, r in runs.items():
+    for (n, mode), r in runs.items():
         dev = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base["losses"]))
         p = r["perplexity"]
         records.append({
             "model": args.model_label, "method": "gptq+qat", "bits": args.bits, "group_size": args.group_size,
             "options": f"act-order,mse,{args.variant},rank{args.lora_rank}", "optim": args.optim,
-            "processes": n, "per_process_batch": args.batch // n, "batch": args.batch, "train_seqlen": args.seqlen,
+            "processes": n, "mode": mode, "fsdp": mode == "FSDP", "per_process_batch": args.batch // n, "batch": args.batch, "train_seqlen": args.seqlen,
             "steps": args.steps, "lr": args.lr, "train_tokens": r["tokens"], "train_s": r["train_s"],
             "tokens_per_s": r["tokens_per_s"], "speedup": r["tokens_per_s"] / base["tokens_per_s"],
             "peak_mem_gb": max(r["peak_mem_gb_per_gpu"]), "peak_mem_gb_per_gpu": r["peak_mem_gb_per_gpu"],
@@ -206,21 +236,25 @@ def main() -> None:
         f"wiki.valid) of {args.model_label}, then LoRA-QAT ({args.variant}, rank {args.lora_rank}, {args.optim}) for "
         f"{args.steps} steps of the same global batch {args.batch}x{args.seqlen} tokens of `{Path(args.data).name}`, "
         f"peak lr {args.lr}, started by `accelerate launch --num_processes N` (one GPU per process, each takes "
-        f"{args.batch}/N windows of every batch, DDP averages the gradients; {compute}). tokens/s: global tokens "
+        f"{args.batch}/N windows of every batch, DDP averages the gradients; {compute}). "
+        + ("FSDP: `finetune(fsdp=True)` (`--fsdp`), FSDP2 shards of every decoder block and of the rest, each GPU "
+           "holds 1/N of the model (codes, scales, adapters, optimizer states) plus the block being computed; "
+           "the same data split and averaged gradients. " if args.fsdp else "")
+        + "tokens/s: global tokens "
         "over the main process's training-loop seconds; peak GB: torch.cuda.max_memory_allocated of each process "
         "over training. Perplexity on `wiki.test.raw`, "
         f"{n_windows} windows of 2048 (PROTOCOL §2), 'merged' = the saved packed model reloaded by lpq.load. "
         "'loss dev.' = the largest relative difference of a step's loss from the 1-process curve "
         "(other orders of sums, bf16, and l4q step sizes that turn rounding noise into small steps: close, not bit for bit).",
         "",
-        "| processes | batch per GPU | tokens/s | speed-up | train s | peak GB per GPU | final loss | loss dev. | "
+        "| processes | mode | batch per GPU | tokens/s | speed-up | train s | peak GB per GPU | final loss | loss dev. | "
         "before | unmerged | merged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         peaks = " / ".join(f"{v:.2f}" for v in r["peak_mem_gb_per_gpu"])
         lines.append(
-            f"| {r['processes']} | {r['per_process_batch']}x{r['train_seqlen']} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['processes']} | {r['mode']} | {r['per_process_batch']}x{r['train_seqlen']} | {r['tokens_per_s']:,.0f} | "
             f"{r['speedup']:.2f}x | {r['train_s']:.1f} | {peaks} | {r['final_loss']:.4f} | "
             f"{r['max_loss_deviation_vs_1proc']:.1e} | {r['perplexity_before']:.2f} | {r['perplexity_unmerged']:.2f} | "
             f"{r['perplexity']:.2f} |"

@@ -42,6 +42,10 @@ class UserError(click.ClickException):
                    "the student learns its next-token distributions.")
 @click.option("--distill-alpha", type=float, default=None, metavar="A",
               help="Weight of the distillation term: loss = (1-A) * CE + A * KL(teacher || student). [default: 0.5]")
+@click.option("--fsdp", is_flag=True,
+              help="Shard the model over the processes of accelerate launch --num_processes N (FSDP2: each GPU holds "
+                   "1/N of it plus the block being computed), for a base that does not fit one GPU. Launch without "
+                   "accelerate's --use_fsdp (refused); without --fsdp several processes run data-parallel.")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted fine-tune from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
@@ -53,7 +57,7 @@ class UserError(click.ClickException):
 @click.option("--eval-windows", type=int, default=None, help="Evaluate only the first N windows of 2048 tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, state_bits, variant, distill, distill_alpha,
-             save_every, resume, overwrite, out, save_format, device, seed, eval_text, eval_windows, as_json):
+             fsdp, save_every, resume, overwrite, out, save_format, device, seed, eval_text, eval_windows, as_json):
     """Fine-tune the packed model in QUANT_DIR (made by lpq quantize) and save it merged, fully quantized."""
     from ..finetune import finetune as run_finetune
 
@@ -61,7 +65,8 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
         res = run_finetune(quant_dir, data, out, qat=qat, steps=steps, lora_rank=lora_rank, lr=lr, batch=batch,
                            seqlen=seqlen, optim=optim, state_bits=state_bits, variant=variant, save_every=save_every,
                            resume=resume, overwrite=overwrite, device=device, seed=seed, save_format=save_format,
-                           eval_text=eval_text, eval_windows=eval_windows, distill=distill, distill_alpha=distill_alpha)
+                           eval_text=eval_text, eval_windows=eval_windows, distill=distill, distill_alpha=distill_alpha,
+                           fsdp=fsdp)
     except LpqError as e:
         raise UserError(e) from None
     if not res.main_process:  # under accelerate launch, one summary for the whole run
@@ -75,5 +80,12 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
     if res.distill is not None:
         kd = (f", distilled from {res.distill} (alpha {res.distill_alpha:g}; final ce {res.ce_losses[-1]:.4f}, "
               f"kl {res.kd_losses[-1]:.4f})")
+    procs = ""
+    if res.processes > 1:
+        mode = "sharded (FSDP)" if res.fsdp else "data-parallel"
+        peaks = " / ".join(f"{v:.2f}" for v in res.peak_memory_gb_per_process)
+        procs = f", {res.processes} processes {mode}" + (f", peak GPU memory {peaks} GB" if any(res.peak_memory_gb_per_process) else "")
+    elif res.peak_memory_gb:
+        procs = f", peak GPU memory {res.peak_memory_gb:.2f} GB"
     info(f"wrote {res.out}: {res.steps} steps, final loss {res.losses[-1]:.4f}{kd}, {res.tokens_per_s:,.0f} tokens/s, "
-         f"optimizer states {res.state_bytes / 1e6:.2f} MB{ppl}")
+         f"optimizer states {res.state_bytes / 1e6:.2f} MB{procs}{ppl}")

@@ -3,8 +3,9 @@
     lpq.finetune.finetune(quant_dir, data, out, steps=..., optim="solo", state_bits=3)
 
 qat.py: the trainable layer (frozen codes, LoRA, learned step sizes); merge.py: back to packed
-layers; solo.py: the low-bit-state optimizer; train.py: the loop, checkpoints and resume, and the
-distillation loss from an unquantized teacher (``distill=``, :func:`distill_loss`).
+layers; solo.py: the low-bit-state optimizer; train.py: the loop, checkpoints and resume, the
+distillation loss from an unquantized teacher (``distill=``, :func:`distill_loss`), and data-parallel or
+sharded (``fsdp=True``: FSDP2, per-process checkpoints, merged on the main process) runs under accelerate.
 """
 
 from .merge import merge_qat, save_merged

@@ -20,9 +20,12 @@ s0 * (q - z) + c = s0 * (q - (z - c / s0)). That fold is exact only with real-va
 ``uniform`` format (and GPTQ's) stores integer zeros in ``bits`` bits, so the merge rounds and clamps
 them, which can lose what was learned (measured in bench/finetune.py).
 
-Codes are kept unpacked as uint8 buffers (1 byte per weight, frozen, never a parameter); the dense
+Codes are kept unpacked as uint8 buffers (1 byte per weight, frozen, never trained); the dense
 weight is rebuilt in fp32 on each forward (with gradient checkpointing, only one block's worth lives
-at a time) and cached in eval mode.
+at a time) and cached in eval mode. Sharded over several processes (FSDP, which shards parameters and
+leaves buffers whole on every process), :meth:`QATLinear.freeze_as_parameters` turns codes, scales0 and
+zeros into frozen parameters (requires_grad False: no gradient, never in an optimizer or a checkpoint
+of the trainable tensors) and stops the eval-mode cache, which would keep every layer's dense weight.
 """
 
 from __future__ import annotations
@@ -145,6 +148,33 @@ class QATLinear(nn.Module):
         if variant == "qalora":
             self.register_buffer("pool", group_pool_matrix(self.g_idx, self.groups), persistent=False)  # [K, G]
         self._cached: torch.Tensor | None = None
+        self.cache_weight = True  # keep the dense weight between eval forwards (off when sharded)
+
+    def freeze_as_parameters(self) -> None:
+        """codes [N, K] uint8, scales0 and zeros [G, N] fp32 -> frozen nn.Parameters, for FSDP to shard.
+
+        Same values (the forward and the merge read them as before); only their kind changes, so that a
+        sharded run keeps 1/world of them per process. FSDP2 of torch <= 2.11 makes every sharded
+        parameter with requires_grad=True before clearing it, which integer tensors refuse; so the codes
+        travel as a floating-point view of the same bytes: fp16 [N, K/2] (two codes per element, bit
+        for bit; never computed with), or fp32 [N, K] values when K is odd. :meth:`code_tensor` reads
+        them back as uint8 [N, K]. No eval-mode cache after.
+        """
+        for name in ("codes", "scales0", "zeros"):
+            if name in self._buffers:
+                t = self._buffers.pop(name)
+                if name == "codes":
+                    t = t.view(torch.float16) if t.shape[1] % 2 == 0 else t.float()
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        self.cache_weight = False
+        self._cached = None
+
+    def code_tensor(self) -> torch.Tensor:
+        """The codes as uint8 [N, K], however they are held (buffer, or the frozen parameter's view)."""
+        c = self.codes
+        if c.dtype == torch.uint8:
+            return c
+        return c.view(torch.uint8) if c.dtype == torch.float16 else c.to(torch.uint8)
 
     # -- weights -------------------------------------------------------------------------------------
     def step_sizes(self) -> torch.Tensor:
@@ -160,7 +190,7 @@ class QATLinear(nn.Module):
     def fake_quant_weight(self) -> torch.Tensor:
         """[N, K] fp32: the weight this layer computes with (l4q: already on the grid)."""
         with torch.autocast(device_type=self.codes.device.type, enabled=False):
-            w0 = base_weight(self.codes, self.scales0, self.zeros, self.g_idx)
+            w0 = base_weight(self.code_tensor(), self.scales0, self.zeros, self.g_idx)
             if self.variant == "l4q":
                 return l4q_codes_and_weight(w0 + self.delta(), self.step_sizes(), self.zeros, self.g_idx,
                                             self.spec.bits)[1]
@@ -172,7 +202,7 @@ class QATLinear(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=self.codes.device.type, enabled=False):
             maxq = self.spec.maxq
             if self.variant == "l4q":
-                w0 = base_weight(self.codes, self.scales0, self.zeros, self.g_idx)
+                w0 = base_weight(self.code_tensor(), self.scales0, self.zeros, self.g_idx)
                 scales = self.step_sizes()
                 q, _ = l4q_codes_and_weight(w0 + self.delta(), scales, self.zeros, self.g_idx, self.spec.bits)
                 return q.to(torch.int32), scales.to(torch.float16), self.zeros.to(torch.int32)
@@ -180,7 +210,7 @@ class QATLinear(nn.Module):
             counts = torch.bincount(self.g_idx, minlength=self.groups).clamp(min=1).float()  # [G]
             c = (self.delta() / counts).t()  # [G, N] weight offset of each group
             zeros = torch.clamp(torch.round(self.zeros - c / self.scales0), 0, maxq)
-            return self.codes.to(torch.int32), self.scales0.to(torch.float16), zeros.to(torch.int32)
+            return self.code_tensor().to(torch.int32), self.scales0.to(torch.float16), zeros.to(torch.int32)
 
     # -- forward ------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -192,15 +222,15 @@ class QATLinear(nn.Module):
             # base through the frozen dense weight, adapter on the group means: x @ P [.., G]
             if self._cached is None or self.training:
                 with torch.no_grad(), torch.autocast(device_type=self.codes.device.type, enabled=False):
-                    w0 = base_weight(self.codes, self.scales0, self.zeros, self.g_idx)
-                if not self.training:
+                    w0 = base_weight(self.code_tensor(), self.scales0, self.zeros, self.g_idx)
+                if not self.training and self.cache_weight:
                     self._cached = w0
             else:
                 w0 = self._cached
             pooled = x @ self.pool.to(x.dtype)  # [.., G]
             adapter = F.linear(F.linear(pooled, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scaling
             return _linear(x, w0, self.bias) + adapter
-        if not self.training and not torch.is_grad_enabled():
+        if not self.training and not torch.is_grad_enabled() and self.cache_weight:
             if self._cached is None:
                 self._cached = self.fake_quant_weight().detach()
             w = self._cached

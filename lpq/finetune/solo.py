@@ -25,6 +25,13 @@ Codes are bit-packed into int32 words (lpq's packing: a 3-bit state costs 3 bits
 fp32 absmax per block for m and two fp32 bounds per block for v. Tensors smaller than
 ``min_quant_numel`` keep fp32 states. The update itself is computed in fp32 from the dequantized
 states, exactly as AdamW; only what is kept between steps is low-bit.
+
+Sharded parameters (FSDP's DTensors): each process keeps and updates the states of its own shard only
+(``to_local()`` of the parameter and of its gradient), so the blocks of the quantization, and the
+fp32 fallback below ``min_quant_numel``, are laid over each process's shard, not over the whole
+tensor: states of the same precision with blocks cut at other places (and a shard below the floor kept
+in fp32), so a sharded run's curve is close to, not identical with, a one-process SOLO run's. Nothing
+is communicated.
 """
 
 from __future__ import annotations
@@ -143,12 +150,23 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # the optimizer
 # ---------------------------------------------------------------------------------------------------
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of ``t`` this process holds: a DTensor's local shard (a view of it under no_grad, so
+    in-place updates reach the parameter), else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 class _Flat:
-    """Tensors laid end to end, each padded to a whole number of blocks: the flat state of one group."""
+    """Tensors laid end to end, each padded to a whole number of blocks: the flat state of one group.
+
+    Sizes and shapes are those of each tensor's local part (a shard under FSDP).
+    """
 
     def __init__(self, params: list, quantized: bool, block: int) -> None:
         self.params, self.quantized = params, quantized
-        self.sizes = [p.numel() for p in params]
+        self.shapes = [_local(p).shape for p in params]
+        self.sizes = [_local(p).numel() for p in params]
         self.padded = [-(-k // block) * block for k in self.sizes]
         self.numel = sum(self.padded)
         self._seg: dict[str, torch.Tensor] = {}
@@ -162,7 +180,7 @@ class _Flat:
 
     def gather(self, grads: list) -> torch.Tensor:
         """Per-tensor gradients (None: zeros) -> [numel] fp32 with zero padding; one concatenation."""
-        dev = self.params[0].device
+        dev = _local(self.params[0]).device
         pieces = []
         for g, k, kp in zip(grads, self.sizes, self.padded):
             pieces.append(torch.zeros(kp, device=dev) if g is None else g.reshape(-1).float())
@@ -172,7 +190,7 @@ class _Flat:
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """[numel] -> a view of each tensor's entries, in its shape."""
-        return [part[:k].view(p.shape) for part, k, p in zip(flat.split(self.padded), self.sizes, self.params)]
+        return [part[:k].view(shape) for part, k, shape in zip(flat.split(self.padded), self.sizes, self.shapes)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -210,7 +228,7 @@ class SOLO(torch.optim.Optimizer):
         return self._generators[key]
 
     def _quantized(self, p: torch.Tensor) -> bool:
-        return p.numel() >= self.min_quant_numel
+        return _local(p).numel() >= self.min_quant_numel
 
     # -- the step: one flat pass per parameter group -------------------------------------------------
     # A LoRA fine-tune has hundreds of small trainable tensors; quantizing each one's states on its own
@@ -242,12 +260,12 @@ class SOLO(torch.optim.Optimizer):
     def _step_flat(self, flat: _Flat, group: dict) -> None:
         bits, block = self.bits, self.block_size
         beta1, beta2 = group["betas"]
-        params = flat.params
-        has = [p.grad is not None for p in params]
+        params = [_local(p) for p in flat.params]  # the tensors this process updates (its shards)
+        has = [p.grad is not None for p in flat.params]
         if not any(has):
             return
         dev = params[0].device
-        state = self.state[params[0]]
+        state = self.state[flat.params[0]]
         n = flat.numel
         if "steps" not in state:
             state["steps"] = torch.zeros(len(params), device=dev)
@@ -258,7 +276,7 @@ class SOLO(torch.optim.Optimizer):
             v = dequantize_log(unpack_codes(state["v_codes"], bits), state["v_lo"], state["v_hi"], bits, block, n)
         else:
             m, v = state["m"], state["v"]
-        g = flat.gather([p.grad if h else None for p, h in zip(params, has)])  # [n] fp32, zero padding
+        g = flat.gather([_local(p.grad) if h else None for p, h in zip(flat.params, has)])  # [n] fp32, zero padding
         seg = flat.segment_ids(dev)  # [n]: which tensor each entry belongs to
         stepped = torch.tensor(has, device=dev)
         state["steps"] += stepped

@@ -21,6 +21,18 @@ slices of tokens (:func:`distill_loss`) so that no [B, L, V] fp32 copy of either
 Several GPUs: run under ``accelerate launch``; each process takes its share of every global batch
 (data parallel, gradients averaged by DDP), only the main process writes checkpoints and the output.
 bf16 autocast on GPUs, fp32 on the CPU.
+
+Sharded (``fsdp=True``, ``--fsdp``, for a base that does not fit one GPU; needs ``accelerate launch``
+with 2 or more processes, not accelerate's own ``--use_fsdp``): every process loads the packed model on
+the CPU, makes it trainable there, and FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each decoder
+block and then the rest over the processes, onto each one's device. Codes, scales and zeros become
+frozen parameters so that they are sharded too (:meth:`QATLinear.freeze_as_parameters`); a GPU holds
+1/N of every tensor plus the block being computed (gathered for its forward and again, recomputed, for
+its backward). Same data split and same averaged gradients as data parallel; AdamW and SOLO update each
+process's shards. Checkpoints are per process (``state-STEP.rankR.pt`` and ``sharded.json`` in the
+work folder; a resume needs the same number of processes). At the end the trained adapters and steps
+are gathered to the main process, which re-reads the packed base on the CPU (codes, scales and zeros are
+frozen: the same bytes), loads them into it, merges and saves; that process's CPU holds one whole model.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from torch import nn
 from .. import progress
 from ..checkpoint import check_output
 from ..errors import CheckpointError, LpqError
+from ..models.arch import find_blocks
 from ..progress import console, info, warn
 from .merge import merge_qat, save_merged
 from .qat import VARIANTS, prepare_qat, qat_layers, trainable_parameters
@@ -77,6 +90,7 @@ class FinetuneConfig:
     seed: int = 0
     distill: str | None = None  # teacher model (built-in name, directory, .gguf, hub id); None: plain CE
     distill_alpha: float = DISTILL_ALPHA  # loss = (1 - alpha) * CE + alpha * KL(teacher || student)
+    fsdp: bool = False  # shard the model over the processes of accelerate launch (FSDP2) instead of DDP
 
     def check(self) -> None:
         if self.steps < 1:
@@ -106,6 +120,9 @@ class FinetuneConfig:
         if not 0.0 <= alpha <= 1.0:  # also refuses nan
             raise LpqError(f"--distill-alpha {self.distill_alpha} must be between 0 and 1 "
                            "(the weight of the distillation term; 1 = distillation only)")
+        if self.fsdp and self.distill is not None:
+            raise LpqError("--distill does not combine with --fsdp (the teacher would be whole on every GPU): "
+                           "drop one of them")
 
 
 @dataclass
@@ -127,6 +144,9 @@ class FinetuneResult:
     distill_alpha: float | None = None
     ce_losses: list[float] = field(default_factory=list)  # with distillation: each step's CE and KL terms
     kd_losses: list[float] = field(default_factory=list)
+    fsdp: bool = False  # sharded over the processes (FSDP2) rather than data parallel
+    processes: int = 1
+    peak_memory_gb_per_process: list[float] = field(default_factory=list)  # GPU peak of each process, rank order
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -316,6 +336,109 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+SHARDED = "sharded.json"  # the sharded checkpoint's pointer: {"world", "step"}
+
+
+def _local(t):
+    """A DTensor's local shard (FSDP), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def _shard_file(step: int, rank: int) -> str:
+    return f"state-{step}.rank{rank}.pt"
+
+
+def check_sharded_resume(work: Path, world: int, fsdp: bool) -> None:
+    """Refuse to resume a sharded checkpoint with another number of processes, or without --fsdp."""
+    meta = work / SHARDED
+    if not meta.is_file():
+        return
+    try:
+        saved = int(json.loads(meta.read_text())["world"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"the fine-tuning checkpoint in {work} is damaged ({e}): start over with --overwrite") from None
+    if not fsdp:
+        raise LpqError(f"the interrupted fine-tune in {work} was sharded over {saved} processes: resume it with "
+                       f"accelerate launch --num_processes {saved} and --fsdp, or start over with --overwrite")
+    if saved != world:
+        raise LpqError(f"the interrupted fine-tune in {work} was sharded over {saved} processes, this run has {world}: "
+                       f"resume it with accelerate launch --num_processes {saved}, or start over with --overwrite")
+
+
+def save_sharded_checkpoint(work: Path, model: nn.Module, optimizer, step: int, losses: list[float],
+                            curves: dict[str, list[float]] | None, rank: int, world: int, barrier) -> None:
+    """Every process writes its own shards (trainable tensors, optimizer state, RNG) to
+    ``state-STEP.rankR.pt``; once all have, the main process points ``sharded.json`` at STEP; then each
+    removes its older files. Each write goes through a temporary file, so a crash at any point leaves
+    ``sharded.json`` naming a complete set."""
+    opt = optimizer.state_dict()
+    opt_state = {i: {k: ({"local": _local(v).detach().cpu().clone()} if _is_dtensor(v) else v) for k, v in st.items()}
+                 for i, st in opt["state"].items()}
+    state = {
+        "step": step, "rank": rank, "world": world,
+        "losses": list(losses),
+        "curves": {k: list(v) for k, v in (curves or {}).items()},
+        "trainable": {n: _local(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": {**opt, "state": opt_state},
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    name = _shard_file(step, rank)
+    torch.save(state, work / (name + ".tmp"))
+    os.replace(work / (name + ".tmp"), work / name)
+    barrier()
+    if rank == 0:
+        (work / (SHARDED + ".tmp")).write_text(json.dumps({"world": world, "step": step}))
+        os.replace(work / (SHARDED + ".tmp"), work / SHARDED)
+    barrier()
+    for old in work.glob(f"state-*.rank{rank}.pt"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_sharded_checkpoint(work: Path, model: nn.Module, optimizer, rank: int,
+                            world: int) -> tuple[int, list[float], dict[str, list[float]]]:
+    """This process's part of the checkpoint that ``sharded.json`` names (same processes, same model)."""
+    from torch.distributed.tensor import DTensor
+
+    check_sharded_resume(work, world, True)
+    step = int(json.loads((work / SHARDED).read_text())["step"])
+    try:
+        state = torch.load(work / _shard_file(step, rank), map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"the fine-tuning checkpoint in {work} is damaged ({e}): start over with --overwrite") from None
+    if state.get("step") != step or state.get("rank") != rank or state.get("world") != world:
+        raise CheckpointError(f"the fine-tuning checkpoint in {work} is damaged (process {rank}'s file is not of step "
+                              f"{step}): start over with --overwrite")
+    params = dict(model.named_parameters())
+    for n, v in state["trainable"].items():
+        if n not in params or _local(params[n]).shape != v.shape:
+            raise CheckpointError(f"the fine-tuning checkpoint in {work} does not fit this model: start over with --overwrite")
+        with torch.no_grad():
+            _local(params[n]).copy_(v)
+    # optimizer states that were DTensors (AdamW's moments) come back as DTensors laid like their parameter
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    opt = state["optimizer"]
+    ids = [i for g in opt["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, ordered))
+    restored = {}
+    for i, st in opt["state"].items():
+        p = by_id[i]
+        restored[i] = {k: (DTensor.from_local(v["local"].to(_local(p).device), p.device_mesh, p.placements,
+                                              run_check=False, shape=p.shape, stride=p.stride())
+                           if isinstance(v, dict) and set(v) == {"local"} else v) for k, v in st.items()}
+    optimizer.load_state_dict({**opt, "state": restored})
+    torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return step, list(state["losses"]), {k: list(v) for k, v in state.get("curves", {}).items()}
+
+
 def save_checkpoint(work: Path, model: nn.Module, optimizer, step: int, losses: list[float],
                     curves: dict[str, list[float]] | None = None) -> None:
     state = {
@@ -367,14 +490,55 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
                 break
 
 
-def _check_launch(acc) -> None:
-    """Refuse accelerate's sharded modes: the loop wraps the model in DDP itself and would ignore them."""
+def _check_launch(acc, fsdp: bool = False) -> None:
+    """Refuse accelerate's own sharded modes (the loop wraps the model itself: DDP, or FSDP2 with --fsdp,
+    and would ignore their settings); --fsdp needs several processes."""
     from accelerate.utils import DistributedType
 
     kind = getattr(acc, "distributed_type", None)
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise LpqError(f"lpq finetune runs data-parallel (DDP) only, not {kind.value}: "
-                       "launch with accelerate launch --num_processes N, without --use_fsdp or --use_deepspeed")
+        raise LpqError(f"lpq finetune does not run under accelerate's {kind.value} mode: launch with accelerate launch "
+                       "--num_processes N without --use_fsdp or --use_deepspeed (data-parallel), and add --fsdp to "
+                       "lpq finetune to shard the model over the processes")
+    if fsdp and acc.num_processes < 2:
+        raise LpqError("--fsdp shards the model over several processes: start it with accelerate launch "
+                       "--num_processes N (N >= 2, one GPU each), or drop --fsdp on one GPU")
+
+
+def shard_model(model: nn.Module, blocks, dev: torch.device) -> None:
+    """FSDP2 over all processes: every decoder block of ``blocks`` (found before prepare_qat), then the rest.
+
+    ``model`` is prepared for QAT and still on the CPU; its QAT layers' codes, scales0 and zeros become
+    frozen parameters first (FSDP shards parameters, buffers stay whole). fully_shard moves each process's
+    1/N of every parameter (dim 0, the last shard shorter or empty) and the small buffers (g_idx, biases)
+    to ``dev``. Parameters stay fp32 (the forward's bf16 autocast on GPUs is unchanged), so the all-gather
+    of a block moves its uint8 codes and fp32 scales, zeros, adapters and steps as they are.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in qat_layers(model).values():
+        layer.freeze_as_parameters()
+    mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gather_trainable(model: nn.Module, main: bool) -> dict[str, torch.Tensor] | None:
+    """Full trainable tensors of a sharded model on the main process's CPU (None elsewhere), one tensor
+    at a time (each process must call it: every gather is a collective)."""
+    out = {} if main else None
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = p.full_tensor() if _is_dtensor(p) else p
+            if main:
+                out[n] = full.detach().cpu().clone()
+            del full
+    return out
 
 
 def _data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
@@ -429,14 +593,15 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
     that model already loaded (else it is loaded here with :func:`load_teacher`), on this process's
     device, frozen. Returns {"losses", "tokens", "seconds", "state_bytes", "resumed_from", "optimizer",
     "ce_losses", "kd_losses"}. Losses are the global mean of each step's loss over all processes
-    (ce_losses and kd_losses: the two terms, with distillation only).
+    (ce_losses and kd_losses: the two terms, with distillation only). With ``cfg.fsdp`` the model is
+    already sharded (:func:`shard_model`); every process then saves and loads its own checkpoint file.
     """
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=next(model.parameters()).device.type == "cpu")
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
-    _check_launch(acc)
+    _check_launch(acc, cfg.fsdp)
     if cfg.batch % world:
         raise LpqError(f"--batch {cfg.batch} must be a multiple of the {world} processes")
     alpha = float(cfg.distill_alpha)
@@ -450,7 +615,14 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
         teacher = None
     optimizer = make_optimizer(model, cfg)
     start, losses, curves = 0, [], {}
-    if resume and work is not None and (work / "state.pt").is_file():
+    if resume and work is not None and cfg.fsdp:
+        check_sharded_resume(work, world, True)
+    if resume and work is not None and cfg.fsdp and (work / SHARDED).is_file():
+        start, losses, curves = load_sharded_checkpoint(work, model, optimizer, rank, world)
+        losses = losses[:start]
+        if acc.is_main_process:
+            info(f"resuming the sharded fine-tune from step {start} ({work})")
+    elif resume and work is not None and not cfg.fsdp and (work / "state.pt").is_file():
         start, losses, curves = load_checkpoint(work, model, optimizer)
         losses = losses[:start]
         if acc.is_main_process:
@@ -462,7 +634,7 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
     if hasattr(model, "config"):
         model.config.use_cache = False
     model.train()
-    ddp_model = _data_parallel(model, dev) if world > 1 else model
+    ddp_model = _data_parallel(model, dev) if world > 1 and not cfg.fsdp else model  # FSDP: sharded already
     autocast = dev.type == "cuda"
     bar = _Progress(cfg.steps, start, acc.is_main_process, cfg.distill if teacher is not None else None)
     tokens = 0
@@ -503,7 +675,11 @@ def train_qat(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, acce
                        *((ce_losses[-1], kd_losses[-1]) if teacher is not None else ()))
             if work is not None and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 acc.wait_for_everyone()
-                if acc.is_main_process:
+                if cfg.fsdp:
+                    save_sharded_checkpoint(work, model, optimizer, done, losses,
+                                            {"ce": ce_losses, "kd": kd_losses} if teacher is not None else None,
+                                            rank, world, acc.wait_for_everyone)
+                elif acc.is_main_process:
                     save_checkpoint(work, model, optimizer, done, losses,
                                     {"ce": ce_losses, "kd": kd_losses} if teacher is not None else None)
     finally:
@@ -545,6 +721,8 @@ def _distill_step(ddp_model: nn.Module, teacher: nn.Module, ids: torch.Tensor, a
 def _manifest(quant_dir: str, data: str, cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
     d.pop("save_every")
+    if not cfg.fsdp:  # a data-parallel run keeps the manifest it always had
+        d.pop("fsdp")
     if cfg.distill is None:  # a run without a teacher keeps the manifest it always had
         d.pop("distill")
         d.pop("distill_alpha")
@@ -570,7 +748,7 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
              resume: bool = False, overwrite: bool = False, device: str = "auto", seed: int = 0,
              save_format: str = "lpq", eval_text: str | Path | None = None, eval_windows: int | None = None,
              eval_seqlen: int = 2048, distill: str | Path | None = None, distill_alpha: float | None = None,
-             **options) -> FinetuneResult:
+             fsdp: bool = False, **options) -> FinetuneResult:
     """QAT fine-tune a packed model made by ``lpq quantize`` and save it merged, fully quantized.
 
     ``quant_dir`` is an lpq (or GPTQ) directory with uniform integer layers; ``data`` a text file.
@@ -581,7 +759,9 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
     is measured before, after training with the adapters unmerged, and after merging (reloaded
     from ``out``). ``distill``: a teacher (normally the unquantized model: built-in name, directory,
     .gguf or hub id) whose next-token distributions the student learns, loss (1 - ``distill_alpha``) *
-    CE + ``distill_alpha`` * KL(teacher || student) (default alpha 0.5). Other keyword options go to
+    CE + ``distill_alpha`` * KL(teacher || student) (default alpha 0.5). ``fsdp``: under ``accelerate
+    launch`` with N >= 2 processes, shard the model over them (FSDP2, see the module docstring) instead of
+    holding it whole on every GPU (data parallel); same losses, 1/N of the model per GPU. Other keyword options go to
     :class:`FinetuneConfig` (lora_alpha, scale_lr, warmup, weight_decay, grad_checkpointing, learn_scales).
     """
     from accelerate import Accelerator
@@ -600,7 +780,8 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
     kd = {} if distill is None else {"distill": str(distill),
                                      "distill_alpha": DISTILL_ALPHA if distill_alpha is None else distill_alpha}
     cfg = FinetuneConfig(steps=steps, lora_rank=lora_rank, lr=lr, batch=batch, seqlen=seqlen, optim=optim,
-                         state_bits=state_bits, variant=variant, save_every=save_every, seed=seed, **kd, **options)
+                         state_bits=state_bits, variant=variant, save_every=save_every, seed=seed, fsdp=bool(fsdp),
+                         **kd, **options)
     cfg.check()
     if save_format not in ("lpq", "gptq"):
         raise LpqError(f"--format {save_format} is not known: choose lpq or gptq")
@@ -625,6 +806,9 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
     dev = resolve_device(device)
     acc = Accelerator(cpu=dev.type == "cpu")
     _check_launch(acc)
+    if resume and work is not None and work.exists():  # the number of processes first: it is what to fix
+        check_sharded_resume(work, acc.num_processes, cfg.fsdp)
+    _check_launch(acc, cfg.fsdp)
     if acc.num_processes > 1:
         dev = acc.device  # one GPU per process under accelerate launch
     manifest = _manifest(str(quant_dir), str(data), cfg)
@@ -641,7 +825,8 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
             (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     acc.wait_for_everyone()
 
-    model, tokenizer = load_any(str(qpath), str(dev), torch.float32)
+    # sharded: each process loads the model on the CPU and keeps only its shards on its device
+    model, tokenizer = load_any(str(qpath), "cpu" if cfg.fsdp else str(dev), torch.float32)
     windows = training_windows(tokenizer, text, cfg.seqlen)
     teacher = None
     if cfg.distill is not None:
@@ -666,9 +851,13 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
         before = load(qpath, str(dev))  # fp16 on a GPU, fp32 on the CPU, as the merged model below
         ppl["before"] = _eval_ppl(before, tokenizer, eval_body, eval_seqlen, eval_windows, dev)
         del before
-    torch.manual_seed(cfg.seed)  # the LoRA initialisation
+    blocks = find_blocks(model)[1] if cfg.fsdp else None  # found among packed layers, before they become QAT ones
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation (the same on every process: each keeps its shard)
     prepare_qat(model, rank=cfg.lora_rank, variant=cfg.variant, alpha=cfg.lora_alpha, learn_scales=cfg.learn_scales)
-    model.to(dev)
+    if cfg.fsdp:
+        shard_model(model, blocks, dev)
+    else:
+        model.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     try:
@@ -676,15 +865,33 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
     except torch.OutOfMemoryError:
         raise LpqError("out of memory while fine-tuning: lower --batch or --seqlen") from None
     peak = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else 0.0
+    peaks = [peak]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        peaks = [float(v) for v in gather_object([peak])]  # rank order
     del teacher
-    if eval_body is not None:
+    if eval_body is not None:  # sharded: every process runs the same windows in step (each forward gathers)
         ppl["unmerged"] = _eval_ppl(model, tokenizer, eval_body, eval_seqlen, eval_windows, dev, autocast=True)
     record = {"steps": cfg.steps, "optim": cfg.optim, "state_bits": cfg.state_bits if cfg.optim == "solo" else None,
               "lr": cfg.lr, "batch": cfg.batch, "seqlen": cfg.seqlen, "data": Path(data).name}
     if cfg.distill is not None:
         record.update(distill=cfg.distill, distill_alpha=float(cfg.distill_alpha))
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    merge_qat(model, record)
+    if cfg.fsdp:
+        record["fsdp"] = acc.num_processes
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # DTensors count their whole tensor
+    if cfg.fsdp:
+        # the trained tensors, whole, to the main process's CPU; it merges into the packed base read again there
+        full = gather_trainable(model, acc.is_main_process)
+        run.pop("optimizer", None)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        model = None
+        if acc.is_main_process:
+            model = _unsharded_qat(qpath, cfg, full)
+    if model is not None:
+        merge_qat(model, record)
     if out_path is not None and acc.is_main_process:
         save_merged(model, tokenizer, out_path, overwrite=True, save_format=save_format)
         if work is not None:
@@ -695,11 +902,30 @@ def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = N
             from ..api import load
 
             merged = load(out_path, str(dev))
-        else:
-            merged = model
-        ppl["merged"] = _eval_ppl(merged, tokenizer, eval_body, eval_seqlen, eval_windows, dev)
+        else:  # sharded and not saved: the merged model is on the main process only
+            merged = model.to(dev) if model is not None else None
+        if merged is not None:
+            ppl["merged"] = _eval_ppl(merged, tokenizer, eval_body, eval_seqlen, eval_windows, dev)
     return FinetuneResult(out_path, run["losses"], cfg.steps, run["tokens"], run["seconds"],
                           run["tokens"] / max(run["seconds"], 1e-9), run["state_bytes"], n_trainable, ppl,
                           run["resumed_from"], peak, model, acc.is_main_process, distill=cfg.distill,
                           distill_alpha=float(cfg.distill_alpha) if cfg.distill is not None else None,
-                          ce_losses=run["ce_losses"], kd_losses=run["kd_losses"])
+                          ce_losses=run["ce_losses"], kd_losses=run["kd_losses"], fsdp=cfg.fsdp,
+                          processes=acc.num_processes, peak_memory_gb_per_process=peaks)
+
+
+def _unsharded_qat(qpath: Path, cfg: FinetuneConfig, trained: dict[str, torch.Tensor]) -> nn.Module:
+    """The packed base read again on the CPU, made trainable as before, with the gathered ``trained``
+    tensors (adapters and steps, full) loaded: the whole QAT model of a sharded run, ready to merge."""
+    from ..api import load_any
+
+    model, _ = load_any(str(qpath), "cpu", torch.float32)
+    prepare_qat(model, rank=cfg.lora_rank, variant=cfg.variant, alpha=cfg.lora_alpha, learn_scales=cfg.learn_scales)
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in trained]
+    if missing or any(n not in params or params[n].shape != v.shape for n, v in trained.items()):
+        raise LpqError(f"the gathered fine-tuned tensors do not fit the model (e.g. {(missing or list(trained))[0]})")
+    with torch.no_grad():
+        for n, v in trained.items():
+            params[n].copy_(v)
+    return model
