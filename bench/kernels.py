@@ -10,7 +10,13 @@ replay is timed with CUDA events; the figure is the median over >= 200 calls' re
 Before timing, each lpq kernel is checked against the fp32 reference of the same dequantized weights.
 
 Writes the section "## Kernels (uniform format)" of bench/RESULTS.md (other sections untouched) and
-bench/results/kernels-h100.json (a flat list of PROTOCOL §6 kernel records).
+bench/results/kernels-h100.json (a flat list of PROTOCOL §6 kernel records); --section and --records
+name another section / records file (e.g. one per round of kernel work).
+
+--compare-variants 4,5 also times, at every m <= 8, the round-4 default variant (3 for 2/3-bit, 0 for
+4/8-bit, its default warps) beside each listed variant with 4 and 8 warps per block, each checked
+against the reference first; the timings go into the section and the records (kernel
+"uniform_cuda[v<variant>/w<warps>]").
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ M_VALUES = [1, 4, 16, 64, 2048]
 FORMATS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64), "w8g128": (8, 128)}
 ROOFLINE_TBPS = 3.0
 ROTATE_BYTES = 256 * 2**20
-SECTION = "## Kernels (uniform format)"
+SECTION = "Kernels (uniform format)"
+
+
+def round4_variant(bits: int) -> int:
+    """The m <= 8 variant the automatic rule picked before round 5 (bench/NOTES-kernels.md)."""
+    return 3 if bits in (2, 3) else 0
 
 
 def timed(fn_for_copy, n_copies: int, min_calls: int = 200, min_replays: int = 20) -> float:
@@ -88,14 +99,15 @@ def st_bytes(st: dict) -> int:
     return st["qw"].numel() * 4 + st["sc"].numel() * 4 + st["zp"].numel() * 2
 
 
-def check(st, qw, n, k, m, dtype=torch.float16) -> float:
+def check(st, qw, n, k, m, dtype=torch.float16, warps: int | None = None, variant: int | None = None) -> float:
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = UNIFORM.dequantize(qw.tensors, qw.spec, k, n)
     ref = x.float() @ w.t()
-    y = lpq_call(st, x)
+    y = lpq_call(st, x, warps, variant)
     err = ((y.float() - ref).norm() / ref.norm()).item()
     if not err < 1e-3:
-        raise SystemExit(f"kernel check failed: {qw.spec.label()} {n}x{k} m={m}: rel err {err:.2e}")
+        raise SystemExit(f"kernel check failed: {qw.spec.label()} {n}x{k} m={m} variant={variant} warps={warps}: "
+                         f"rel err {err:.2e}")
     return err
 
 
@@ -121,7 +133,12 @@ def main() -> None:
     ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
     ap.add_argument("--shapes", default="")
     ap.add_argument("--variants", action="store_true",
-                    help="also time the fused kernel's variants (0 v3, 1 v2, 2 deep rings, 3 two n-tiles per warp) x warps 4/8 at m <= 16 (notes)")
+                    help="also time every fused-kernel variant (0 v3, 1 v2, 2 deep rings, 3 two n-tiles per warp, 4/5 two chunks per "
+                         "stage with two/one n-tiles) x warps 4/8 at m <= 16 (notes)")
+    ap.add_argument("--compare-variants", default="",
+                    help="comma list of fused variants timed beside the round-4 default at m <= 8, warps 4 and 8")
+    ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
+    ap.add_argument("--records", default="kernels-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -131,6 +148,10 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [1, 16] if args.quick else [int(v) for v in args.m.split(",")]
     fmts = [f for f in args.formats.split(",") if f]
+    cmp_variants = [int(v) for v in args.compare_variants.split(",") if v]
+    bad = [v for v in cmp_variants if v not in uniform_cuda.GEMM_VARIANTS]
+    if bad:
+        raise SystemExit(f"--compare-variants: unknown variant(s) {bad}; the kernels have {uniform_cuda.GEMM_VARIANTS}")
     gpu = torch.cuda.get_device_name()
     date = dt.date.today().isoformat()
     records, variants = [], []
@@ -180,6 +201,10 @@ def main() -> None:
             st = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
             for m in sorted(set(ms) & {1, 16, 2048}) or ms[:1]:
                 check(st, qw, n, k, m)
+            for m in [m for m in ms if m <= 8] if cmp_variants else []:
+                for v in cmp_variants:
+                    for w in (4, 8):
+                        check(st, qw, n, k, m, warps=w, variant=v)
             del qw
             nbytes = st_bytes(st)
             nc = copies_for(nbytes)
@@ -196,9 +221,27 @@ def main() -> None:
                                     format="uniform", bits=bits, group_size=gs, m=m, n=n, k=k, dtype="float16", us=us,
                                     tbps=tb, roofline_share=tb / ROOFLINE_TBPS, speedup_vs_cublas=base[m] / us,
                                     speedup_vs_torch_int4=(i4[m] / us) if (m in i4 and bits == 4) else None, date=date))
+                if cmp_variants and m <= 8:
+                    old = round4_variant(bits)
+                    alt = {("old", old, uniform_cuda.default_warps(st, m, old)): None}
+                    alt.update({(None, v, w): None for v in cmp_variants for w in (4, 8)})
+                    for key in alt:
+                        _, v, w = key
+                        alt[key] = timed(lambda i: lpq_call(sts[i], x, warps=w, variant=v), nc)
+                        records.append(dict(gpu=gpu, kernel=f"uniform_cuda[v{v}/w{w}]", format="uniform", bits=bits,
+                                            group_size=gs, m=m, n=n, k=k, dtype="float16", us=alt[key],
+                                            tbps=(nbytes + io) / alt[key] / 1e6,
+                                            roofline_share=(nbytes + io) / alt[key] / 1e6 / ROOFLINE_TBPS,
+                                            speedup_vs_cublas=base[m] / alt[key],
+                                            speedup_vs_torch_int4=(i4[m] / alt[key]) if (m in i4 and bits == 4) else None,
+                                            date=date, role="round4-default" if key[0] == "old" else "compared"))
+                    dv = uniform_cuda.default_variant(st, m)
+                    variants.append(f"{f} {n}x{k} m={m}: default v{dv}/w{uniform_cuda.default_warps(st, m, dv)} "
+                                    f"{us:.2f} us; " + ", ".join(
+                                        ("round-4 " if o else "") + f"v{v}/w{w} {t:.2f}" for (o, v, w), t in alt.items()))
                 if args.variants and m <= 16:
                     alt = {(v, w): timed(lambda i: lpq_call(sts[i], x, warps=w, variant=v), nc)
-                           for v in (0, 1, 2, 3) for w in (4, 8)}
+                           for v in uniform_cuda.GEMM_VARIANTS for w in (4, 8)}
                     variants.append(f"{f} {n}x{k} m={m}: default {us:.2f} us; " + ", ".join(
                         f"v{v}/w{w} {t:.2f}" for (v, w), t in alt.items()))
             del sts, st
@@ -206,18 +249,21 @@ def main() -> None:
         torch.cuda.empty_cache()
         print(f"done {n}x{k}", flush=True)
 
-    table = render(records, ms, fmts, gpu)
+    table = render(records, ms, fmts, gpu, args.section)
+    if variants:
+        table += ("\nVariants at m <= 8 (us; 'default' is the automatic rule of this code, 'round-4' the rule "
+                  "before round 5, vN/wW variant N with W warps per block):\n\n```\n" + "\n".join(variants) + "\n```\n")
     print(table)
     for v in variants:
         print("variant:", v)
     if not args.no_write:
-        write_results(table, records)
+        write_results(table, records, args.section, args.records)
 
 
-def render(records, ms, fmts, gpu) -> str:
-    lines = [SECTION, "",
+def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
+    lines = ["## " + section, "",
              f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `python bench/kernels.py`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
+             f"command: `python bench/kernels.py{''.join(' ' + v for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
              f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS.",
@@ -231,7 +277,7 @@ def render(records, ms, fmts, gpu) -> str:
         cb = next(r for r in rs if r["kernel"] == "cublas_fp16")
         i4 = next((r for r in rs if r["kernel"] == "torch_int4pack_mm"), None)
         for r in rs:
-            if r["format"] != "uniform":
+            if r["format"] != "uniform" or r["kernel"].startswith("uniform_cuda["):
                 continue
             lab = f"W{r['bits']} g{r['group_size']}"
             x4 = f"{r['speedup_vs_torch_int4']:.2f}" if r["speedup_vs_torch_int4"] else "-"
@@ -240,16 +286,16 @@ def render(records, ms, fmts, gpu) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(table: str, records) -> None:
+def write_results(table: str, records, section: str = SECTION, name: str = "kernels-h100") -> None:
     res = ROOT / "bench" / "RESULTS.md"
     text = res.read_text() if res.exists() else "# lpq benchmark results\n\n"
-    pat = re.compile(r"^## Kernels \(uniform format\)\n.*?(?=^## |\Z)", re.S | re.M)
+    pat = re.compile(r"^## " + re.escape(section) + r"\n.*?(?=^## |\Z)", re.S | re.M)
     if pat.search(text):
         text = pat.sub(lambda _: table + "\n", text)
     else:
         text = text.rstrip("\n") + "\n\n" + table
     res.write_text(text)
-    out = ROOT / "bench" / "results" / "kernels-h100.json"
+    out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
 

@@ -240,6 +240,57 @@ def test_every_fused_variant_matches_reference(bits, variant):
                 assert err < TOL[dtype], f"v{variant} w{warps} {qw.spec.label()} {n}x{k} m={m} {dtype}: rel err {err:.2e}"
 
 
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", [v for v in uniform_cuda.GEMM_VARIANTS if v in (0, 4, 5)])
+def test_two_chunk_variants_long_groups(variant):
+    """Variants 4/5 find the group of each fold of a two-chunk stage by a multiply (umulhi): groups
+    longer than a stage (256, 1024 columns), a short last group, an odd chunk count (K = 2944: 23
+    chunks, so the last stage's second chunk does not exist) and per-channel; variant 0 beside them
+    as a control. fp16 and bf16, m = 1 (the one-row kernel) and 5, 4 and 8 warps, outputs poisoned."""
+    gen = torch.Generator().manual_seed(400 + variant)
+    n, k = 64, 2944
+    for bits in (2, 3, 4, 8):
+        for gs in (256, 1024, -1):
+            qw = random_qweight(n, k, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
+            st = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
+            w_ref = UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float()
+            for dtype in (torch.float16, torch.bfloat16):
+                for m in (1, 5):
+                    x = torch.randn((m, k), generator=gen).to(dtype).cuda()
+                    ref = x.float() @ w_ref.t()
+                    for warps in (4, 8):
+                        poison_cache(m * n * 4 + (1 << 16), dtype)
+                        y = uniform_cuda.gemm(st, x, None, warps=warps, variant=variant)
+                        torch.cuda.synchronize()
+                        label = f"v{variant} w{warps} {qw.spec.label()} m={m} {dtype}"
+                        assert torch.isfinite(y).all(), f"{label}: unwritten outputs"
+                        err = rel_err(y, ref)
+                        assert err < TOL[dtype], f"{label}: rel err {err:.2e}"
+
+
+def test_default_variant_rule():
+    """The automatic choice is always a variant the kernels have, with 4 or 8 warps; the round-5 picks on
+    the measured shapes; above m = 8 never a two-chunk variant."""
+    def st_of(bits, n, k):
+        return {"bits": bits, "n": n, "k": k, "sc": torch.zeros(1, -(-n // 32) * 2, 8)}
+
+    for bits in BITS:
+        for n, k in ((200, 4096), (4096, 4096), (28672, 8192), (8192, 28672), (4096, 11008)):
+            st = st_of(bits, n, k)
+            for m in (1, 2, 4, 5, 8, 9, 16, 17, 64):
+                v = uniform_cuda.default_variant(st, m)
+                assert v in uniform_cuda.GEMM_VARIANTS
+                assert v in (0, 1) if m > 8 else (v == 0 if bits == 8 else v in (3, 4, 5))
+                assert uniform_cuda.default_warps(st, m, v) in (4, 8)
+    # the measured winners (bench/RESULTS.md "round 5")
+    pick = uniform_cuda.default_variant
+    assert (pick(st_of(3, 28672, 8192), 1), uniform_cuda.default_warps(st_of(3, 28672, 8192), 1, 5)) == (5, 8)
+    assert (pick(st_of(2, 8192, 28672), 1), uniform_cuda.default_warps(st_of(2, 8192, 28672), 1, 4)) == (4, 4)
+    assert (pick(st_of(4, 8192, 28672), 1), uniform_cuda.default_warps(st_of(4, 8192, 28672), 1, 5)) == (5, 4)
+    assert pick(st_of(3, 28672, 8192), 8) == 3 and pick(st_of(4, 28672, 8192), 8) == 4
+
+
 def test_unknown_variant_is_refused_before_the_op():
     """A variant number the kernels do not have is a ValueError from the wrapper, before any CUDA call
     (a failing check inside the op ends the process, bench/NOTES-kernels.md)."""

@@ -2,7 +2,8 @@
 
 The sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` for the GPU that is
 present (``sm_90a`` on Hopper), once, into a cache folder (``$LPQ_CACHE`` or
-``~/.cache/lpq/kernels``) keyed by the sources, torch's version and the architecture. The
+``~/.cache/lpq/kernels``) keyed by the sources, torch's version, the architecture and the link
+flags (the process's shared libstdc++ is named on the link line: see :func:`_link_flags`). The
 extension registers the ops ``torch.ops.lpq_cuda.uniform_gemm`` and ``...uniform_dequant``; the fake
 (meta) implementations registered here let them run under ``torch.compile`` and CUDA graphs.
 
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -52,13 +54,17 @@ def _cache_dir(tag: str) -> Path:
     return root
 
 
-def _source_hash(arch: str, files: list[str] | None = None, defines: list[str] | None = None) -> str:
+def _source_hash(arch: str, files: list[str] | None = None, defines: list[str] | None = None,
+                 ldflags: list[str] | None = None) -> str:
     h = hashlib.sha256()
     for name in files or SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     for d in defines or []:
         h.update(d.encode())
+    # the link flags are part of the key: an extension linked the old way must never be reused
+    for f in ldflags or []:
+        h.update(b"\0ld:" + f.encode())
     h.update(torch.__version__.encode())
     h.update(str(torch.version.cuda).encode())
     h.update(arch.encode())
@@ -116,6 +122,40 @@ def failure_reason() -> str | None:
     return _state["reason"]
 
 
+def _process_libstdcxx() -> str | None:
+    """Path of the shared libstdc++ mapped into this process (the one torch's libc10 runs on), or None
+    (not Linux, /proc unreadable, or a C++ runtime linked statically into torch)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libstdc++.so"):
+                    path = fields[5].strip()
+                    # the ninja file joins link flags with spaces, unquoted: such a path cannot be passed
+                    if os.path.isfile(path) and not any(c.isspace() for c in path):
+                        return path
+    except OSError:
+        return None
+    return None
+
+
+def _link_flags() -> list[str]:
+    """Extra linker inputs for the extensions: the process's shared libstdc++, named by path.
+
+    Why: on the device, the linker driver resolved the C++ runtime to a static copy (the built .so
+    defined __cxa_throw itself and had no libstdc++.so.6 in DT_NEEDED), so an exception thrown by a
+    failing TORCH_CHECK (thrown from libc10 by its own libstdc++) crossed frames of a second EH
+    runtime and the process died (SIGSEGV) instead of raising RuntimeError. A shared object given by
+    path as an input ahead of the driver's implicit ``-lstdc++`` (static or not) binds every C++
+    runtime symbol to it, whatever ``-static-libstdc++``, spec file or library search order the
+    toolchain brings; the static archive then contributes nothing. Empty when no shared libstdc++
+    is mapped (nothing to pin to; the toolchain's default is kept)."""
+    lib = _process_libstdcxx()
+    return [lib] if lib else []
+
+
 def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: list[str] | None = None) -> None:
     from torch.utils import cpp_extension
 
@@ -123,7 +163,8 @@ def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: 
     arch, gencode = _arch_flags()
     # LPQ_W3_LAYOUT=planes: the earlier 3-bit layout, for comparisons (w3_layout.py; the repack agrees)
     defines = ["-DLPQ_W3_PLANES=1"] if prefix == "lpq_cuda" and W3_LAYOUT == "planes" else []
-    tag = _source_hash(arch, sources + (headers or HEADERS), defines)
+    ldflags = _link_flags()
+    tag = _source_hash(arch, sources + (headers or HEADERS), defines, ldflags)
     build_dir = _cache_dir(f"{arch}-{tag}" if prefix == "lpq_cuda" else f"{prefix}-{arch}-{tag}")
     os.environ.setdefault("MAX_JOBS", str(max(1, min(8, os.cpu_count() or 1))))
     cpp_extension.load(
@@ -132,6 +173,7 @@ def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: 
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=["-O3", "-std=c++17", *gencode, "-lineinfo", *defines],
         extra_include_paths=[str(CSRC)],
+        extra_ldflags=ldflags,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=bool(os.environ.get("LPQ_BUILD_VERBOSE")),

@@ -127,13 +127,15 @@ def _fused_max_m() -> int:
         return 64
 
 
-GEMM_VARIANTS = (0, 1, 2, 3)
+GEMM_VARIANTS = (0, 1, 2, 3, 4, 5)
 
 
 def _gemm_variant() -> int | None:
     """Fused-kernel variant forced by ``LPQ_GEMM_VARIANT`` (benchmarks): 0 the cp.async-ring kernel
     (v3), 1 the register-prefetch kernel (v2), 2 v3 with deeper rings at m <= 8, 3 v3 with two
-    n-tiles per warp at m <= 8. None: the rule of :func:`default_variant`."""
+    n-tiles per warp at m <= 8, 4 two n-tiles per warp and two chunks per ring stage at m <= 8, 5 one
+    n-tile per warp and two chunks per stage at m <= 8 (above m = 8, 2-5 run 0). None: the rule of
+    :func:`default_variant`."""
     try:
         v = int(os.environ.get("LPQ_GEMM_VARIANT", ""))
     except ValueError:
@@ -143,17 +145,31 @@ def _gemm_variant() -> int | None:
 
 GEMM_VARIANT = _gemm_variant()
 
+# Round 5 (bench/NOTES-kernels.md; H100 timings of every variant x warps in bench/RESULTS.md "round 5"):
+# variants 4 and 5 take two chunks per ring stage, which cuts the static main-loop instructions per 16x128
+# chunk (sm_90a SASS, fp16, m = 1) from about 189 to 134 (W3, 3 -> 4), 186 to 133 (W2 g64) and 244 to 147
+# (W4, 0 -> 5). Measured: at m = 1 the one-n-tile variant 5 is fastest for every width and shape but the
+# 2-/3-bit ones with K >= 3 N (8192x28672: variant 4); at m = 2..4 variant 4 for all widths; at m = 5..8
+# variant 4 for 4-bit and still variant 3 for 2-/3-bit (W3 28672x8192 m = 8: 53.7 us against 59.3).
+M1_WIDE_K = 3  # K >= M1_WIDE_K * N: at m = 1, 2-/3-bit codes keep two n-tiles (variant 4)
+
 
 def default_warps(st: dict, m: int, variant: int = 0) -> int:
-    """Warps per block of the fused kernel, from the H100 timings at m = 1 (bench/NOTES-kernels.md,
-    round 4): with few blocks (< 340) each must keep more chunks in flight, so 8 warps; with many,
-    4. One n-tile per block (variant 0): 8 also when K is short (<= 32 chunks of 128: each of 4 warps
-    would get 8 chunks or fewer, about its ring depth). Two n-tiles (variant 3): between 128 and 340
-    blocks, 8 only for long K (>= 128 chunks; 8192x8192 is faster with 4, 8192x28672 with 8)."""
+    """Warps per block of the fused kernel, fitted to the H100 timings (bench/NOTES-kernels.md rounds 4
+    and 5). Variant 5 at m = 1: 8 warps when the layer is taller than wide (N > K), else 4. Variant 4:
+    4 warps from 129 blocks of two n-tiles up, 8 below (4096x11008, 4096x4096). Variants 0 and 3 (round
+    4): with few blocks (< 340) each must keep more chunks in flight, so 8 warps; with many, 4; one
+    n-tile per block also 8 when K is short (<= 32 chunks of 128); two n-tiles between 128 and 340
+    blocks: 8 only for long K (>= 128 chunks)."""
     small_m = m <= 8
-    two_tiles = not small_m or variant == 3  # the m > 8 kernels always take two n-tiles per block
+    n, k = st["n"], st["k"]
+    if small_m and variant == 5:
+        return 8 if n > k else 4
+    two_tiles = not small_m or variant in (3, 4)  # the m > 8 kernels always take two n-tiles per block
     blocks = st["sc"].shape[1] // (2 if two_tiles else 1)
-    chunks = -(-st["k"] // 128)
+    if small_m and variant == 4:
+        return 4 if blocks > 128 else 8
+    chunks = -(-k // 128)
     if blocks >= 340:
         return 8 if not two_tiles and chunks <= 32 else 4
     if small_m and two_tiles and blocks > 128 and chunks < 128:
@@ -162,14 +178,18 @@ def default_warps(st: dict, m: int, variant: int = 0) -> int:
 
 
 def default_variant(st: dict, m: int) -> int:
-    """m <= 8: two n-tiles per warp (3) for 2- and 3-bit codes, whose decode makes them instruction-
-    bound, so sharing the per-chunk copy, activation and scale work over 32 rows pays (H100, m = 1:
-    W3 28672x8192 48.5 -> 44.0 us, W2 8192x28672 47.3 -> 38.4 us); 4-bit stays on one n-tile (3 was
-    slower: it is near the memory roofline already). 9 <= m <= 16: v3 except 3-/4-bit with >= 8192
-    outputs, where v2 measured faster (v3's ring of 16 activation rows keeps few warps per SM)."""
+    """m = 1: variant 5, or 4 for 2-/3-bit codes with K >= 3 N; m = 2..4: 4; m = 5..8: 4 for 4-bit,
+    3 for 2-/3-bit (round 5 timings); 8-bit keeps 0 at every m <= 8. 9 <= m <= 16: v3 except 3-/4-bit
+    with >= 8192 outputs, where v2 measured faster (v3's ring of 16 activation rows keeps few warps per
+    SM)."""
+    bits = st["bits"]
     if m <= 8:
-        return 3 if st["bits"] in (2, 3) else 0
-    return 1 if m <= 16 and st["n"] >= 8192 and st["bits"] in (3, 4) else 0
+        if bits == 8:
+            return 0
+        if m == 1:
+            return 4 if bits in (2, 3) and st["k"] >= M1_WIDE_K * st["n"] else 5
+        return 4 if m <= 4 or bits == 4 else 3
+    return 1 if m <= 16 and st["n"] >= 8192 and bits in (3, 4) else 0
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,

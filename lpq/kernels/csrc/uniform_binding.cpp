@@ -38,7 +38,7 @@ at::Tensor uniform_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Ten
   TORCH_CHECK(x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "lpq uniform_gemm: x must be contiguous and 16-byte aligned");
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq uniform_gemm: warps must be in 1..8");
-  TORCH_CHECK(variant >= 0 && variant <= 3, "lpq uniform_gemm: variant must be 0, 1, 2 or 3");
+  TORCH_CHECK(variant >= 0 && variant <= 5, "lpq uniform_gemm: variant must be in 0..5");
   TORCH_CHECK(gs > 0, "lpq uniform_gemm: group size must be positive (in_features for per-channel)");
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {

@@ -37,6 +37,41 @@ cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t strea
   return cudaGetLastError();
 }
 
+// v4/v5 launch (m <= 8; KC = 2 chunks per stage). The group of a fold is umulhi(kf, gmagic), exact
+// while K * gs < 2^32 (gmagic = 0 when one group spans K): kc_groups_exact() says whether it applies.
+inline bool kc_groups_exact(const GemmArgs& a) {
+  return a.gs >= a.K || (unsigned long long)a.K * (unsigned long long)a.gs < (1ull << 32);
+}
+template <int BITS, typename T, int S, int NT, int STAGES, int XR>
+cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream) {
+  constexpr int KC = 2;
+  using Geo = StageGeomKC<BITS, S, NT, KC>;
+  const uint32_t gmagic = a.gs >= a.K ? 0u : 0xFFFFFFFFu / (uint32_t)a.gs + 1u;
+  const int xrows = XR == 1 ? 1 : (a.M < 8 ? a.M : 8);
+  const size_t stage_bytes = (size_t)Geo::words(xrows) * 4;
+  constexpr size_t kMaxSmem = 200 * 1024;
+  while (nwarps > 1 && (size_t)nwarps * STAGES * stage_bytes > kMaxSmem) nwarps /= 2;
+  size_t smem = (size_t)nwarps * STAGES * stage_bytes;
+  const size_t red = (size_t)nwarps * NT * 4 * 32 * sizeof(float);
+  if (red > smem) smem = red;
+  auto kern = uniform_gemm_kc_kernel<BITS, T, S, NT, KC, STAGES, XR>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  dim3 grid(a.n_tiles / NT, (a.M + 7) / 8);
+  kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, gmagic);
+  return cudaGetLastError();
+}
+// m = 1: the one-row kernel (XR = 1); m = 2..8: up to 8 rows (XR = 8).
+template <int BITS, typename T, int S, int NT, int STAGES>
+cudaError_t launch_gemm_kc_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) {
+  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 1>(a, nwarps, stream)
+                  : launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 8>(a, nwarps, stream);
+}
+// Ring depth (stages of two chunks) of v4/v5: about as many chunks in flight as the one-chunk ring.
+template <int BITS> constexpr int ring_kc() { return BITS == 2 ? 5 : (BITS == 3 ? 4 : (BITS == 4 ? 3 : 2)); }
+
 // Ring depth of the m <= 8 kernel: enough chunks in flight per warp for the bytes of a chunk
 // (2-bit chunks are 512 bytes, 8-bit 2 KB). variant 2: deeper rings (benchmarks).
 template <int BITS> constexpr int ring_m8() { return BITS == 2 ? 8 : (BITS == 3 ? 6 : (BITS == 4 ? 5 : 3)); }
@@ -44,7 +79,9 @@ template <int BITS> constexpr int ring_m8_deep() { return BITS == 2 ? 12 : (BITS
 
 // variant 0: v3 cp.async ring kernel (default); 1: the v2 register-prefetch kernel; 2: v3 with
 // deeper rings at m <= 8; 3: v3 with two n-tiles per warp at m <= 8 (the per-chunk copy, activation
-// and scale work shared by 32 output rows instead of 16).
+// and scale work shared by 32 output rows instead of 16); 4: two n-tiles and two chunks per ring stage
+// at m <= 8 (uniform_gemm_kc_kernel); 5: one n-tile and two chunks per stage at m <= 8. Above m = 8,
+// variants 2-5 run variant 0.
 template <int BITS, typename T, int S>
 cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
   if (variant == 1) {
@@ -55,7 +92,15 @@ cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream
   if (a.M <= 8) {
     if (variant == 2) return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8_deep<BITS>()>(a, nwarps, stream);
     if (variant == 3) return launch_gemm_cp_cfg<BITS, T, S, 1, 2, ring_m8<BITS>()>(a, nwarps, stream);
-    return launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
+    // K * gs >= 2^32 (not exact for umulhi): the one-chunk kernel with the same n-tiles per warp
+    if (variant == 4) {
+      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 2, ring_kc<BITS>()>(a, nwarps, stream)
+                                : launch_gemm_cp_cfg<BITS, T, S, 1, 2, ring_m8<BITS>()>(a, nwarps, stream);
+    }
+    if (variant == 5) {
+      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 1, ring_kc<BITS>()>(a, nwarps, stream)
+                                : launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
+    }
   }
   if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream);
   return launch_gemm_cp_cfg<BITS, T, S, 4, 2, 2>(a, nwarps, stream);

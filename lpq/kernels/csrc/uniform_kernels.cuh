@@ -740,6 +740,299 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// v4/v5 small-m fused kernel (m <= 8, one token tile): the v3 ring with KC = 2 chunks per stage, so
+// that one copy issue, one wait, one ring rotation and one loop step serve 256 columns instead of
+// 128. The copy issue keeps its per-lane state in registers across stages and has no branches: code
+// pointers advanced by a constant (the second chunk's copy predicated off past the last chunk), one
+// 16-byte activation piece per lane and token row (a stage row is 256 columns = 32 lanes x 16 bytes),
+// and a fold's scale/zero words found by one umulhi (the group) and one 32 x 32 -> 64-bit multiply-add
+// (the address), no 64-bit index arithmetic. NT = 2 (v4): two 16-row n-tiles per warp as v3; NT = 1
+// (v5). XR: token rows of a stage, 1 (m = 1: one activation copy, everything fixed at compile time)
+// or 8 (m = 2..8: a loop over the block's rows).
+//
+// Stage layout (32-bit words): codes [NT][KC][32 * 2b] (each n-tile's KC chunks are consecutive in the
+// global layout too), scales [NT][KC * FOLDS][8], zeros [NT][KC * FOLDS][4] (8 u16), x [xrows][XS]
+// (KC * 128 halves of a token row + 16 bytes of padding).
+//
+// Padding needs no branch in the decode loop: columns of x at or past K are zero-filled by the copy,
+// the codes there are zero (repack), a fold wholly past K reads the scales of group 0, and the second
+// chunk of a stage past the last chunk (odd chunk count) keeps whatever codes its slot held, which the
+// masks decode to finite values: every such product is an exact 0.
+//
+// Group of a fold: grp = umulhi(kf, gmagic) with gmagic = floor((2^32 - 1) / gs) + 1, exact while
+// K * gs < 2^32 (the launcher falls back to v3/v0 otherwise); gmagic = 0 when one group spans K.
+template <int BITS, int S, int NT, int KC>
+struct StageGeomKC {
+  static constexpr int WPL = 2 * BITS;
+  static constexpr int FOLDS = 128 / S;
+  static constexpr int SF = KC * FOLDS;          // folds per stage
+  static constexpr int CHW = 32 * WPL;           // words of one chunk of one n-tile
+  static constexpr int CW = NT * KC * CHW;       // code words
+  static constexpr int XS = KC * 64 + 4;         // words per activation row
+  static constexpr int SCW = NT * SF * 8;        // scale words
+  static constexpr int ZW = NT * SF * 4;         // zero words
+  static constexpr int XOFF = CW + SCW + ZW;     // first activation word
+  static constexpr int SPIECES = NT * SF * 3;    // 16-byte scale/zero pieces per stage
+  static constexpr int SQ = (SPIECES + 31) / 32; // pieces per lane (rounds)
+  static constexpr int CPIECES = 8 * WPL;        // 16-byte code pieces of one chunk of one n-tile
+  static constexpr int CQ = (CPIECES + 31) / 32;
+  __host__ __device__ static constexpr int words(int xrows) { return XOFF + xrows * XS; }
+};
+
+__device__ __forceinline__ void cp_async16_cg_s(uint32_t s, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+// the copy only where `on` (a predicated instruction, no branch)
+__device__ __forceinline__ void cp_async16_cg_if(uint32_t s, const void* gmem, bool on) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(s),
+      "l"(gmem), "r"((int)on));
+}
+__device__ __forceinline__ void cp_async16_ca_s(uint32_t s, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+
+template <int BITS, typename T, int S, int NT, int KC, int STAGES, int XR>
+__global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xrows_arg, uint32_t gmagic) {
+  static_assert(KC == 2, "a stage row of activations is 32 lanes x 8 halves = 2 chunks");
+  static_assert(XR == 1 || XR == 8, "one token row, or up to one token tile");
+  using G = StageGeomKC<BITS, S, NT, KC>;
+  constexpr int WPL = G::WPL;
+  constexpr int TPF = S / 16;
+  constexpr int FOLDS = G::FOLDS;
+  constexpr int SF = G::SF;
+  constexpr int CHW = G::CHW;
+  constexpr int XW = S / 8;
+  extern __shared__ __align__(16) uint32_t smem[];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nt0 = blockIdx.x * NT;
+  const int tok0 = blockIdx.y * 8;
+  const int xrows = XR == 1 ? 1 : xrows_arg;
+  const int stage_words = G::words(xrows);
+  uint32_t* ring = smem + (size_t)warp * STAGES * stage_words;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+  const int rows_here = XR == 1 ? 1 : min(8, p.M - tok0);  // token rows this block really has (>= 1)
+  const int pairs = (p.chunks + KC - 1) / KC;
+  // stages of this warp: chunk pairs warp, warp + nwarps, ...
+  const int n_my = warp < pairs ? (pairs - warp + nwarps - 1) / nwarps : 0;
+  const int kstep = nwarps * KC * 128;
+
+  // ---- per-lane copy state (advanced by one warp step per issued stage)
+  const uint32_t* qsrc = p.qw + ((size_t)nt0 * p.chunks + (size_t)warp * KC) * CHW + 4 * lane;
+  const size_t q_nt = (size_t)p.chunks * CHW, q_step = (size_t)nwarps * KC * CHW;
+  int c_issue = warp * KC;  // first chunk of the next stage to issue
+  int k_issue = warp * KC * 128;
+  const T* xsrc = x + (size_t)tok0 * p.K + lane * 8;
+  // scale/zero pieces: piece l = lane + 32 q -> (n-tile, fold of the stage, scale half 0/1 or zeros)
+  const char* s_src[G::SQ];
+  uint32_t s_gstride[G::SQ], s_dst[G::SQ];
+  int s_koff[G::SQ];
+  bool s_on[G::SQ];
+#pragma unroll
+  for (int q = 0; q < G::SQ; ++q) {
+    const int l = lane + 32 * q;
+    s_on[q] = l < G::SPIECES;
+    const int piece = l % 3, nf = l / 3, nt = min(nf / SF, NT - 1), fa = nf % SF;
+    s_koff[q] = fa * S;
+    if (piece < 2) {
+      s_src[q] = reinterpret_cast<const char*>(p.sc + (size_t)(nt0 + nt) * 8 + piece * 4);
+      s_gstride[q] = (uint32_t)p.n_tiles * 32u;  // bytes per group: n_tiles x 8 half2
+      s_dst[q] = (uint32_t)(G::CW * 4 + (nt * SF + fa) * 32 + piece * 16);
+    } else {
+      s_src[q] = reinterpret_cast<const char*>(p.zp + (size_t)(nt0 + nt) * 8);
+      s_gstride[q] = (uint32_t)p.n_tiles * 16u;  // n_tiles x 8 u16
+      s_dst[q] = (uint32_t)(G::CW * 4 + G::SCW * 4 + (nt * SF + fa) * 16);
+    }
+  }
+  uint32_t slot_w = 0;  // byte offset of the slot to fill
+  auto issue = [&]() {
+    const uint32_t st = ring_s + slot_w;
+    const bool second = c_issue + 1 < p.chunks;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < KC; ++c)
+#pragma unroll
+        for (int q = 0; q < G::CQ; ++q) {
+          const bool lane_ok = G::CPIECES % 32 == 0 || lane + 32 * q < G::CPIECES;
+          const uint32_t d = st + (uint32_t)(((nt * KC + c) * CHW + 4 * (lane + 32 * q)) * 4);
+          const uint32_t* src = qsrc + nt * q_nt + c * CHW + 128 * q;
+          if (c == 0 && (G::CPIECES % 32 == 0 || q + 1 < G::CQ)) cp_async16_cg_s(d, src);
+          else cp_async16_cg_if(d, src, lane_ok && (c == 0 || second));
+        }
+    qsrc += q_step;
+    {
+      // activations: one 16-byte piece per lane per token row; columns past K are zero-filled (the
+      // source then points at x itself, which is valid). xsrc already holds the lane's column
+      // (lane * 8): only the stage's first column is added here.
+      const bool in = k_issue + lane * 8 < p.K;
+      const T* src = in ? xsrc + k_issue : x;
+      const uint32_t d = st + (uint32_t)(G::XOFF * 4 + lane * 16);
+      if constexpr (XR == 1) {
+        cp_async16_ca_s(d, src, in ? 16 : 0);
+      } else {
+        uint32_t dr = d;
+#pragma unroll 1
+        for (int r = 0; r < rows_here; ++r, dr += G::XS * 4, src += p.K) cp_async16_ca_s(dr, src, in ? 16 : 0);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < G::SQ; ++q) {
+      const uint32_t kf = (uint32_t)(k_issue + s_koff[q]);
+      // a fold in the padding of K: group 0 (valid; its products are zero)
+      const uint32_t grp = kf < (uint32_t)p.K ? __umulhi(kf, gmagic) : 0u;
+      const char* src = s_src[q] + (size_t)grp * s_gstride[q];
+      if (G::SPIECES % 32 == 0) cp_async16_cg_s(st + s_dst[q], src);
+      else cp_async16_cg_if(st + s_dst[q], src, s_on[q]);
+    }
+    c_issue += nwarps * KC;
+    k_issue += kstep;
+    slot_w += (uint32_t)(stage_words * 4);
+    if (slot_w == (uint32_t)(STAGES * stage_words * 4)) slot_w = 0;
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n_my) issue();
+    cp_async_commit();
+  }
+  // this lane's B fragment row (rows past M: any valid row, their outputs are dropped) and column
+  const int x_lane = G::XOFF + (XR == 1 ? 0 : min(g, xrows - 1) * G::XS) + t * (S / 8);
+  int slot_r = 0;  // word offset of the slot to read
+  for (int i = 0; i < n_my; ++i) {
+    if (i + STAGES - 1 < n_my) issue();
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const uint32_t* st = ring + slot_r;
+    slot_r += stage_words;
+    if (slot_r == STAGES * stage_words) slot_r = 0;
+    const uint32_t* xs = st + x_lane;
+    const uint32_t* ss = st + G::CW;
+    const uint16_t* zs = reinterpret_cast<const uint16_t*>(ss + G::SCW);
+    static_for<0, KC>([&](auto cc) {
+      constexpr int c = decltype(cc)::value;
+      uint32_t w[NT][WPL];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t* cb = st + (nt * KC + c) * CHW;
+#pragma unroll
+        for (int s = 0; s < Layout<BITS>::segs; ++s) {
+          const uint4 v = *reinterpret_cast<const uint4*>(cb + s * 128 + lane * 4);
+          w[nt][4 * s + 0] = v.x; w[nt][4 * s + 1] = v.y; w[nt][4 * s + 2] = v.z; w[nt][4 * s + 3] = v.w;
+        }
+        if constexpr (Layout<BITS>::tail) {
+          const uint2 v = *reinterpret_cast<const uint2*>(cb + 128 + lane * 2);
+          w[nt][4] = v.x; w[nt][5] = v.y;
+        }
+      }
+      static_for<0, FOLDS>([&](auto fc) {
+        constexpr int f = decltype(fc)::value;
+        constexpr int fs = c * FOLDS + f;  // fold index inside the stage
+        uint32_t xw[XW];
+#pragma unroll
+        for (int v = 0; v < XW / 4; ++v) {
+          const uint4 u = *reinterpret_cast<const uint4*>(xs + (c * 128 + f * S) / 2 + 4 * v);
+          xw[4 * v + 0] = u.x; xw[4 * v + 1] = u.y; xw[4 * v + 2] = u.z; xw[4 * v + 3] = u.w;
+        }
+        float s_lo[NT], s_hi[NT];
+        uint32_t zz[NT][2];
+        float zf[NT][2];
+        constexpr bool kFast = FastDecode<BITS>::ok && std::is_same<T, __half>::value;
+        constexpr int NPOS = FastDecode<BITS>::npos;
+        uint32_t off[NT][2][NPOS];
+        (void)off;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          uint32_t s2 = ss[(nt * SF + fs) * 8 + g];
+          const uint32_t z2 = zs[(nt * SF + fs) * 8 + g];
+          const __half2 sh = *reinterpret_cast<__half2*>(&s2);
+          s_lo[nt] = __low2float(sh);
+          s_hi[nt] = __high2float(sh);
+          const uint32_t zl = z2 & 0xFF, zh = (z2 >> 8) & 0xFF;
+          constexpr uint32_t one = Magic<std::conditional_t<BITS == 8, __half, T>>::one;
+          zz[nt][0] = (one | zl) * 0x00010001u;
+          zz[nt][1] = (one | zh) * 0x00010001u;
+          zf[nt][0] = 8388608.f + (float)zl;
+          zf[nt][1] = 8388608.f + (float)zh;
+          if constexpr (kFast) {
+#pragma unroll
+            for (int j = 0; j < NPOS; ++j) {
+              off[nt][0][j] = fast_off<BITS>(zl, j);
+              off[nt][1][j] = fast_off<BITS>(zh, j);
+            }
+          }
+        }
+        float gacc[NT][4];
+#pragma unroll
+        for (int a = 0; a < NT; ++a)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) gacc[a][e] = 0.f;
+        static_for<0, TPF>([&](auto jc) {
+          constexpr int jj = decltype(jc)::value;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            uint32_t a[4];
+            if constexpr (kFast) {
+              tile_a_fast<BITS, f * TPF + jj>(w[nt], off[nt], a);
+            } else {
+              const uint32_t zzn[2] = {zz[nt][0], zz[nt][1]};
+              const float zfn[2] = {zf[nt][0], zf[nt][1]};
+              tile_a<BITS, T, f * TPF + jj>(w[nt], zzn, zfn, a);
+            }
+            mma16816(gacc[nt], a, xw[2 * jj], xw[2 * jj + 1], T());
+          }
+        });
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[nt][0] += s_lo[nt] * gacc[nt][0];
+          acc[nt][1] += s_lo[nt] * gacc[nt][1];
+          acc[nt][2] += s_hi[nt] * gacc[nt][2];
+          acc[nt][3] += s_hi[nt] * gacc[nt][3];
+        }
+      });
+    });
+    __syncwarp();  // every lane has read this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the reduction
+
+  constexpr int V = NT * 4;
+  float* red = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int a = 0; a < NT; ++a)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(warp * V + a * 4 + e) * 32 + lane] = acc[a][e];
+  __syncthreads();
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
+    float s = 0.f;
+    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * V * 32 + i];
+    const int ln = i & 31, v = i >> 5;
+    const int e = v & 3, a = v >> 2;
+    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
+    const int tok = tok0 + 2 * (ln & 3) + (e & 1);
+    if (n < p.N && tok < p.M) {
+      if (bias) s += to_float(bias[n]);
+      y[(size_t)tok * p.N + n] = from_float<T>(s);
+    }
+  }
+}
+
 // One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order. The warp's
 // 16 x 128 tile is staged in shared memory and written as whole 256-byte row segments (two rows per
 // warp store), not as the fragment layout's scattered 16-byte pieces.

@@ -24,7 +24,9 @@ struct DequantArgs {
 };
 
 // Each returns cudaSuccess or the launch error. `fold` is min(group size, 128) in {32, 64, 128}.
-// variant: 0 the v3 cp.async-ring fused kernel (default), 1 the v2 register-prefetch kernel, 2 v3 with deeper rings.
+// variant: 0 the v3 cp.async-ring fused kernel, 1 the v2 register-prefetch kernel, 2 v3 with deeper rings,
+// 3 v3 with two n-tiles per warp, 4/5 two chunks per ring stage with two/one n-tiles per warp (m <= 8;
+// uniform_dispatch.cuh).
 cudaError_t launch_uniform_gemm(int bits, bool bf16, int fold, const GemmArgs& args, int nwarps, int variant,
                                 cudaStream_t stream);
 cudaError_t launch_uniform_dequant(int bits, bool bf16, int fold, const DequantArgs& args, cudaStream_t stream);
