@@ -79,8 +79,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-kl", action="store_true")
-    ap.add_argument("--uniform-from", default=None, metavar="JSON",
-                    help="take the uniform runs from an earlier quality record file (same method and flags) instead of running them")
+    ap.add_argument("--uniform-from", default=None, metavar="JSON[,JSON]",
+                    help="take uniform runs from earlier quality record files (same method and flags) instead of "
+                         "running them; uniform runs found in none of them are run")
     ap.add_argument("--resume", action="store_true",
                     help="keep the records (and the planning pass) an earlier run of the same --name saved, also those of runs this "
                          "call does not ask for; measure only what is missing")
@@ -89,9 +90,16 @@ def main() -> None:
     ap.add_argument("--results-md", default=None, help="markdown file for the section [default: bench/RESULTS.md]")
     ap.add_argument("--results-dir", default=None,
                     help="folder of the JSON records, planning cache and PNG [default: bench/results]")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: write the section again from the saved records, sensitivities and planning "
+                         "cache of --name (e.g. after a call was cut before it wrote its table)")
+    ap.add_argument("--versions", default=None, help="with --report-only: the software versions of the machine that "
+                    "measured, for records saved before they were recorded")
     ap.add_argument("--name", default="mixed-smollm2")
     ap.add_argument("--section", default="Mixed precision: SmolLM2-135M, GPTQ underneath")
     args = ap.parse_args()
+    if args.report_only:
+        return report_only(args)
 
     dev = api.resolve_device(args.device)
     dtype = api.resolve_dtype("auto", dev)
@@ -182,8 +190,12 @@ def main() -> None:
 
     # ---- the runs ----
     runs = []  # (series, budget, kind, bits, group, overrides, plan)
-    for b, g in (parse_candidates(args.uniform, 128) if args.uniform and not args.uniform_from else []):
-        runs.append((f"uniform {args.method}", None, None, b, g, None, None))
+    flags = ",".join(f for f, on in (("act-order", args.act_order), ("mse", args.mse)) if on)
+    wanted = parse_candidates(args.uniform, 128) if args.uniform else []
+    earlier = uniform_records(args.uniform_from, args.method, flags, wanted)
+    for b, g in wanted:
+        if (b, g) not in {(r["bits"], r["group_size"]) for r in earlier}:
+            runs.append((f"uniform {args.method}", None, None, b, g, None, None))
     seen: dict[str, int] = {}
     for budget in budgets:
         for kind in kinds:
@@ -202,16 +214,10 @@ def main() -> None:
     fp = evaluate.perplexity(reference, ref_tok, text, args.eval_seqlen, args.windows, args.batch_size)
     records = [{"model": args.model_label, "series": "unquantized", "method": "fp", "bits": 16, "group_size": None,
                 "options": "", "bpw": 16.0, "perplexity": fp.perplexity, "windows": fp.windows, "seqlen": args.eval_seqlen,
-                "kl": None, "calib": None, "device": dev_label, "date": date}]
+                "kl": None, "calib": None, "device": dev_label, "versions": versions(), "date": date}]
     print(json.dumps(records[0]), flush=True)
     measured: dict[str, dict] = {}
-    flags = ",".join(f for f, on in (("act-order", args.act_order), ("mse", args.mse)) if on)
-    if args.uniform_from:
-        for r in json.loads(Path(args.uniform_from).read_text()):
-            if r.get("method") == args.method and r.get("options", "") == flags and \
-                    (r["bits"], r["group_size"]) in parse_candidates(args.uniform, 128):
-                records.append({**r, "series": f"uniform {args.method}", "label": f"w{r['bits']} g{r['group_size']}",
-                                "budget": None, "sensitivity": None, "source": Path(args.uniform_from).name})
+    records += earlier
     done = {}
     old_path = results_dir / f"{args.name}.json"
     if args.resume and old_path.is_file():
@@ -248,7 +254,7 @@ def main() -> None:
         m = measured[key]
         rec = {"model": args.model_label, "series": series, "method": args.method, "bits": budget if budget else bits,
                "group_size": group if budget is None else None, "options": flags, "budget": budget, "sensitivity": kind,
-               "label": f"w{bits} g{group}" if budget is None else f"{budget:g}",
+               "label": width_label(bits, group) if budget is None else f"{budget:g}",
                "bpw": m["bpw"], "size_mb": m["size_mb"], "perplexity": m["perplexity"], "windows": m["windows"],
                "seqlen": args.eval_seqlen, "kl": m["kl"], "widths": m["widths"], "quantize_s": m["quantize_s"],
                "calib": calib_label, "device": dev_label, "date": date}
@@ -277,6 +283,53 @@ def main() -> None:
         write_section(args.section, body, Path(args.results_md))
     else:
         write_section(args.section, body)
+
+
+def report_only(args) -> None:
+    """Write the section from what earlier calls saved (records, sensitivities, planning cache); no model is run."""
+    from types import SimpleNamespace
+
+    folder = Path(args.results_dir) if args.results_dir else BENCH / "results"
+    paths = [folder / f"{args.name}{end}.json" for end in ("", "-sensitivity", "-planning")]
+    missing = [str(q) for q in paths if not q.is_file()]
+    if missing:
+        sys.exit(f"--report-only needs {', '.join(missing)}: run the measurement first")
+    records, sens_records, cache = (json.loads(q.read_text()) for q in paths)
+    if not records or records[0].get("series") != "unquantized":
+        sys.exit(f"{paths[0]} does not start with the unquantized record: re-run the measurement")
+    costs = SimpleNamespace(how=cache["how"], seconds=cache["seconds"])
+    if args.versions and not records[0].get("versions"):  # records saved before versions were recorded
+        records[0]["versions"] = args.versions
+    png = None
+    try:
+        from lpq.mixed.plot import plot_records
+
+        png = plot_records(records, folder / f"{args.name}.png",
+                           title=f"{args.model_label}: perplexity vs bits per weight", max_bpw=8.5)
+    except Exception as e:  # matplotlib missing: the PNG is optional
+        print(f"no PNG: {e}", flush=True)
+    calib_label = f"{args.calib_label} {args.nsamples}x{args.seqlen}"
+    write_section(args.section, report(args, records, sens_records, costs, png, calib_label),
+                  *([Path(args.results_md)] if args.results_md else []))
+
+
+def uniform_records(files: str | None, method: str, flags: str, wanted: list[tuple[int, int]]) -> list[dict]:
+    """The uniform runs (bits, group) in ``wanted`` found in earlier quality record files (comma-separated),
+    same method and flags; the first file that has a width wins."""
+    found: dict[tuple[int, int], dict] = {}
+    for name in (files or "").split(","):
+        if not name.strip():
+            continue
+        for r in json.loads(Path(name.strip()).read_text()):
+            key = (r.get("bits"), r.get("group_size"))
+            if r.get("method") == method and r.get("options", "") == flags and key in wanted and key not in found:
+                found[key] = {**r, "series": f"uniform {method}", "label": width_label(*key), "budget": None,
+                              "sensitivity": None, "source": Path(name.strip()).name}
+    return [found[k] for k in wanted if k in found]
+
+
+def width_label(bits: int, group: int) -> str:
+    return f"w{bits} g{group}" if group and group > 0 else f"w{bits} per-channel"
 
 
 def _series(kind: str, cost: str) -> str:
@@ -323,6 +376,9 @@ def tie_groups_for(names, ties):
     return tie_groups(names, ties) if ties else []
 
 
+SAME_SIZE_BPW = 0.002  # a mixed run this close to a uniform run's bpw is compared with it as the same size
+
+
 def _interp(x, p, q):
     (x0, y0), (x1, y1) = p, q
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -330,10 +386,9 @@ def _interp(x, p, q):
 
 def report(args, records, sens_records, costs, png, calib_label) -> str:
     fp = records[0]["perplexity"]
-    uni = {r["bits"]: r for r in records if r["series"].startswith("uniform")}
     lines = [
-        f"{records[0]['device']}; {versions()}; date {records[0]['date']}.",
-        f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`.",
+        f"{records[0]['device']}; {records[0].get('versions') or versions()}; date {records[0]['date']}.",
+        f"Command: `python bench/{Path(sys.argv[0]).name} {shlex.join(a for a in sys.argv[1:] if a != '--report-only')}`.",
         f"Perplexity on `wiki.test.raw` (PROTOCOL §2), {records[0]['windows']} windows of {args.eval_seqlen}. "
         f"{args.method.upper()} underneath ({records[-1]['options'] or 'no flags'}), calibrated on {calib_label}. "
         "bpw is `lpq inspect`'s: every stored byte of the quantized linears (codes, scales, zeros, g_idx) over their "
@@ -354,22 +409,42 @@ def report(args, records, sens_records, costs, png, calib_label) -> str:
         lines.append(f"| {run} | {r.get('budget') or '-'} | {r.get('sensitivity') or '-'} | {_cost_of(r) or '-'} | "
                      f"{r['bpw']:.3f} | {size} | "
                      f"{r['perplexity']:.2f} | {kl} | {widths} |")
-    # the issue's targets
+    # the issue's targets. Overheads are counted, so no uniform 3-bit model is as small as the 3.0 budget:
+    # each mixed 3.0 run is set against every uniform w3 run, with the sizes side by side
+    uniforms = sorted((r for r in records if r["series"].startswith("uniform")), key=lambda r: r["bpw"])
+    w2s = [u for u in uniforms if u["bits"] == 2]
+    w3s = [u for u in uniforms if u["bits"] == 3]
     lines += ["", "Targets (issue 7):", ""]
-    w2, w3 = uni.get(2), uni.get(3)
     for r in records:
-        if r.get("budget") == 3.0 and w3 is not None:
-            closed = (w3["perplexity"] - r["perplexity"]) / (w3["perplexity"] - fp)
-            lines.append(f"- budget 3.0, {r['sensitivity']}, {_cost_of(r)} cost: closes {closed:.1%} of uniform w3's gap to the unquantized "
-                         f"model ({w3['perplexity']:.2f} -> {r['perplexity']:.2f}; target ≥ 10 %): "
-                         f"{'met' if closed >= 0.10 else 'not met'}")
-        if r.get("budget") == 2.5 and w2 is not None and w3 is not None:
-            line = _interp(r["bpw"], (w2["bpw"], w2["perplexity"]), (w3["bpw"], w3["perplexity"]))
-            lines.append(f"- budget 2.5, {r['sensitivity']}, {_cost_of(r)} cost: {r['perplexity']:.2f} at {r['bpw']:.3f} bpw against "
-                         f"{line:.2f} on the w2-w3 line: {'met' if r['perplexity'] < line else 'not met'}")
+        if r.get("budget") == 3.0:
+            for w3 in w3s:
+                closed = (w3["perplexity"] - r["perplexity"]) / (w3["perplexity"] - fp)
+                size = "more" if w3["bpw"] > r["bpw"] else "fewer"
+                lines.append(f"- budget 3.0, {r['sensitivity']}, {_cost_of(r)} cost, against uniform {w3['label']} "
+                             f"({w3['bpw']:.3f} bpw: {size} bits than the mixed model's {r['bpw']:.3f}): closes "
+                             f"{closed:.1%} of its gap to the unquantized model ({w3['perplexity']:.2f} -> "
+                             f"{r['perplexity']:.2f}; target ≥ 10 %): {'met' if closed >= 0.10 else 'not met'}")
+        if r.get("budget") == 2.5:
+            for w2 in w2s:
+                for w3 in w3s:
+                    line = _interp(r["bpw"], (w2["bpw"], w2["perplexity"]), (w3["bpw"], w3["perplexity"]))
+                    lines.append(f"- budget 2.5, {r['sensitivity']}, {_cost_of(r)} cost: {r['perplexity']:.2f} at "
+                                 f"{r['bpw']:.3f} bpw against {line:.2f} on the {w2['label']}-{w3['label']} line: "
+                                 f"{'met' if r['perplexity'] < line else 'not met'}")
+    # mixed runs whose budget is a uniform run's own size: the like-for-like comparison
+    same = [(r, u) for r in records if r.get("budget") not in (None, 2.5, 3.0)
+            for u in uniforms if abs(r["bpw"] - u["bpw"]) <= SAME_SIZE_BPW]
+    if same:
+        lines += ["", "At the size of a uniform run (budget = its bpw):", ""]
+    for r, u in same:
+        closed = (u["perplexity"] - r["perplexity"]) / (u["perplexity"] - fp)
+        lines.append(f"- budget {r['budget']:g}, {r['sensitivity']}, {_cost_of(r)} cost: {r['perplexity']:.2f} at "
+                     f"{r['bpw']:.3f} bpw against uniform {u['label']} {u['perplexity']:.2f} at {u['bpw']:.3f}: closes "
+                     f"{closed:.1%} of its gap to the unquantized model")
     # no target at the other budgets: each mixed run against the straight line between the uniform runs around it
-    ladder = sorted((r for r in records if r["series"].startswith("uniform")), key=lambda r: r["bpw"])
-    others = [r for r in records if r.get("budget") not in (None, 2.5, 3.0)]
+    ladder = uniforms
+    paired = {id(r) for r, _ in same}
+    others = [r for r in records if r.get("budget") not in (None, 2.5, 3.0) and id(r) not in paired]
     if others and len(ladder) >= 2:
         lines += ["", "Other budgets (no target; against the straight line between the uniform runs around them):", ""]
     for r in others if len(ladder) >= 2 else []:

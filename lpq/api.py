@@ -132,7 +132,7 @@ def quantize(
     tie: list[str] | tuple[str, ...] = (),
     probes: int = 4,
     sensitivity_samples: int = 8,
-    mixed_cost: str = "weight",
+    mixed_cost: str = "output",
 ) -> QuantizeResult:
     """Quantize a causal LM and (if ``out`` is given) save it packed.
 
@@ -151,7 +151,8 @@ def quantize(
     window), 'fisher' or 'gptq', measured on the first ``sensitivity_samples`` calibration windows;
     ``tie`` lists layer endings that share a width ('q_proj,k_proj,v_proj'). ``mixed_cost`` is the weight
     perturbation the sensitivity multiplies: 'weight' (||ΔW||²) or 'output' (K tr(ΔW A ΔWᵀ)/tr(A), A the
-    layer's input second moment; lpq.mixed.cost). The plan is returned in
+    layer's input second moment; lpq.mixed.cost; the default: on SmolLM2 it gave the better model in 4 of 5
+    GPU comparisons, bench/RESULTS.md). The plan is returned in
     ``result.plan`` and recorded in the saved config.
     """
     disable_transformers_progress()
@@ -173,6 +174,10 @@ def quantize(
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, method=method, act_order=act_order,
                      options=dict(method_options or {}))
     method_plugin = get_method(method, **(method_options or {}))
+    if mixed is None:
+        method_plugin.check_spec(spec)
+        for changes in (overrides or {}).values():  # glob -> spec changes
+            method_plugin.check_spec(spec.replace(**{k: v for k, v in changes.items() if k in ("bits", "group_size")}))
     out_path = check_output(out, overwrite or resume) if out is not None else None
     if resume and out_path is None:
         raise LpqError("--resume needs --out (the partial work is kept beside the output directory)")

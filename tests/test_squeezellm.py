@@ -127,7 +127,8 @@ def test_bad_options_rejected():
             get_method("squeezellm", **bad)
     with pytest.raises(SpecError, match="does not take"):
         get_method("squeezellm", block_size=64)
-    m = get_method("squeezellm", fisher=False)
+    assert get_method("squeezellm", fisher=False).needs_calibration  # the default GPTQ assignment reads inputs
+    m = get_method("squeezellm", fisher=False, gptq=False)
     assert m.sensitive == 0 and not m.needs_calibration
     w = torch.randn(8, 64)
     with pytest.raises(SpecError, match="choose 2, 3 or 4"):
@@ -155,8 +156,8 @@ def test_end_to_end_llama(tmp_path, text_file):
     out = tmp_path / "sq3"
     res = lpq.api.quantize(model, out, method="squeezellm", bits=3, group_size=-1, tokenizer=tok,
                            calib=str(text_file), nsamples=4, seqlen=64, device="cpu", dtype=torch.float32,
-                           method_options={"outliers": 0.4, "sensitive": 0.5, "iters": 20})
-    loaded = lpq.api.load(out, device="cpu", dtype=torch.float32)
+                           method_options={"outliers": 0.4, "sensitive": 0.5, "iters": 20, "gptq": False})
+    loaded = lpq.api.load(out, device="cpu", dtype=torch.float32)  # the paper's assignment (gptq: its own test)
 
     # the reference: the original architecture with every quantized linear's dequantized weight
     ref = make_model("llama")
@@ -229,7 +230,7 @@ def test_resume_keeps_the_saved_blocks_data_dependent_specs(tmp_path, monkeypatc
     from lpq.methods.squeezellm import SqueezeLLM
 
     kwargs = dict(method="squeezellm", bits=3, device="cpu", method_options={"fisher": False, "outliers": 2.0,
-                                                                              "sensitive": 0.0})
+                                                                              "sensitive": 0.0, "gptq": False})
     whole = lpq.quantize(make_model("llama"), tmp_path / "whole", **kwargs)
     calls = {"n": 0}
     original = SqueezeLLM.quantize_block

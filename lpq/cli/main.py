@@ -92,7 +92,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--probes", type=int, default=4, show_default=True, help="--mixed hutchinson: probe vectors per calibration window.")
 @click.option("--sensitivity-samples", type=int, default=8, show_default=True,
               help="--mixed: calibration windows the sensitivity and the per-width costs are measured on.")
-@click.option("--mixed-cost", type=click.Choice(["weight", "output"]), default="weight", show_default=True,
+@click.option("--mixed-cost", type=click.Choice(["weight", "output"]), default="output", show_default=True,
               help="--mixed: the perturbation each sensitivity multiplies: ||dW||^2 (weight) or the layer-output error K tr(dW A dW^T)/tr(A), A the input second moment (output).")
 @click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
@@ -154,7 +154,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
             out = f"out/{stem}-{method}-w{bits}-{g}"
         else:
             out = f"out/{stem}-{method}-mixed-{target_size or f'w{bits:g}'}-{sensitivity}"
-            out += "-output" if mixed_cost == "output" else ""
+            out += "-weightcost" if mixed_cost == "weight" else ""
     run_options = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)

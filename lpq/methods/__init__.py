@@ -44,6 +44,9 @@ class Method:
     def __init__(self, **options: Any) -> None:
         self.options = options
 
+    def check_spec(self, spec: QuantSpec) -> None:
+        """Refuse (SpecError) a width this method cannot produce, before any model is loaded or calibrated."""
+
     # ---- whole-model hook -------------------------------------------------------------------------
     def prepare(self, run: "QuantizationRun") -> None:
         """Called once before the first block (e.g. a backward pass for Fisher information)."""

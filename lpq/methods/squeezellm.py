@@ -14,7 +14,9 @@ on the device (the model, the quantized weights' gradients and checkpointed acti
 ``blocks`` holds one decoder block on the device at a time (see :mod:`lpq.methods.fisher`), ``auto``
 (default) takes ``whole`` when it fits in the device's free memory.
 
-Option ``gptq`` (off by default; not in the paper): the codebooks are fitted as above, then the
+Option ``gptq`` (on by default; not in the paper, whose assignment is nearest-centroid: ``gptq=false``;
+on SmolLM2 3-bit it lowered perplexity from 89.3 to 44.2 dense and from 43.9 to 33.8 with 0.45 %
+sparse, bench/RESULTS.md): the codebooks are fitted as above, then the
 weights are assigned to them column by column with GPTQ's error feedback on the layer's input Hessian
 (the rounding error of each column is spread over the columns not yet assigned, so the layer's output
 error, not each weight's, is what is minimised). It needs the input activations (one Hessian
@@ -319,14 +321,18 @@ def _as_bool(name: str, value: Any) -> bool:
 @register_method
 class SqueezeLLM(Method):
     """Options: outliers (0.40 %), sensitive (0.05 %), iters (50), fisher (True), fisher_mode (auto,
-    whole or blocks: how the Fisher is computed; the same sensitivities either way), gptq (False:
-    assign the weights with GPTQ's error feedback, see the module docstring) and damp (0.01, its
+    whole or blocks: how the Fisher is computed; the same sensitivities either way), gptq (True:
+    assign the weights with GPTQ's error feedback, see the module docstring; False: nearest centroid,
+    as the paper) and damp (0.01, its
     dampening)."""
 
     name = "squeezellm"
     needs_calibration = True
     sequential = False
     option_names = ("outliers", "sensitive", "iters", "fisher", "fisher_mode", "gptq", "damp")
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        check_bits(spec)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -345,7 +351,7 @@ class SqueezeLLM(Method):
             raise SpecError(f"--iters {options.get('iters')!r} is not an integer") from None
         if self.iters < 0:
             raise SpecError(f"--iters {self.iters} is negative: give the k-means iteration cap (e.g. 50)")
-        self.gptq = _as_bool("gptq", _opt(options, "gptq", False))
+        self.gptq = _as_bool("gptq", _opt(options, "gptq", True))
         try:
             self.damp = float(_opt(options, "damp", 0.01))
         except (TypeError, ValueError):
