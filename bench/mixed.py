@@ -270,19 +270,24 @@ def main() -> None:
     if left:
         print(f"PARTIAL: {left} run(s) not started within --max-minutes; run the same command again with --resume",
               flush=True)
-    png = None
-    try:
-        from lpq.mixed.plot import plot_records
-
-        png = plot_records(records, results_dir / f"{args.name}.png",
-                           title=f"{args.model_label}: perplexity vs bits per weight", max_bpw=8.5)
-    except Exception as e:  # matplotlib missing: the PNG is optional
-        print(f"no PNG: {e}", flush=True)
+    png = _plot(records, results_dir, args)
     body = report(args, records, sens_records, costs, png, calib_label)
     if args.results_md:
         write_section(args.section, body, Path(args.results_md))
     else:
         write_section(args.section, body)
+
+
+def _plot(records: list[dict], folder: Path, args):
+    """The perplexity-vs-bpw PNG, or None (matplotlib missing: the PNG is optional)."""
+    try:
+        from lpq.mixed.plot import plot_records
+
+        return plot_records(records, folder / f"{args.name}.png",
+                            title=f"{args.model_label}: perplexity vs bits per weight", max_bpw=8.5)
+    except Exception as e:
+        print(f"no PNG: {e}", flush=True)
+        return None
 
 
 def report_only(args) -> None:
@@ -300,14 +305,7 @@ def report_only(args) -> None:
     costs = SimpleNamespace(how=cache["how"], seconds=cache["seconds"])
     if args.versions and not records[0].get("versions"):  # records saved before versions were recorded
         records[0]["versions"] = args.versions
-    png = None
-    try:
-        from lpq.mixed.plot import plot_records
-
-        png = plot_records(records, folder / f"{args.name}.png",
-                           title=f"{args.model_label}: perplexity vs bits per weight", max_bpw=8.5)
-    except Exception as e:  # matplotlib missing: the PNG is optional
-        print(f"no PNG: {e}", flush=True)
+    png = _plot(records, folder, args)
     calib_label = f"{args.calib_label} {args.nsamples}x{args.seqlen}"
     write_section(args.section, report(args, records, sens_records, costs, png, calib_label),
                   *([Path(args.results_md)] if args.results_md else []))
