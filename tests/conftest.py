@@ -131,3 +131,13 @@ def interrupt_training_at(monkeypatch, at_step: int) -> None:
         return real(step, steps, warmup)
 
     monkeypatch.setattr(train_mod, "lr_factor", factor)
+
+
+def assert_same_saved_model(a_dir, b_dir) -> None:
+    """Two saved lpq directories load (on the CPU) to the same tensors, bit for bit, name by name."""
+    import lpq
+
+    a, b = lpq.load(a_dir, device="cpu").state_dict(), lpq.load(b_dir, device="cpu").state_dict()
+    assert list(a) == list(b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n

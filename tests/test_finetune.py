@@ -13,7 +13,7 @@ from lpq.finetune import train as train_mod
 from lpq.finetune.merge import merge_layer
 from lpq.nn import QuantizedLinear
 
-from conftest import interrupt_training_at, make_model
+from conftest import assert_same_saved_model, interrupt_training_at, make_model
 
 
 def _ids(n=2, length=48, seed=0):
@@ -139,9 +139,7 @@ def test_resume_repeats_the_uninterrupted_losses(qdir, train_file, tmp_path, mon
     assert resumed.resumed_from == 3
     assert resumed.losses == full.losses  # bit for bit
     assert not (tmp_path / ".cut.lpq-finetune").exists()
-    a, b = lpq.load(tmp_path / "full", device="cpu"), lpq.load(tmp_path / "cut", device="cpu")
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), n
+    assert_same_saved_model(tmp_path / "full", tmp_path / "cut")
 
 
 def test_batch_order_is_a_pure_function_of_the_step():

@@ -21,7 +21,7 @@ from lpq.finetune import DISTILL_ALPHA, FinetuneConfig, distill_loss, finetune, 
 from lpq.finetune import train as train_mod
 from lpq.nn import QuantizedLinear
 
-from conftest import VOCAB, interrupt_training_at, make_model, save_model
+from conftest import assert_same_saved_model, VOCAB, interrupt_training_at, make_model, save_model
 
 COMMON = dict(steps=6, batch=2, seqlen=32, lora_rank=4, lr=3e-3, device="cpu")
 
@@ -157,9 +157,7 @@ def test_alpha_zero_repeats_the_plain_run(qdir, teacher_dir, train_file, tmp_pat
     assert kd0.losses == plain.losses  # bit for bit: the teacher changes neither data, RNG nor gradients
     assert kd0.ce_losses == plain.losses and len(kd0.kd_losses) == COMMON["steps"]
     assert all(k > 0 for k in kd0.kd_losses)
-    a, b = lpq.load(tmp_path / "plain", device="cpu"), lpq.load(tmp_path / "kd0", device="cpu")
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), n
+    assert_same_saved_model(tmp_path / "plain", tmp_path / "kd0")
     # while a real mix moves the run
     mixed = finetune(qdir, train_file, tmp_path / "kd5", distill=str(teacher_dir), distill_alpha=0.5, **COMMON)
     assert mixed.losses != plain.losses
@@ -210,9 +208,7 @@ def test_resume_of_a_kd_run_repeats_the_uninterrupted_losses(qdir, teacher_dir, 
     assert resumed.resumed_from == 3
     assert resumed.losses == full.losses  # bit for bit
     assert resumed.ce_losses == full.ce_losses and resumed.kd_losses == full.kd_losses
-    a, b = lpq.load(tmp_path / "full", device="cpu"), lpq.load(tmp_path / "cut", device="cpu")
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), n
+    assert_same_saved_model(tmp_path / "full", tmp_path / "cut")
 
 
 def test_plain_run_manifest_is_unchanged(qdir, train_file, tmp_path):

@@ -38,7 +38,7 @@ from lpq.errors import LpqError
 from lpq.finetune import finetune
 from lpq.nn import QuantizedLinear
 
-from conftest import make_model
+from conftest import assert_same_saved_model, make_model
 
 slow = pytest.mark.slow  # the four launches of two processes together take about a minute on 2 cores
 
@@ -192,9 +192,7 @@ def test_resume_under_two_processes(runs):
     # same processes, same order of sums: the resumed run repeats the uninterrupted 2-process run bit for bit
     assert resumed[0]["losses"] == resumed[1]["losses"] == two[0]["losses"]
     assert sorted(p.name for p in outs.iterdir()) == ["cut"]
-    a, b = lpq.load(runs["outs"] / "two", device="cpu"), lpq.load(outs / "cut", device="cpu")
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), n
+    assert_same_saved_model(runs["outs"] / "two", outs / "cut")
 
 
 @slow

@@ -29,7 +29,7 @@ from lpq.errors import LpqError
 from lpq.finetune import finetune
 from lpq.nn import QuantizedLinear
 
-from conftest import make_model
+from conftest import assert_same_saved_model, make_model
 from test_finetune_distributed import _launch
 
 slow = pytest.mark.slow  # each launch of two processes takes 20-30 s on 2 cores
@@ -206,9 +206,7 @@ def test_sharded_resume_repeats_the_curve_and_refuses_other_launches(runs):
     # same processes, same order of sums: the uninterrupted sharded run's losses, bit for bit
     assert resumed[0]["losses"] == resumed[1]["losses"] == two[0]["losses"]
     assert sorted(p.name for p in outs.iterdir()) == ["cut"]
-    a, b = lpq.load(runs["outs"] / "two", device="cpu"), lpq.load(outs / "cut", device="cpu")
-    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), n
+    assert_same_saved_model(runs["outs"] / "two", outs / "cut")
 
 
 @slow

@@ -213,6 +213,19 @@ def test_kernels_match_reference(bits, gs, sym, dtype, monkeypatch):
     check_layer(qw, dtype, M_VALUES, ["uniform_cuda", "uniform_cuda_fused", "uniform_cuda_dequant"], monkeypatch, gen=gen)
 
 
+def check_variant(st: dict, x: torch.Tensor, w_ref: torch.Tensor, variant: int, label: str) -> None:
+    """One fused-kernel variant, called directly with 4 and 8 warps, against x @ w_ref^T; the output
+    memory is poisoned before each call so that unwritten elements show as non-finite."""
+    ref = x.float() @ w_ref.t()
+    for warps in (4, 8):
+        poison_cache(x.shape[0] * w_ref.shape[0] * 4 + (1 << 16), x.dtype)
+        y = uniform_cuda.gemm(st, x, None, warps=warps, variant=variant)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all(), f"v{variant} w{warps} {label}: unwritten outputs"
+        err = rel_err(y, ref)
+        assert err < TOL[x.dtype], f"v{variant} w{warps} {label}: rel err {err:.2e}"
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", uniform_cuda.GEMM_VARIANTS)
@@ -230,14 +243,7 @@ def test_every_fused_variant_matches_reference(bits, variant):
         w_ref = UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float()
         for m in (1, 3, 8, 16):
             x = torch.randn((m, k), generator=gen).to(dtype).cuda()
-            ref = x.float() @ w_ref.t()
-            for warps in (4, 8):
-                poison_cache(m * n * 4 + (1 << 16), dtype)
-                y = uniform_cuda.gemm(st, x, None, warps=warps, variant=variant)
-                torch.cuda.synchronize()
-                assert torch.isfinite(y).all(), f"v{variant} w{warps} {qw.spec.label()} {n}x{k} m={m}: unwritten outputs"
-                err = rel_err(y, ref)
-                assert err < TOL[dtype], f"v{variant} w{warps} {qw.spec.label()} {n}x{k} m={m} {dtype}: rel err {err:.2e}"
+            check_variant(st, x, w_ref, variant, f"{qw.spec.label()} {n}x{k} m={m} {dtype}")
 
 
 @needs_cuda
@@ -258,15 +264,7 @@ def test_two_chunk_variants_long_groups(variant):
             for dtype in (torch.float16, torch.bfloat16):
                 for m in (1, 5):
                     x = torch.randn((m, k), generator=gen).to(dtype).cuda()
-                    ref = x.float() @ w_ref.t()
-                    for warps in (4, 8):
-                        poison_cache(m * n * 4 + (1 << 16), dtype)
-                        y = uniform_cuda.gemm(st, x, None, warps=warps, variant=variant)
-                        torch.cuda.synchronize()
-                        label = f"v{variant} w{warps} {qw.spec.label()} m={m} {dtype}"
-                        assert torch.isfinite(y).all(), f"{label}: unwritten outputs"
-                        err = rel_err(y, ref)
-                        assert err < TOL[dtype], f"{label}: rel err {err:.2e}"
+                    check_variant(st, x, w_ref, variant, f"{qw.spec.label()} {n}x{k} m={m} {dtype}")
 
 
 def test_default_variant_rule():
