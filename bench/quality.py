@@ -4,7 +4,9 @@
 
 A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag+...]`` with flags ``sym``,
 ``act-order``, ``static-groups``, ``mse`` and ``KEY=VALUE`` method options (e.g.
-``ptq161:4:-1:salient_ratio=0.2+epochs=20+preprocess=1``; ptq161 keeps its salient channels at 4 bits). Each quantized run is a whole ``lpq.quantize`` (timed, peak
+``ptq161:4:-1:salient_ratio=0.2+epochs=20+preprocess=1``; ptq161 keeps its salient channels at 4 bits);
+``rotate=1`` is not a method option but ``lpq.quantize(rotate=True)``, the residual-stream rotation
+(``gptq:3:128:act-order+mse+rotate=1``). Each quantized run is a whole ``lpq.quantize`` (timed, peak
 memory), then ``lpq.inspect`` (true bits per weight) and perplexity + KL on the evaluation text.
 Writes the table into bench/RESULTS.md (section named by --section) and the records into
 bench/results/<--name>.json.
@@ -49,9 +51,10 @@ def parse_run(run: str) -> dict | None:
                 options[key.replace("-", "_")] = json.loads(value)
             except json.JSONDecodeError:
                 options[key.replace("-", "_")] = value
+    rotate = bool(options.pop("rotate", False))  # a quantize() argument, not a method option
     return {"method": method, "bits": bits, "group_size": group, "sym": "sym" in flags,
             "act_order": "act-order" in flags, "static_groups": "static-groups" in flags, "flags": sorted(flags),
-            "options": options}
+            "options": options, "rotate": rotate}
 
 
 def main() -> None:
@@ -93,7 +96,7 @@ def main() -> None:
             t0 = time.perf_counter()
             res = api.quantize(args.model, out, method=cfg["method"], bits=cfg["bits"], group_size=cfg["group_size"],
                                sym=cfg["sym"], act_order=cfg["act_order"], method_options=opts, calib=calib,
-                               nsamples=args.nsamples, seqlen=args.seqlen, device=str(dev))
+                               nsamples=args.nsamples, seqlen=args.seqlen, device=str(dev), rotate=cfg["rotate"])
             wall = time.perf_counter() - t0
             info = inspect_dir(out)
             qcost = {"model": args.model_label, "method": run, "device": device_name(str(dev)), "wall_s": wall,

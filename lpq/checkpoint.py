@@ -5,7 +5,8 @@
     OUT/tokenizer files, generation_config.json
 
 quantization_config = {quant_method: "lpq", format_version, lpq_version, method, default: <spec>,
-modules: {qualified linear name: <changes from default>}, calibration, method_options}.
+modules: {qualified linear name: <changes from default>}, calibration, method_options, and rotation
+({kind: "hadamard", seed} when the weights were rotated before quantization: lpq.transforms.rotate)}.
 Writing goes to a temporary sibling directory that is renamed into place at the end, so an
 interrupted save never leaves a half-written OUT.
 """
@@ -40,13 +41,13 @@ QUANT_METHOD = "lpq"
 # quantization_config
 # ---------------------------------------------------------------------------------------------------
 def make_quant_config(default: QuantSpec, specs: dict[str, QuantSpec], calibration: dict | None,
-                      method_options: dict | None) -> dict[str, Any]:
+                      method_options: dict | None, rotation: dict | None = None) -> dict[str, Any]:
     base = default.to_dict()
     modules = {}
     for name, spec in specs.items():
         d = spec.to_dict()
         modules[name] = {k: v for k, v in d.items() if base.get(k) != v}
-    return {
+    qconfig = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "lpq_version": __version__,
@@ -56,6 +57,9 @@ def make_quant_config(default: QuantSpec, specs: dict[str, QuantSpec], calibrati
         "calibration": calibration,
         "method_options": method_options or {},
     }
+    if rotation:  # only when used: the weights were rotated before quantization (lpq.transforms.rotate)
+        qconfig["rotation"] = rotation
+    return qconfig
 
 
 def module_specs(qconfig: dict[str, Any]) -> dict[str, QuantSpec]:

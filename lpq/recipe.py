@@ -25,7 +25,8 @@ RECIPE_KEYS = {"model", "method", "bits", "group_size", "sym", "act_order", "met
                "calib", "nsamples", "seqlen", "seed", "calib_batch_size", "dtype",
                # mixed precision (lpq.mixed): the request, and the record a saved plan carries
                "mixed", "sensitivity", "target_size", "candidates", "tie", "probes", "sensitivity_samples",
-               "mixed_cost", "mixed_plan"}
+               "mixed_cost", "mixed_plan",
+               "rotate"}  # residual-stream rotation before quantizing (lpq.transforms.rotate)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -94,6 +94,9 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="--mixed: calibration windows the sensitivity and the per-width costs are measured on.")
 @click.option("--mixed-cost", type=click.Choice(["weight", "output"]), default="output", show_default=True,
               help="--mixed: the perturbation each sensitivity multiplies: ||dW||^2 (weight) or the layer-output error K tr(dW A dW^T)/tr(A), A the input second moment (output).")
+@click.option("--rotate", is_flag=True, default=None,
+              help="Rotate the residual stream by a random Hadamard-type matrix before quantizing (exact for Llama, "
+                   "Mistral, Qwen2, Gemma; unties a tied lm_head): spreads outlier channels, helps GPTQ at 3 bits, can hurt RTN.")
 @click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -102,7 +105,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
              outliers, sensitive, salient_ratio, preprocess, epochs, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
              max_shard_size, trust_remote_code, mixed, sensitivity, target_size, candidates, tie, probes,
-             sensitivity_samples, mixed_cost, recipe, save_recipe, as_json):
+             sensitivity_samples, mixed_cost, rotate, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
     from click.core import ParameterSource
 
@@ -121,7 +124,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                  "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype,
                  "calib_batch_size": calib_batch_size, "ignore": ignore, "mixed": mixed, "sensitivity": sensitivity,
                  "target_size": target_size, "candidates": candidates, "tie": tie, "probes": probes,
-                 "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost}
+                 "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost, "rotate": rotate}
         for key in local:
             if key in plan and key not in given:
                 local[key] = plan[key]
@@ -130,7 +133,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
         calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
         mixed, sensitivity, target_size = local["mixed"], local["sensitivity"], local["target_size"]
         candidates, probes, sensitivity_samples = local["candidates"], local["probes"], local["sensitivity_samples"]
-        mixed_cost = local["mixed_cost"]
+        mixed_cost, rotate = local["mixed_cost"], local["rotate"]
         tie = tuple([local["tie"]] if isinstance(local["tie"], str) else (local["tie"] or ()))
         options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
@@ -158,6 +161,8 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
     run_options = dict(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                        method_options=method_options, ignore=list(ignore), overrides=overrides, calib=calib,
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
+    if rotate:  # only when used, so that recipes of unrotated runs stay as they were
+        run_options["rotate"] = True
     if mixed is not None:
         run_options.update(mixed=mixed, sensitivity=sensitivity, target_size=target_size, candidates=candidates,
                            tie=list(tie), probes=probes, sensitivity_samples=sensitivity_samples, mixed_cost=mixed_cost)
