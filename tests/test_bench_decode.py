@@ -1,0 +1,149 @@
+"""bench/decode.py on a tiny Llama on the CPU: the decode loop's greedy tokens against model.generate's,
+that the comparison catches a wrong position, the timing record, and the script end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpq.errors import LpqError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lpq_bench_decode", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+decode = _load()
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def fp16_model():
+    return decode.build_model(decode.make_config(tiny=True), "cpu", torch.float32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def w4_model(fp16_model):
+    model, seconds = decode.quantize_copy(fp16_model, decode.Format("w4g128", 4, 128), "cpu")
+    assert seconds > 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("which", ["fp16", "w4g128"])
+def test_decode_loop_matches_generate(which, fp16_model, w4_model, prompt):
+    from lpq.nn import QuantizedLinear
+
+    model = fp16_model if which == "fp16" else w4_model
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules()) == (which != "fp16")
+    dec = decode.Decoder(model, prompt, STEPS, "eager")
+    got = decode.check_against_generate(dec, STEPS)  # raises if they differ
+    assert got == decode.generate_tokens(model, prompt, STEPS) and len(got) == STEPS + 1
+    assert len(set(got)) > 3  # a model that repeats one token would check nothing
+    # a second prefill resets the cache: the same tokens again
+    dec.prefill()
+    dec.run(STEPS)
+    assert dec.tokens(STEPS) == got
+
+
+def test_quantized_copy_leaves_the_original(fp16_model, w4_model):
+    """quantize_copy works on a copy: the model it started from equals a fresh build with the same seed."""
+    from torch import nn
+
+    assert w4_model is not fp16_model
+    assert isinstance(fp16_model.model.layers[0].mlp.down_proj, nn.Linear)
+    fresh = decode.build_model(decode.make_config(tiny=True), "cpu", torch.float32, seed=0).state_dict()
+    kept = fp16_model.state_dict()
+    assert fresh.keys() == kept.keys() and all(torch.equal(fresh[k], kept[k]) for k in fresh)
+
+
+class ShiftedPositions(decode.Decoder):
+    """Feeds each decode step the position one past its true one (the prefill is right)."""
+
+    def _step_eager(self):
+        logits = self._forward(self.ids, self.pos + 1, last_only=False)
+        nxt = logits[:, -1].argmax(-1)
+        self.pos.add_(1)
+        self.ids.copy_(nxt.view(1, 1))
+        self.seq.index_copy_(0, self.pos.view(1), nxt)
+
+
+class StuckPosition(decode.Decoder):
+    """Never advances the position."""
+
+    def _step_eager(self):
+        logits = self._forward(self.ids, self.pos, last_only=False)
+        nxt = logits[:, -1].argmax(-1)
+        self.ids.copy_(nxt.view(1, 1))
+        self.seq.index_copy_(0, self.pos.view(1) + 1, nxt)
+
+
+@pytest.mark.parametrize("broken", [ShiftedPositions, StuckPosition])
+def test_check_catches_wrong_positions(broken, fp16_model, prompt):
+    dec = broken(fp16_model, prompt, STEPS, "eager")
+    with pytest.raises(AssertionError, match="differ from model.generate"):
+        decode.check_against_generate(dec, STEPS)
+
+
+def test_measure_record(fp16_model, w4_model, prompt):
+    fp = decode.measure(fp16_model, decode.Format("fp16"), prompt, steps=6, repeats=2, mode="eager")
+    q = decode.measure(w4_model, decode.Format("w4g128", 4, 128), prompt, steps=6, repeats=2, mode="eager")
+    for rec in (fp, q):
+        for key in ("format", "bits", "group_size", "mode", "batch", "prompt_len", "new_tokens", "repeats",
+                    "ms_per_token", "tokens_per_s", "tokens_per_s_repeats", "weights_gb", "kernel_state_gb",
+                    "kernel", "check", "generate_agree"):
+            assert key in rec, key
+        assert rec["check"] == "== generate, 8 steps" and rec["generate_agree"] == "9/9"
+        assert len(rec["tokens_per_s_repeats"]) == 2 and rec["new_tokens"] == 6 and rec["prompt_len"] == 20
+        assert rec["ms_per_token"] > 0
+        assert rec["tokens_per_s"] == pytest.approx(1000.0 / rec["ms_per_token"])
+        assert min(rec["tokens_per_s_repeats"]) <= rec["tokens_per_s"] <= max(rec["tokens_per_s_repeats"])
+    assert (fp["bits"], fp["group_size"], q["bits"], q["group_size"]) == (16, None, 4, 128)
+    assert q["kernel"].startswith("reference")
+    # packed 4-bit linears take fewer bytes than the float32 ones they replace
+    assert q["weights_gb"] < fp["weights_gb"]
+    assert fp["weights_gb"] * 1e9 == sum(p.numel() * p.element_size() for p in fp16_model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in fp16_model.buffers())
+
+
+def test_parse_formats():
+    fmts = decode.parse_formats("w3g128,fp16,w2g64")
+    assert [f.name for f in fmts] == ["fp16", "w3g128", "w2g64"]
+    assert (fmts[1].bits, fmts[1].group_size, fmts[2].bits, fmts[2].group_size) == (3, 128, 2, 64)
+    for bad in ("w4", "int4", "", "fp16,fp16"):
+        with pytest.raises(LpqError):
+            decode.parse_formats(bad)
+
+
+def test_script_end_to_end(capsys):
+    rc = decode.main(["--tiny", "--device", "cpu", "--formats", "fp16,w3g128", "--prompt-len", "12",
+                      "--new-tokens", "4", "--repeats", "1", "--no-write"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["format"] for r in recs] == ["fp16", "w3g128"]
+    assert recs[0]["speedup_vs_fp16"] == 1.0
+    assert recs[1]["speedup_vs_fp16"] == pytest.approx(recs[1]["tokens_per_s"] / recs[0]["tokens_per_s"])
+    assert "| format | weights GB |" in out and "| w3g128 |" in out
+
+
+def test_script_refuses_bad_input(capsys):
+    assert decode.main(["--tiny", "--device", "cpu", "--mode", "graph", "--no-write"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert decode.main(["--tiny", "--device", "cpu", "--formats", "q4", "--no-write"]) == 2
+    assert "not a format" in capsys.readouterr().err
