@@ -87,18 +87,27 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
                 module._buffers[name] = b.to(device)
 
 
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def split_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, other positional args, keyword args without the KV cache) of a call to a decoder
+    block, as a forward pre-hook with kwargs sees it (families pass hidden states by position or by name)."""
+    if args:
+        hidden, rest = args[0], args[1:]
+    else:
+        kwargs = dict(kwargs)
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    return hidden, rest, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device) -> BlockInputs:
     """Run the model up to its first block on every calibration batch; keep what the block receives."""
     captured = BlockInputs([], [], [])
 
     def hook(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        hidden, rest, kwargs = split_block_call(args, kwargs)
         captured.hidden.append(hidden.detach())
         captured.args.append(rest)
         captured.kwargs.append(kwargs)

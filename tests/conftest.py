@@ -141,3 +141,16 @@ def assert_same_saved_model(a_dir, b_dir) -> None:
     assert list(a) == list(b)
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+def run_cli(capsys, *argv):
+    """Run the lpq CLI in-process; return (exit code, stdout, stderr)."""
+    from lpq.cli.main import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,20 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lpq.cli.main import main
 
-from conftest import make_model, save_model
+from conftest import make_model, run_cli, save_model
 
 
-def run(capsys, *argv):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli  # (exit code, stdout, stderr) of the CLI run in-process (conftest)
 
 
 def assert_one_line_error(code, err, *words):

@@ -9,11 +9,10 @@ from torch import nn
 
 import lpq
 from lpq import api
-from lpq.cli.main import main
 from lpq.errors import LpqError, UnsupportedModelError
 from lpq.transforms import fuse_norm_into, norm_form, rotate_model, rotation_matrix
 
-from conftest import _configs, make_model, save_model
+from conftest import _configs, make_model, run_cli, save_model
 
 ROTATABLE = ["llama", "mistral", "qwen2", "gemma"]
 
@@ -281,14 +280,6 @@ def test_resume_checks_the_rotation(tokenizer, tmp_path, monkeypatch):
     assert_same_saved_model(out, tmp_path / "fresh")
 
 
-def run_cli(capsys, *argv):
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_rotate(llama_dir, tmp_path, capsys):

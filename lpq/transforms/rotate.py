@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..driver import split_block_call
 from ..errors import UnsupportedModelError
 from ..models.arch import find_blocks, is_conv1d
 from ..progress import info, track
@@ -305,13 +306,8 @@ def _capture_probe(model: nn.Module, first_block: nn.Module, tokens: torch.Tenso
     got: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        got["inputs"] = (hidden.detach(), rest,
-                         {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")})
+        hidden, rest, kw = split_block_call(args, kwargs)
+        got["inputs"] = (hidden.detach(), rest, kw)
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
