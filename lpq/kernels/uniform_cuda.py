@@ -266,8 +266,7 @@ class UniformCudaKernel(Kernel):
         x2 = x.reshape(-1, k)
         if st["perm"] is not None:
             x2 = x2.index_select(1, st["perm"])
-        if not x2.is_contiguous() or x2.data_ptr() % 16:
-            x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
+        # no alignment fix-up here: the op copies an unaligned x itself (data_ptr() would break torch.compile)
         bias = layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

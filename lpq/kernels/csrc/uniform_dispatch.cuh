@@ -42,6 +42,14 @@ cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t strea
 inline bool kc_groups_exact(const GemmArgs& a) {
   return a.gs >= a.K || (unsigned long long)a.K * (unsigned long long)a.gs < (1ull << 32);
 }
+// Ring slots a warp of the v4/v5 kernel needs: its stages are chunk pairs warp, warp + nwarps, ..., so
+// the busiest warp has ceil(pairs / nwarps); a ring deeper than that is shared memory never used
+// (11008x4096, 8 warps: 16 pairs -> 2 stages per warp against a 3-deep W4 ring).
+inline int kc_ring_slots(int stages, int chunks, int nwarps) {
+  const int pairs = (chunks + 1) / 2;
+  const int busiest = (pairs + nwarps - 1) / nwarps;
+  return busiest < 1 ? 1 : (busiest < stages ? busiest : stages);
+}
 template <int BITS, typename T, int S, int NT, int STAGES, int XR>
 cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream) {
   constexpr int KC = 2;
@@ -50,8 +58,9 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream
   const int xrows = XR == 1 ? 1 : (a.M < 8 ? a.M : 8);
   const size_t stage_bytes = (size_t)Geo::words(xrows) * 4;
   constexpr size_t kMaxSmem = 200 * 1024;
-  while (nwarps > 1 && (size_t)nwarps * STAGES * stage_bytes > kMaxSmem) nwarps /= 2;
-  size_t smem = (size_t)nwarps * STAGES * stage_bytes;
+  while (nwarps > 1 && (size_t)nwarps * kc_ring_slots(STAGES, a.chunks, nwarps) * stage_bytes > kMaxSmem) nwarps /= 2;
+  const int slots = kc_ring_slots(STAGES, a.chunks, nwarps);
+  size_t smem = (size_t)nwarps * slots * stage_bytes;
   const size_t red = (size_t)nwarps * NT * 4 * 32 * sizeof(float);
   if (red > smem) smem = red;
   auto kern = uniform_gemm_kc_kernel<BITS, T, S, NT, KC, STAGES, XR>;
@@ -60,7 +69,7 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream
     if (e != cudaSuccess) return e;
   }
   dim3 grid(a.n_tiles / NT, (a.M + 7) / 8);
-  kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, gmagic);
+  kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, gmagic, slots);
   return cudaGetLastError();
 }
 // m = 1: the one-row kernel (XR = 1); m = 2..8: up to 8 rows (XR = 8).

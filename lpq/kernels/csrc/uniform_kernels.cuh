@@ -794,7 +794,7 @@ __device__ __forceinline__ void cp_async16_ca_s(uint32_t s, const void* gmem, in
 }
 
 template <int BITS, typename T, int S, int NT, int KC, int STAGES, int XR>
-__global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xrows_arg, uint32_t gmagic) {
+__global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xrows_arg, uint32_t gmagic, int slots) {
   static_assert(KC == 2, "a stage row of activations is 32 lanes x 8 halves = 2 chunks");
   static_assert(XR == 1 || XR == 8, "one token row, or up to one token tile");
   using G = StageGeomKC<BITS, S, NT, KC>;
@@ -814,7 +814,9 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
   const int tok0 = blockIdx.y * 8;
   const int xrows = XR == 1 ? 1 : xrows_arg;
   const int stage_words = G::words(xrows);
-  uint32_t* ring = smem + (size_t)warp * STAGES * stage_words;
+  // slots = min(STAGES, stages of the busiest warp) (kc_ring_slots): a warp never holds more stages than it
+  // has, so a short K needs less shared memory per block and more blocks fit on an SM
+  uint32_t* ring = smem + (size_t)warp * slots * stage_words;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
 
   const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
@@ -895,7 +897,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
     c_issue += nwarps * KC;
     k_issue += kstep;
     slot_w += (uint32_t)(stage_words * 4);
-    if (slot_w == (uint32_t)(STAGES * stage_words * 4)) slot_w = 0;
+    if (slot_w == (uint32_t)(slots * stage_words * 4)) slot_w = 0;
   };
 
   float acc[NT][4];
@@ -919,7 +921,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
     __syncwarp();
     const uint32_t* st = ring + slot_r;
     slot_r += stage_words;
-    if (slot_r == STAGES * stage_words) slot_r = 0;
+    if (slot_r == slots * stage_words) slot_r = 0;
     const uint32_t* xs = st + x_lane;
     const uint32_t* ss = st + G::CW;
     const uint16_t* zs = reinterpret_cast<const uint16_t*>(ss + G::SCW);
