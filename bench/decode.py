@@ -19,8 +19,9 @@ position and output buffers, so that the step has no Python-side state and can b
     eager    the step is called from Python per token (the default on the CPU)
     graph    the step is captured once in a CUDA graph, each token is one replay (the default on CUDA)
     compile  the step is torch.compile'd (inductor, no cudagraphs of its own), then captured as in
-             graph (on the CPU: called from Python). lpq's CUDA kernel breaks the dynamo graph at each
-             linear (see allow_recompiles); the section reports how many graphs each format compiled.
+             graph (on the CPU: called from Python). lpq's CUDA ops trace as opaque ops with fake
+             implementations, so a step is one dynamo graph; the section reports how many graphs each
+             format compiled (more than one: a graph break).
 
 Only the decode loop is timed (CUDA events on the GPU), median over --repeats, each repeat after a
 fresh prefill into the reset cache. Before timing, the first 8 greedy tokens of the replayed step must
@@ -146,10 +147,14 @@ def quantize_copy(master, fmt: Format, device: str):
 
 # -- measuring -----------------------------------------------------------------------------------------
 
-def model_bytes(model) -> int:
-    """Bytes of the model's parameters and buffers (each storage once: tied weights count once)."""
+def model_bytes(model, device: torch.device | None = None) -> int:
+    """Bytes of the model's parameters and buffers (each storage once: tied weights count once), only those
+    on ``device`` if given (a QuantizedLinear whose kernel holds the weights keeps its canonical buffers in
+    host memory)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if device is not None and t.device.type != torch.device(device).type:
+            continue
         key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
@@ -193,10 +198,10 @@ def make_static_cache(model, max_cache_len: int, device, dtype):
 
 
 def allow_recompiles(limit: int = 4096) -> None:
-    """Let dynamo compile every frame of the step. A graph break inside the blocks (lpq's CUDA kernel
-    checks its input's alignment through data_ptr, which dynamo does not trace) leaves frames such as
-    the cache update specialised per layer index: 32 versions, over dynamo's default limit of 8, after
-    which it would run the rest eagerly and the formats would not be compiled alike."""
+    """Let dynamo compile every frame of the step. Should a graph break appear inside the blocks (an op
+    dynamo cannot trace), frames such as the cache update are specialised per layer index: 32 versions,
+    over dynamo's default limit of 8, after which it would run the rest eagerly and the formats would
+    not be compiled alike."""
     import torch._dynamo.config as dynamo_config
 
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
@@ -390,7 +395,7 @@ def measure(model, fmt: Format, prompt: torch.Tensor, steps: int, repeats: int, 
     record["kernel"] = (kernel_names(model) + (" (dense cache)" if dec.device.type == "cpu" else "")) if fmt.quantized \
         else "torch (cuBLAS)" if dec.device.type == "cuda" else "torch"
     record["compiled_graphs"] = compiled_graphs() - graphs_before if mode == "compile" else None
-    record["weights_gb"] = model_bytes(model) / 1e9
+    record["weights_gb"] = model_bytes(model, dec.device) / 1e9
     record["kernel_state_gb"] = kernel_state_bytes(model) / 1e9
     del dec
     return record
@@ -484,7 +489,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         + ("" if cuda else "On the CPU lpq runs its reference kernel, here on weights dequantized once "
            "(lpq.evaluate.dense_weights): a smoke run, not a speed figure. ")
         + "weights GB: parameters and buffers of the model on the device; kernel copies GB: the kernels' repacked "
-        "copies, held beside the packed weights. Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
+        "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -15,6 +17,12 @@ class QuantizedLinear(nn.Module):
 
     The kernel is chosen on the first forward (when the device and dtype of the input are known)
     and re-chosen if either changes.
+
+    A kernel that repacks the weights into its own layout and reads only that copy (``holds_weights``,
+    e.g. the CUDA kernels) would otherwise leave two copies of the quantized weights on the GPU. After
+    such a kernel is prepared on a GPU, the canonical buffers move to host memory (``canonical_home``
+    remembers the device): ``tensors()``, ``dequantize()`` and ``state_dict()`` still give the canonical
+    tensors, and moving the layer brings them back first. ``LPQ_KEEP_CANONICAL=1`` keeps both on the GPU.
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
@@ -32,6 +40,8 @@ class QuantizedLinear(nn.Module):
         self._kernel: Kernel | None = None
         self._kernel_key: tuple | None = None
         self.kernel_state: dict = {}  # a kernel's own repacked copy of the weights, if it keeps one
+        self.canonical_home: torch.device | None = None  # set while the canonical buffers wait in host memory
+        self.register_load_state_dict_post_hook(_forget_kernel)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuantizedLinear":
@@ -42,9 +52,15 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         return layer
 
+    def _canonical_names(self) -> list[str]:
+        return list(get_format(self.spec.format).tensor_shapes(self.in_features, self.out_features, self.spec))
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = get_format(self.spec.format).tensor_shapes(self.in_features, self.out_features, self.spec)
-        return {n: getattr(self, n) for n in names}
+        """The canonical tensors of the format, on the device the layer computes on."""
+        out = {n: getattr(self, n) for n in self._canonical_names()}
+        if self.canonical_home is not None:
+            out = {n: t.to(self.canonical_home) for n, t in out.items()}
+        return out
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.spec, self.in_features, self.out_features, self.tensors())
@@ -62,14 +78,43 @@ class QuantizedLinear(nn.Module):
         if self._kernel is None or self._kernel_key != key:
             self._kernel = select_kernel(self, x)
             self._kernel_key = key
+            self._restore_canonical()
             self.kernel_state = {}
             self._kernel.prepare(self)
+            if self._kernel.holds_weights and _host_copy_helps(x.device) and not os.environ.get("LPQ_KEEP_CANONICAL"):
+                self._release_canonical(x.device)
         return self._kernel.forward(self, x)
 
+    def _release_canonical(self, device: torch.device) -> None:
+        for n in self._canonical_names():
+            t = getattr(self, n)
+            if t.device.type != "cpu":
+                setattr(self, n, t.to("cpu"))  # a registered buffer: replaced in place, still saved
+        self.canonical_home = device
+
+    def _restore_canonical(self) -> None:
+        if self.canonical_home is not None:
+            for n in self._canonical_names():
+                setattr(self, n, getattr(self, n).to(self.canonical_home))
+            self.canonical_home = None
+
     def _apply(self, fn, recurse=True):
-        # moving the layer (to(), cuda(), half()) invalidates a kernel's repacked copy
+        # moving the layer (to(), cuda(), half()) invalidates a kernel's repacked copy; the canonical
+        # buffers first return to the device they left, so that fn sees one consistent layer
+        self._restore_canonical()
         self._kernel, self._kernel_key, self.kernel_state = None, None, {}
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label()}"
+
+
+def _forget_kernel(module: "QuantizedLinear", incompatible_keys) -> None:
+    """After load_state_dict the kernel's repacked copy holds the old weights: choose and prepare again.
+    Weights loaded into buffers that wait in host memory stay there until the next forward repacks them."""
+    module._kernel, module._kernel_key, module.kernel_state = None, None, {}
+
+
+def _host_copy_helps(device: torch.device) -> bool:
+    """Whether moving the canonical buffers to host memory frees accelerator memory (not on the CPU)."""
+    return device.type != "cpu"

@@ -402,3 +402,46 @@ def test_fold_divides_group():
     assert uniform_cuda._fold(96, 4096) == 32 and uniform_cuda._fold(160, 4096) == 32
     assert uniform_cuda._fold(192, 4096) == 64 and uniform_cuda._fold(72, 72) == 128  # one group per row
 
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_canonical_copy_leaves_the_gpu_and_comes_back(monkeypatch):
+    """After the CUDA kernel repacks, the canonical buffers wait in host memory (one copy of the weights on
+    the GPU, not two); tensors(), state_dict() and moving the layer still see the same canonical tensors."""
+    monkeypatch.delenv("LPQ_KERNEL", raising=False)
+    monkeypatch.delenv("LPQ_KEEP_CANONICAL", raising=False)
+    gen = torch.Generator().manual_seed(12)
+    spec = QuantSpec(bits=4, group_size=128)
+    qw = random_qweight(512, 1024, spec, device="cuda", gen=gen)
+    original = {n: t.clone() for n, t in qw.tensors.items()}
+    layer = QuantizedLinear.from_quantized(qw, None, torch.float16)
+    x = torch.randn(3, 1024, generator=gen).to(torch.float16).cuda()
+    y = layer(x)
+    assert layer.kernel.name == "uniform_cuda" and layer.canonical_home == x.device
+    assert all(getattr(layer, n).device.type == "cpu" for n in original)
+    for n, t in layer.tensors().items():
+        assert t.device == x.device and torch.equal(t, original[n])
+    sd = layer.state_dict()
+    assert all(torch.equal(sd[n].cuda(), original[n]) for n in original)
+    # the whole step traces as one graph: the forward reads no data_ptr() and no canonical buffer
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), y)
+    # to the CPU and back: the canonical buffers return first, the reference kernel computes on the CPU
+    layer.cpu()
+    assert layer.canonical_home is None and all(getattr(layer, n).device.type == "cpu" for n in original)
+    y_cpu = layer(x.cpu().float())
+    assert rel_err(y_cpu.cuda().to(torch.float16), y.float()) < 2e-3
+    layer.cuda()
+    assert all(getattr(layer, n).device.type == "cuda" for n in original)
+    torch.testing.assert_close(layer(x), y)
+    # new weights through load_state_dict replace the kernel's repacked copy
+    other = random_qweight(512, 1024, spec, device="cpu", gen=gen)
+    layer.load_state_dict(other.tensors)
+    w_other = UNIFORM.dequantize(other.tensors, spec, 1024, 512).float().cuda()
+    assert rel_err(layer(x), x.float() @ w_other.t()) < 1e-3
+    # LPQ_KEEP_CANONICAL keeps both copies on the GPU
+    monkeypatch.setenv("LPQ_KEEP_CANONICAL", "1")
+    kept = QuantizedLinear.from_quantized(random_qweight(512, 1024, spec, device="cuda", gen=gen), None, torch.float16)
+    kept(x)
+    assert kept.canonical_home is None and all(getattr(kept, n).is_cuda for n in original)

@@ -28,6 +28,9 @@ class Kernel:
     name: str = ""
     formats: tuple[str, ...] = ()
     priority: int = 0
+    # True when prepare() leaves a complete copy of the weights in layer.kernel_state and forward never
+    # reads the canonical buffers again: the layer may then keep its canonical tensors in host memory
+    holds_weights: bool = False
 
     def why_not(self, layer: "QuantizedLinear", x: torch.Tensor) -> str | None:
         """None if this kernel can run ``layer`` on input ``x``, else the reason it cannot."""

@@ -207,6 +207,7 @@ class SqueezeLLMCudaKernel(Kernel):
     name = "squeezellm_cuda"
     formats = ("squeezellm",)
     priority = 100
+    holds_weights = True  # the fused and the dequantize paths both read only the repacked state
     mode = "auto"  # "auto" | "fused" | "dequant"
 
     def why_not(self, layer, x: torch.Tensor) -> str | None:

@@ -220,6 +220,7 @@ class UniformCudaKernel(Kernel):
     name = "uniform_cuda"
     formats = ("uniform",)
     priority = 100
+    holds_weights = True  # the fused and the dequantize paths both read only the repacked state
     mode = "auto"  # "auto" | "fused" | "dequant"
 
     def why_not(self, layer, x: torch.Tensor) -> str | None:
