@@ -6,7 +6,8 @@ A run is ``fp`` (the unquantized model) or ``METHOD:BITS:GROUP[:flag+...]`` with
 ``act-order``, ``static-groups``, ``mse`` and ``KEY=VALUE`` method options (e.g.
 ``ptq161:4:-1:salient_ratio=0.2+epochs=20+preprocess=1``; ptq161 keeps its salient channels at 4 bits);
 ``rotate=1`` is not a method option but ``lpq.quantize(rotate=True)``, the residual-stream rotation
-(``gptq:3:128:act-order+mse+rotate=1``). Each quantized run is a whole ``lpq.quantize`` (timed, peak
+(``gptq:3:128:act-order+mse+rotate=1``), and ``rotate=2`` is ``lpq.quantize(rotate=True, rotate_heads=True)``,
+the residual rotation plus the value/output head rotation. Each quantized run is a whole ``lpq.quantize`` (timed, peak
 memory), then ``lpq.inspect`` (true bits per weight) and perplexity + KL on the evaluation text.
 Writes the table into bench/RESULTS.md (section named by --section) and the records into
 bench/results/<--name>.json.
@@ -51,10 +52,16 @@ def parse_run(run: str) -> dict | None:
                 options[key.replace("-", "_")] = json.loads(value)
             except json.JSONDecodeError:
                 options[key.replace("-", "_")] = value
-    rotate = bool(options.pop("rotate", False))  # a quantize() argument, not a method option
+    # quantize() arguments, not method options: rotate 0 off, 1 residual, 2 + heads; rotate-seed its seed
+    rotate = options.pop("rotate", 0)
+    if rotate not in (0, 1, 2, False, True):
+        raise SystemExit(f"run {run}: rotate={rotate} is not 0, 1 (residual stream) or 2 (residual + heads)")
+    rotate_seed = options.pop("rotate_seed", 0)
+    if not isinstance(rotate_seed, int) or rotate_seed < 0:
+        raise SystemExit(f"run {run}: rotate-seed={rotate_seed} is not a non-negative integer")
     return {"method": method, "bits": bits, "group_size": group, "sym": "sym" in flags,
             "act_order": "act-order" in flags, "static_groups": "static-groups" in flags, "flags": sorted(flags),
-            "options": options, "rotate": rotate}
+            "options": options, "rotate": rotate >= 1, "rotate_heads": rotate == 2, "rotate_seed": rotate_seed}
 
 
 def main() -> None:
@@ -96,7 +103,8 @@ def main() -> None:
             t0 = time.perf_counter()
             res = api.quantize(args.model, out, method=cfg["method"], bits=cfg["bits"], group_size=cfg["group_size"],
                                sym=cfg["sym"], act_order=cfg["act_order"], method_options=opts, calib=calib,
-                               nsamples=args.nsamples, seqlen=args.seqlen, device=str(dev), rotate=cfg["rotate"])
+                               nsamples=args.nsamples, seqlen=args.seqlen, device=str(dev), rotate=cfg["rotate"],
+                               rotate_heads=cfg["rotate_heads"], rotate_seed=cfg["rotate_seed"])
             wall = time.perf_counter() - t0
             info = inspect_dir(out)
             qcost = {"model": args.model_label, "method": run, "device": device_name(str(dev)), "wall_s": wall,

@@ -137,6 +137,7 @@ def quantize(
     mixed_cost: str = "output",
     rotate: bool = False,
     rotate_seed: int = 0,
+    rotate_heads: bool = False,
 ) -> QuantizeResult:
     """Quantize a causal LM and (if ``out`` is given) save it packed.
 
@@ -164,9 +165,13 @@ def quantize(
     re-parametrisation of pre-RMSNorm decoders (Llama, Mistral, Qwen2, Gemma; others are refused) that
     spreads outlier channels. It helps GPTQ at 3 bits (SmolLM2 w3 g128 act-order+mse: 47.1 -> 40.0) but
     can hurt RTN. Norm scales are folded into the linears and a tied lm_head is untied; the saved model
-    holds the rotated weights, so loading needs nothing new.
+    holds the rotated weights, so loading needs nothing new. ``rotate_heads=True`` (only with
+    ``rotate=True``) also rotates each attention block's value heads and o_proj's matching input
+    columns by per-kv-head Hadamard-type matrices, another exact re-parametrisation (same families).
     """
     disable_transformers_progress()
+    if rotate_heads and not rotate:
+        raise LpqError("--rotate-heads rotates the attention heads on top of the residual rotation: add --rotate")
     dev = resolve_device(device)
     _check_bits(bits, mixed, target_size)
     budget_bits = bits
@@ -225,12 +230,14 @@ def quantize(
     if save_format not in ("lpq", "gptq"):
         raise LpqError(f"--format {save_format} is not known: choose lpq or gptq")
     rotation_record = {"kind": "hadamard", "seed": int(rotate_seed)} if rotate else None
+    if rotate and rotate_heads:  # the key only when on: records of residual-only runs stay as they were
+        rotation_record["heads"] = True
     if rotate:  # before calibration (and before the work directory exists: a refused model leaves nothing)
         from .transforms.rotate import rotate_model
 
         t0 = time.perf_counter()
         try:
-            rotate_model(loaded, seed=rotate_seed, device=dev)
+            rotate_model(loaded, seed=rotate_seed, device=dev, heads=rotate_heads)
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"out of memory on {dev} while rotating the model: use --device cpu") from None
         seconds["rotate"] = time.perf_counter() - t0

@@ -6,7 +6,9 @@
 
 quantization_config = {quant_method: "lpq", format_version, lpq_version, method, default: <spec>,
 modules: {qualified linear name: <changes from default>}, calibration, method_options, and rotation
-({kind: "hadamard", seed} when the weights were rotated before quantization: lpq.transforms.rotate)}.
+({kind: "hadamard", seed} when the weights were rotated before quantization, plus heads: true when the
+value/output heads were rotated too: lpq.transforms.rotate)}. A GPTQ-format output (--format gptq) carries
+the same record as "lpq_rotation" in its GPTQ quantization_config (lpq.formats.gptq_compat).
 Writing goes to a temporary sibling directory that is renamed into place at the end, so an
 interrupted save never leaves a half-written OUT.
 """
@@ -174,7 +176,8 @@ def gptq_export(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict)
     """lpq state dict + config -> the same model as a GPTQ v1 checkpoint (state dict, quantization_config).
 
     Layers whose spec differs from the default, and linears of the blocks left unquantized, are
-    written as GPTQModel's per-module ``dynamic`` overrides ("+:regex" / "-:regex").
+    written as GPTQModel's per-module ``dynamic`` overrides ("+:regex" / "-:regex"); a rotation record
+    is kept as "lpq_rotation".
     """
     import re
 
@@ -202,7 +205,7 @@ def gptq_export(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict)
             full = f"{blocks_name}.{i}.{n}"
             if full not in specs:
                 dynamic[f"-:^{re.escape(full)}$"] = {}
-    gconfig = gptq_quantization_config(default)
+    gconfig = gptq_quantization_config(default, rotation=qconfig.get("rotation"))
     if dynamic:
         gconfig["dynamic"] = dynamic
     return state, gconfig

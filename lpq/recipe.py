@@ -26,7 +26,8 @@ RECIPE_KEYS = {"model", "method", "bits", "group_size", "sym", "act_order", "met
                # mixed precision (lpq.mixed): the request, and the record a saved plan carries
                "mixed", "sensitivity", "target_size", "candidates", "tie", "probes", "sensitivity_samples",
                "mixed_cost", "mixed_plan",
-               "rotate"}  # residual-stream rotation before quantizing (lpq.transforms.rotate)
+               # residual-stream rotation before quantizing, and the value/output heads' on top (lpq.transforms.rotate)
+               "rotate", "rotate_heads"}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -97,6 +97,9 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--rotate", is_flag=True, default=None,
               help="Rotate the residual stream by a random Hadamard-type matrix before quantizing (exact for Llama, "
                    "Mistral, Qwen2, Gemma; unties a tied lm_head): spreads outlier channels, helps GPTQ at 3 bits, can hurt RTN.")
+@click.option("--rotate-heads", is_flag=True, default=None,
+              help="With --rotate (an error without it): also rotate each attention block's value heads and "
+                   "o_proj's matching input columns by Hadamard-type matrices (exact; refused for a norm on the values).")
 @click.option("--recipe", default=None, metavar="FILE", help="YAML of quantize options (recipes/); flags given here win.")
 @click.option("--save-recipe", default=None, metavar="FILE", help="Write this run's options as a recipe.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
@@ -105,7 +108,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
              outliers, sensitive, salient_ratio, preprocess, epochs, options, ignore,
              calib, nsamples, seqlen, seed, calib_batch_size, device, dtype, out, save_format, overwrite, resume,
              max_shard_size, trust_remote_code, mixed, sensitivity, target_size, candidates, tie, probes,
-             sensitivity_samples, mixed_cost, rotate, recipe, save_recipe, as_json):
+             sensitivity_samples, mixed_cost, rotate, rotate_heads, recipe, save_recipe, as_json):
     """Quantize MODEL (built-in name, directory, .gguf file or hub id) and save it packed."""
     from click.core import ParameterSource
 
@@ -124,7 +127,8 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                  "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "dtype": dtype,
                  "calib_batch_size": calib_batch_size, "ignore": ignore, "mixed": mixed, "sensitivity": sensitivity,
                  "target_size": target_size, "candidates": candidates, "tie": tie, "probes": probes,
-                 "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost, "rotate": rotate}
+                 "sensitivity_samples": sensitivity_samples, "mixed_cost": mixed_cost, "rotate": rotate,
+                 "rotate_heads": rotate_heads}
         for key in local:
             if key in plan and key not in given:
                 local[key] = plan[key]
@@ -133,7 +137,7 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
         calib_batch_size, ignore = local["calib_batch_size"], tuple(local["ignore"] or ())
         mixed, sensitivity, target_size = local["mixed"], local["sensitivity"], local["target_size"]
         candidates, probes, sensitivity_samples = local["candidates"], local["probes"], local["sensitivity_samples"]
-        mixed_cost, rotate = local["mixed_cost"], local["rotate"]
+        mixed_cost, rotate, rotate_heads = local["mixed_cost"], local["rotate"], local["rotate_heads"]
         tie = tuple([local["tie"]] if isinstance(local["tie"], str) else (local["tie"] or ()))
         options = tuple(f"{k}={json.dumps(v)}" for k, v in recipe_options.items()) + tuple(options)
     method_options = _parse_options(options)
@@ -163,6 +167,8 @@ def quantize(ctx, model, method, bits, group_size, sym, act_order, static_groups
                        nsamples=nsamples, seqlen=seqlen, seed=seed, calib_batch_size=calib_batch_size, dtype=dtype)
     if rotate:  # only when used, so that recipes of unrotated runs stay as they were
         run_options["rotate"] = True
+    if rotate_heads:
+        run_options["rotate_heads"] = True
     if mixed is not None:
         run_options.update(mixed=mixed, sensitivity=sensitivity, target_size=target_size, candidates=candidates,
                            tie=list(tie), probes=probes, sensitivity_samples=sensitivity_samples, mixed_cost=mixed_cost)

@@ -133,12 +133,20 @@ def from_gptq(
     return spec, out
 
 
-def gptq_quantization_config(spec: QuantSpec) -> dict[str, Any]:
+#: the key of the rotation record in a GPTQ quantization_config. Prefixed because GPTQ tools own the
+#: unprefixed names (GPTQModel's config has a "rotation" field of its own, with another meaning); GPTQ
+#: readers ignore keys they do not know (transformers' GPTQConfig takes them as unused keyword arguments).
+ROTATION_KEY = "lpq_rotation"
+
+
+def gptq_quantization_config(spec: QuantSpec, rotation: dict | None = None) -> dict[str, Any]:
     """The ``quantization_config`` of config.json for a checkpoint written by :func:`to_gptq`.
 
     Carries what transformers (GPTQConfig), optimum and vLLM read: quant_method, bits, group_size,
     desc_act, sym, checkpoint_format, plus the record of how it was made (true_sequential,
-    damp_percent, static_groups), taken from ``spec.options`` where the method put them there.
+    damp_percent, static_groups), taken from ``spec.options`` where the method put them there, and,
+    when the weights were rotated before quantization (lpq.transforms.rotate), ``rotation`` under
+    :data:`ROTATION_KEY`. The rotation is already in the saved weights: a reader needs nothing from it.
     """
     opts = spec.options or {}
 
@@ -148,7 +156,7 @@ def gptq_quantization_config(spec: QuantSpec) -> dict[str, Any]:
                 return opts[name]
         return default
 
-    return {
+    config = {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -159,6 +167,9 @@ def gptq_quantization_config(spec: QuantSpec) -> dict[str, Any]:
         "damp_percent": float(opt("damp_percent", "damp", default=0.01)),
         "static_groups": bool(opt("static_groups", default=False)),
     }
+    if rotation:  # only when used, like lpq's own config
+        config[ROTATION_KEY] = dict(rotation)
+    return config
 
 
 def load_gptq_state(

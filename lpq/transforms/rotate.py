@@ -11,6 +11,14 @@ rotated input column mixes all original ones, so outlier channels no longer domi
 range: GPTQ's 3-bit error drops (SmolLM2 w3 g128 act-order+mse: 47.1 -> 40.0), while plain RTN can get
 worse, so the transform is opt-in (``lpq quantize --rotate``).
 
+With ``heads`` a second exact rotation acts inside each attention block. Attention mixes value
+vectors over positions only, never across their channels, so for kv head j an orthogonal R_j [hd, hd]
+    W_v[j] <- R_j^T W_v[j],  b_v[j] <- R_j^T b_v[j]     (W_v[j] [hd, d]: the rows of value head j)
+    W_o[:, h] <- W_o[:, h] R_j                          (W_o[:, h] [d, hd]: the columns of query head h,
+                                                         which reads kv head j = h // (num_heads / kv_heads))
+turns every head's attention output o_h into o_h R_j, which o_proj undoes: the model is unchanged,
+while o_proj's input channels (the attention output) are spread within each head before quantization.
+
 Nothing is assumed from a model's name: the block structure is checked (norm classes, the expected
 linears and their sizes, no parameter left unaccounted for) and each norm's form, w or (1 + w)
 (Gemma), is probed. With ``check`` the rotated model is also run on a short probe, block by block,
@@ -38,6 +46,10 @@ MLP_READERS = (("gate_proj", "up_proj"), ("gate_up_proj",), ("up_proj",))
 ATTN_WRITER, MLP_WRITER = "o_proj", "down_proj"
 # per-head norms on the projections' outputs (Qwen3, Gemma3): they never see the stream, so they may stay
 HEAD_NORMS = ("q_norm", "k_norm")
+# a norm on the values (e.g. Gemma3n's v_norm) sits between v_proj and the attention: the head rotation
+# is refused there rather than reasoned about
+VALUE_NORMS = ("v_norm",)
+FUSED_QKV = "qkv_proj"  # rows [q: num_heads*hd | k: kv_heads*hd | v: kv_heads*hd]
 
 ROW_CHUNK = 16384  # rows of an embedding / lm_head moved to the device at a time ([V, d] need not fit there)
 PROBE_TOKENS = 16
@@ -50,6 +62,13 @@ def _refusal(model: nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"--rotate supports pre-RMSNorm decoders (Llama, Mistral, Qwen2, Gemma); {type(model).__name__} {why}: "
         "quantize it without --rotate"
+    )
+
+
+def _heads_refusal(model: nn.Module, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"--rotate-heads needs attention with plain per-head value and output projections; {type(model).__name__} "
+        f"{why}: quantize it without --rotate-heads"
     )
 
 
@@ -85,6 +104,47 @@ def rotation_matrix(d: int, seed: int, dtype: torch.dtype = torch.float64) -> to
     k = torch.kron(_sylvester(1 << a), odd.contiguous())
     s = torch.randint(0, 2, (d,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
     return (s[:, None] * k).to(dtype)
+
+
+def head_rotations(head_dim: int, kv_heads: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The value/output rotations R [kv_heads, head_dim, head_dim]: R[j] = rotation_matrix(head_dim, seed + 1 + j).
+
+    One matrix per kv head (not one shared by all), so that a query head paired with the wrong kv head
+    changes the model and the probe catches it; the same in every block."""
+    return torch.stack([rotation_matrix(head_dim, seed + 1 + j, dtype) for j in range(kv_heads)])
+
+
+def _kv_head_of(num_heads: int, kv_heads: int) -> torch.Tensor:
+    """kv head read by each query head [num_heads] (grouped-query attention repeats each kv head
+    num_heads / kv_heads times in a row: query head h reads kv head h // group)."""
+    return torch.arange(num_heads) // (num_heads // kv_heads)
+
+
+def _rotate_value_rows(lin: nn.Linear, start: int, r: torch.Tensor) -> None:
+    """Value rows of a linear W [out, d] (v_proj: start 0; fused qkv_proj: after the q and k rows).
+    kv head j's rows W_j = W[start + j*hd : start + (j+1)*hd] [hd, d] <- R_j^T W_j, its bias b_j [hd] <- R_j^T b_j;
+    r [kv, hd, hd] on the device and in the dtype the product is computed in."""
+    kv, hd, _ = r.shape
+    rows = slice(start, start + kv * hd)
+    with torch.no_grad():
+        w = lin.weight[rows]  # a view [kv*hd, d]: written back in place
+        w3 = w.to(device=r.device, dtype=r.dtype).reshape(kv, hd, -1)
+        w.copy_(torch.einsum("jab,jad->jbd", r, w3).reshape(kv * hd, -1).to(device=w.device, dtype=w.dtype))
+        if lin.bias is not None:
+            b = lin.bias[rows]  # [kv*hd]
+            b2 = b.to(device=r.device, dtype=r.dtype).reshape(kv, hd)
+            b.copy_(torch.einsum("jab,ja->jb", r, b2).reshape(-1).to(device=b.device, dtype=b.dtype))
+
+
+def _rotate_output_cols(lin: nn.Linear, r: torch.Tensor, num_heads: int) -> None:
+    """o_proj W [d, num_heads*hd]: query head h's columns W_h [d, hd] <- W_h R_{j(h)}, j(h) its kv head;
+    r [kv, hd, hd]. A bias of o_proj is untouched (it is added after the heads are summed)."""
+    kv, hd, _ = r.shape
+    per_query = r[_kv_head_of(num_heads, kv).to(r.device)]  # [num_heads, hd, hd]
+    with torch.no_grad():
+        w = lin.weight
+        w3 = w.to(device=r.device, dtype=r.dtype).reshape(w.shape[0], num_heads, hd)
+        w.copy_(torch.einsum("dha,hab->dhb", w3, per_query).reshape(w.shape).to(device=w.device, dtype=w.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,6 +237,16 @@ def _rotate_writer(lin: nn.Linear, q: torch.Tensor) -> None:
 # what gets rotated: checked before anything is changed
 # ---------------------------------------------------------------------------------------------------
 @dataclass
+class HeadPlan:
+    values: nn.Linear  # v_proj, or the fused qkv_proj whose last kv_heads*head_dim rows are the values
+    value_start: int  # first value row of ``values``
+    out: nn.Linear  # o_proj, reading num_heads*head_dim columns
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
 class BlockPlan:
     in_norm: nn.Module
     post_norm: nn.Module
@@ -185,6 +255,7 @@ class BlockPlan:
     writers: list[nn.Linear]
     in_offset: float = 0.0
     post_offset: float = 0.0
+    heads: HeadPlan | None = None  # only when the value/output heads are rotated too
 
 
 @dataclass
@@ -231,9 +302,51 @@ def _checked_norm(model, norm, d: int, where: str) -> float:
     return offset
 
 
-def plan_rotation(model: nn.Module) -> RotationPlan:
+def _head_counts(model: nn.Module, d: int) -> tuple[int, int, int]:
+    """(num_heads, kv_heads, head_dim) from the model's (text) config; head_dim may be explicit (Gemma, Qwen3)."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    num_heads = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise _heads_refusal(model, "has no num_attention_heads in its config")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // num_heads
+    if not isinstance(kv_heads, int) or not isinstance(head_dim, int) or kv_heads < 1 or num_heads % kv_heads:
+        raise _heads_refusal(model, f"has {num_heads} attention heads and {kv_heads} kv heads in its config, "
+                                    "not a whole number of query heads per kv head")
+    return num_heads, kv_heads, head_dim
+
+
+def _plan_heads(model: nn.Module, attn: nn.Module, readers: list[nn.Linear], writer: nn.Linear, where: str,
+                counts: tuple[int, int, int]) -> HeadPlan:
+    """Check one attention module against the config's head counts: the value rows and o_proj's columns
+    must have exactly the sizes that num_heads, kv_heads and head_dim imply."""
+    num_heads, kv_heads, hd = counts
+    for name in VALUE_NORMS:
+        if getattr(attn, name, None) is not None:
+            raise _heads_refusal(model, f"has {where}.{name}, a norm on the values")
+    if getattr(attn, "head_dim", hd) != hd or getattr(attn, "num_key_value_groups", num_heads // kv_heads) != num_heads // kv_heads:
+        raise _heads_refusal(model, f"has {where} with other head sizes than its config "
+                                    f"({num_heads} heads, {kv_heads} kv heads of {hd})")
+    if len(readers) == 1:  # fused qkv_proj
+        values, start = readers[0], (num_heads + kv_heads) * hd
+        sizes = {FUSED_QKV: (values.out_features, (num_heads + 2 * kv_heads) * hd)}
+    else:
+        q, k, values = readers
+        start = 0
+        sizes = {"q_proj": (q.out_features, num_heads * hd), "k_proj": (k.out_features, kv_heads * hd),
+                 "v_proj": (values.out_features, kv_heads * hd)}
+    sizes[ATTN_WRITER + " inputs"] = (writer.in_features, num_heads * hd)
+    for name, (got, want) in sizes.items():
+        if got != want:
+            raise _heads_refusal(model, f"has {where}.{name} of size {got}, not the {want} that {num_heads} heads, "
+                                        f"{kv_heads} kv heads of {hd} imply")
+    return HeadPlan(values, start, writer, num_heads, kv_heads, hd)
+
+
+def plan_rotation(model: nn.Module, heads: bool = False) -> RotationPlan:
     """Find and check everything the rotation touches; raise UnsupportedModelError (model untouched) if
-    any piece is not where a pre-RMSNorm decoder has it."""
+    any piece is not where a pre-RMSNorm decoder has it (with ``heads``: or if the attention's value and
+    output projections are not split into the heads the config names)."""
     if _uses_layer_norm(model):
         raise _refusal(model, "uses LayerNorm")
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -249,6 +362,7 @@ def plan_rotation(model: nn.Module) -> RotationPlan:
     plan = RotationPlan(d, embed, head, final_norm, final_offset, blocks, tied=head.weight is embed.weight)
 
     known = {id(p) for m in (embed, head, final_norm) for p in m.parameters()}
+    counts = _head_counts(model, d) if heads else None
     for i, block in enumerate(blocks):
         where = f"block {i}"
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
@@ -276,6 +390,8 @@ def plan_rotation(model: nn.Module) -> RotationPlan:
             if id(p) not in ok:
                 raise _refusal(model, f"has {where}.{name}, which --rotate does not know how to rotate")
         known |= ok
+        if counts is not None:
+            bp.heads = _plan_heads(model, attn, bp.attn_readers, bp.writers[0], f"{where}.self_attn", counts)
         plan.block_plans.append(bp)
     for name, p in model.named_parameters():
         if id(p) not in known:
@@ -350,23 +466,29 @@ def _untie(model: nn.Module, plan: RotationPlan) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0, device: str | torch.device | None = None, check: bool = True) -> dict:
+def rotate_model(model: nn.Module, seed: int = 0, device: str | torch.device | None = None, check: bool = True,
+                 heads: bool = False) -> dict:
     """Rotate the residual stream of a pre-RMSNorm decoder in place by Q = rotation_matrix(d, seed).
 
     Norm scales are folded into the linears that read them (norms become scale 1), E <- E Q, readers
-    W <- W Q, writers W <- Q^T W (and their biases), a tied lm_head is untied. The matmuls run on
+    W <- W Q, writers W <- Q^T W (and their biases), a tied lm_head is untied. With ``heads`` each
+    attention block's value heads are also rotated by R = head_rotations(head_dim, kv_heads, seed) and
+    o_proj's input columns by the matching R (see the module docstring), in the same pass. The matmuls run on
     ``device`` (default: where the model is) in float32 on a GPU, float64 on the CPU, one decoder block
     at a time; a model that lives on the CPU stays there and each block visits the device and comes back.
     With ``check`` each rotated block and the logits are compared with the original on a short probe.
     Returns a record of what was done. Raises UnsupportedModelError, before changing anything, for
-    models that are not pre-RMSNorm decoders.
+    models that are not pre-RMSNorm decoders (and, with ``heads``, for attention whose projections do
+    not match the head counts of the config, or that normalizes its values).
     """
     start = time.perf_counter()
-    plan = plan_rotation(model)
+    plan = plan_rotation(model, heads=heads)
     dev = torch.device(device) if device is not None else plan.embed.weight.device
     work = torch.float64 if dev.type == "cpu" else torch.float32
     d = plan.hidden
     q = rotation_matrix(d, seed).to(device=dev, dtype=work)
+    hp = plan.block_plans[0].heads if heads and plan.block_plans else None
+    r = head_rotations(hp.head_dim, hp.kv_heads, seed).to(device=dev, dtype=work) if hp is not None else None
     dtype = plan.embed.weight.dtype
     tol = CHECK_TOL.get(dtype, CHECK_TOL_HALF)
 
@@ -405,6 +527,9 @@ def rotate_model(model: nn.Module, seed: int = 0, device: str | torch.device | N
         fuse_norm_into(bp.post_norm, bp.mlp_readers, q, offset=bp.post_offset)
         for lin in bp.writers:
             _rotate_writer(lin, q)
+        if bp.heads is not None:  # acts on v's output rows and o_proj's input columns: commutes with Q
+            _rotate_value_rows(bp.heads.values, bp.heads.value_start, r)
+            _rotate_output_cols(bp.heads.out, r, bp.heads.num_heads)
         if probe is not None:
             got = _out(block(rotated(h), *args, **kwargs))
             errors.append(verify(got, rotated(ref), f"block {i} outputs"))
@@ -423,8 +548,16 @@ def rotate_model(model: nn.Module, seed: int = 0, device: str | torch.device | N
 
     record = {"kind": "hadamard", "seed": int(seed), "hidden_size": d, "blocks": len(plan.blocks),
               "untied_lm_head": untied, "device": str(dev), "work_dtype": str(work).replace("torch.", ""),
-              "max_check_error": max(errors) if errors else None, "seconds": time.perf_counter() - start}
+              "max_check_error": max(errors) if errors else None, "heads": hp is not None}
+    if hp is not None:
+        record.update(num_heads=hp.num_heads, kv_heads=hp.kv_heads, head_dim=hp.head_dim)
+    record["seconds"] = time.perf_counter() - start
     checked = f"; probe outputs match the original to {record['max_check_error']:.1e}" if errors else ""
-    info(f"rotated the residual stream ({len(plan.blocks)} blocks, hidden {d}, Hadamard-type Q, seed {seed}) "
-         f"in {record['seconds']:.1f} s{checked}")
+    if hp is None:
+        what, shape = "the residual stream", f"hidden {d}, Hadamard-type Q"
+    else:
+        what = "the residual stream and the value/output heads"
+        shape = (f"hidden {d}, {hp.num_heads} heads on {hp.kv_heads} kv heads of {hp.head_dim}, "
+                 "Hadamard-type Q and R")
+    info(f"rotated {what} ({len(plan.blocks)} blocks, {shape}, seed {seed}) in {record['seconds']:.1f} s{checked}")
     return record
