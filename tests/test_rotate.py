@@ -425,11 +425,11 @@ def test_gptq_and_mixed_with_rotation(tokenizer, tmp_path):
     assert torch.isfinite(lpq.load(tmp_path / "m", device="cpu")(x).logits).all()
 
 
-def test_resume_checks_the_rotation(tokenizer, tmp_path, monkeypatch):
-    from conftest import assert_same_saved_model
+def interrupt_in_block_1(monkeypatch, run) -> None:
+    """Call ``run()`` with RTN interrupted (KeyboardInterrupt, as Ctrl-C) at block 1's first linear, so that
+    a partial output with block 0 finished is left behind; RTN is restored afterwards."""
     from lpq.methods.rtn import RTN
 
-    kwargs = dict(tokenizer=tokenizer, method="rtn", bits=4, group_size=32, device="cpu")
     real, calls = RTN.quantize_layer, []
 
     def stop_in_block_1(self, *a, **k):  # 7 linears per block: the 8th call is block 1's first
@@ -439,10 +439,17 @@ def test_resume_checks_the_rotation(tokenizer, tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(RTN, "quantize_layer", stop_in_block_1)
-    out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
-        api.quantize(build("llama", tie=True), out, rotate=True, **kwargs)
+        run()
     monkeypatch.setattr(RTN, "quantize_layer", real)
+
+
+def test_resume_checks_the_rotation(tokenizer, tmp_path, monkeypatch):
+    from conftest import assert_same_saved_model
+
+    kwargs = dict(tokenizer=tokenizer, method="rtn", bits=4, group_size=32, device="cpu")
+    out = tmp_path / "q"
+    interrupt_in_block_1(monkeypatch, lambda: api.quantize(build("llama", tie=True), out, rotate=True, **kwargs))
     with pytest.raises(LpqError, match="other settings"):
         api.quantize(build("llama", tie=True), out, resume=True, **kwargs)
     with pytest.raises(LpqError, match="other settings"):
@@ -456,22 +463,10 @@ def test_resume_checks_the_rotation(tokenizer, tmp_path, monkeypatch):
 
 def test_resume_checks_the_head_rotation(tokenizer, tmp_path, monkeypatch):
     from conftest import assert_same_saved_model
-    from lpq.methods.rtn import RTN
 
     kwargs = dict(tokenizer=tokenizer, method="rtn", bits=4, group_size=32, device="cpu", rotate=True)
-    real, calls = RTN.quantize_layer, []
-
-    def stop_in_block_1(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(RTN, "quantize_layer", stop_in_block_1)
     out = tmp_path / "q"
-    with pytest.raises(KeyboardInterrupt):
-        api.quantize(build("llama"), out, rotate_heads=True, **kwargs)
-    monkeypatch.setattr(RTN, "quantize_layer", real)
+    interrupt_in_block_1(monkeypatch, lambda: api.quantize(build("llama"), out, rotate_heads=True, **kwargs))
     manifest = json.loads((tmp_path / ".q.lpq-partial" / "manifest.json").read_text())
     assert manifest["rotation"] == {"kind": "hadamard", "seed": 0, "heads": True}
     with pytest.raises(LpqError, match="other settings"):
