@@ -83,14 +83,16 @@ def test_identity_hessian_is_round_to_nearest():
 @pytest.mark.parametrize("gs,block", [(32, 128), (64, 16), (32, 48), (128, 128), (-1, 32)])
 def test_lazy_batch_updates_do_not_change_the_result(gs, block):
     """The blocked sweep is an exact reorganisation: any block size gives the same quantization as
-    one block over all columns (up to float rounding, which may flip a rare code)."""
+    one block over all columns, up to float rounding. A rounding flip of one code feeds its error to the
+    later columns and can flip a few more (0.76 % of the codes at gs 64, block 16 on one CPU, identical
+    on another), while a broken batch update (no update of the later blocks) changes 27-64 % of them."""
     x = correlated_inputs(256, 512)
     w, h = weight(48, 256), hessian(x)
     spec = QuantSpec(bits=3, group_size=gs)
     a, (_, _, _, _, ia) = gptq_dequant(w, h, spec, block_size=256)
     b, (_, _, _, _, ib) = gptq_dequant(w, h, spec, block_size=block)
     same = (a == b).float().mean().item()
-    assert same > 0.995, same
+    assert same > 0.98, same
     assert abs(ia["loss"] - ib["loss"]) <= 0.01 * ia["loss"]
 
 
