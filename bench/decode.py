@@ -57,6 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lpq.errors import LpqError  # noqa: E402
+
+
+def _pdl_on() -> bool:
+    from lpq.kernels import uniform_cuda
+
+    return bool(uniform_cuda.PDL)
 from results_io import device_name, versions, write_records, write_section  # noqa: E402
 
 SECTION = "End to end: decode, LLaMA-7B-shaped model (random weights)"
@@ -489,7 +495,10 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         + ("" if cuda else "On the CPU lpq runs its reference kernel, here on weights dequantized once "
            "(lpq.evaluate.dense_weights): a smoke run, not a speed figure. ")
         + "weights GB: parameters and buffers of the model on the device; kernel copies GB: the kernels' repacked "
-        "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
+        "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). "
+        + (f"LPQ_PDL={int(_pdl_on())} ({'the fused kernels launch with programmatic dependent launch' if _pdl_on() else 'plain launches'}). "
+           if cuda else "")
+        + "Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -569,7 +578,8 @@ def run(args, argv) -> int:
         raise LpqError(f"--prompt-len + --new-tokens exceeds the model's {cfg.max_position_embeddings} positions")
     gpu = device_name(str(device))
     date = datetime.date.today().isoformat()
-    command = "python bench/decode.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = ("LPQ_PDL=1 " if device.type == "cuda" and _pdl_on() else "") + "python bench/decode.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
     model_label = f"LLaMA-7B-shaped ({cfg.num_hidden_layers} blocks, random)" if not args.tiny else \
         f"tiny Llama ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, random)"
 

@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import re
 import statistics
+import shlex
 import sys
 from pathlib import Path
 
@@ -263,10 +264,13 @@ def main() -> None:
 def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
     lines = ["## " + section, "",
              f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `python bench/kernels.py{''.join(' ' + v for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
+             f"command: `{'LPQ_PDL=1 ' if uniform_cuda.PDL else ''}python bench/kernels.py{''.join(' ' + shlex.quote(v) for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
-             f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS.",
+             f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS. "
+             + ("LPQ_PDL=1: at m <= 8 the fused kernel is launched with programmatic dependent launch, so a replayed call "
+                "may begin loading its weights while the call before it finishes (as consecutive linears do in a model)."
+                if uniform_cuda.PDL else "LPQ_PDL=0: plain launches."),
              "",
              "| shape (out x in) | m | cuBLAS fp16 us | torch int4 us | kernel | us | TB/s | roofline | x cuBLAS | x int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -216,6 +216,7 @@ def test_kernels_match_reference(bits, gs, sym, dtype, monkeypatch):
 def check_variant(st: dict, x: torch.Tensor, w_ref: torch.Tensor, variant: int, label: str) -> None:
     """One fused-kernel variant, called directly with 4 and 8 warps, against x @ w_ref^T; the output
     memory is poisoned before each call so that unwritten elements show as non-finite."""
+    assert cuda_build.load(), cuda_build.failure_reason()  # when this test runs first
     ref = x.float() @ w_ref.t()
     for warps in (4, 8):
         poison_cache(x.shape[0] * w_ref.shape[0] * 4 + (1 << 16), x.dtype)
@@ -226,9 +227,13 @@ def check_variant(st: dict, x: torch.Tensor, w_ref: torch.Tensor, variant: int, 
         assert err < TOL[x.dtype], f"v{variant} w{warps} {label}: rel err {err:.2e}"
 
 
+# the two-chunk variants also launched with programmatic dependent launch (uniform_cuda.PDL_FLAG)
+PDL_VARIANTS = (4 | uniform_cuda.PDL_FLAG, 5 | uniform_cuda.PDL_FLAG)
+
+
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", uniform_cuda.GEMM_VARIANTS)
+@pytest.mark.parametrize("variant", uniform_cuda.GEMM_VARIANTS + PDL_VARIANTS)
 @pytest.mark.parametrize("bits", BITS)
 def test_every_fused_variant_matches_reference(bits, variant):
     """Each fused-kernel variant called directly (the automatic rule only picks some of them), every
@@ -248,7 +253,7 @@ def test_every_fused_variant_matches_reference(bits, variant):
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", [v for v in uniform_cuda.GEMM_VARIANTS if v in (0, 4, 5)])
+@pytest.mark.parametrize("variant", [v for v in uniform_cuda.GEMM_VARIANTS if v in (0, 4, 5)] + list(PDL_VARIANTS))
 def test_two_chunk_variants_long_groups(variant):
     """Variants 4/5 find the group of each fold of a two-chunk stage by a multiply (umulhi): groups
     longer than a stage (256, 1024 columns), a short last group, an odd chunk count (K = 2944: 23
@@ -295,6 +300,12 @@ def test_unknown_variant_is_refused_before_the_op():
     st = {"k": 64, "qw": torch.zeros(1, dtype=torch.int32)}
     with pytest.raises(ValueError, match="variant"):
         uniform_cuda.gemm(st, torch.zeros(1, 64, dtype=torch.float16), None, variant=len(uniform_cuda.GEMM_VARIANTS))
+    # the programmatic-launch flag rides on a known variant only
+    flag = uniform_cuda.PDL_FLAG
+    for bad in (-1, flag, 3 | flag, len(uniform_cuda.GEMM_VARIANTS) | flag, 2 * flag):
+        with pytest.raises(ValueError, match="variant"):
+            uniform_cuda.gemm(st, torch.zeros(1, 64, dtype=torch.float16), None, variant=bad)
+    assert uniform_cuda._valid_variant(4 | flag) and uniform_cuda._valid_variant(5 | flag)
 
 
 EDGE_SHAPES = [(1, 128), (16, 128), (17, 136), (33, 576), (100, 1000), (4100, 256), (48, 4104), (576, 1536)]
@@ -393,6 +404,53 @@ def test_cuda_graph_and_compile(monkeypatch):
     compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=False)
     torch.testing.assert_close(compiled(x), layer(x) * 2)
     del ref
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", (1, 4))
+@pytest.mark.parametrize("bits", (4, 3))
+def test_pdl_chain_in_cuda_graph(bits, m):
+    """A kernel launched with programmatic dependent launch starts while the previous kernel finishes
+    and must wait for it before reading its activations. A chain of layers, each reading the output of
+    the one before (directly, or through a torch kernel in between), captured in a CUDA graph and
+    replayed on new inputs, equals the same chain launched plainly, bit for bit, at every replay: a
+    kernel that read its input too early would see the previous replay's values."""
+    assert cuda_build.load(), cuda_build.failure_reason()
+    gen = torch.Generator().manual_seed(70 + bits + m)
+    k = 1024
+    sts = []
+    for _ in range(6):
+        qw = random_qweight(k, k, QuantSpec(bits=bits, group_size=128), device="cuda", gen=gen)
+        sts.append(uniform_cuda.repack(qw.tensors, qw.spec, k, k))
+    variant = uniform_cuda.default_variant(sts[0], m)
+    assert variant in (4, 5)
+
+    def chain(x, flags):
+        h = x
+        for i, st in enumerate(sts):
+            h = uniform_cuda.gemm(st, h, None, variant=variant | flags)
+            if i % 2:
+                h = h * 0.25  # a torch kernel between two lpq kernels
+        return h
+
+    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x_static, uniform_cuda.PDL_FLAG)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(x_static, uniform_cuda.PDL_FLAG)
+    for _ in range(5):
+        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+        x_static.copy_(xi)
+        g.replay()
+        want = chain(xi, 0)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        assert torch.equal(out, want)
 
 
 def test_fold_divides_group():

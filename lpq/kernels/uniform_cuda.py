@@ -145,6 +145,18 @@ def _gemm_variant() -> int | None:
 
 GEMM_VARIANT = _gemm_variant()
 
+# or-ed into variant 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a
+# plain launch elsewhere): its blocks may be scheduled before the previous kernel in the stream ends and
+# wait for it before their first load; each lets the next kernel be scheduled once all its own loads are
+# requested (uniform_gemm_kc_kernel). Off unless LPQ_PDL=1: back-to-back calls of the op gain 0.1-0.8 us
+# at m = 1, a decode step of the 7B-shaped model does not (bench/RESULTS.md, round 7).
+PDL_FLAG = 8
+PDL = os.environ.get("LPQ_PDL", "0") == "1"
+
+
+def _valid_variant(v: int) -> bool:
+    return isinstance(v, int) and (v in GEMM_VARIANTS or (bool(v & PDL_FLAG) and (v & ~PDL_FLAG) in (4, 5)))
+
 # Round 5 (bench/NOTES-kernels.md; H100 timings of every variant x warps in bench/RESULTS.md "round 5"):
 # variants 4 and 5 take two chunks per ring stage, which cuts the static main-loop instructions per 16x128
 # chunk (sm_90a SASS, fp16, m = 1) from about 189 to 134 (W3, 3 -> 4), 186 to 133 (W2 g64) and 244 to 147
@@ -194,8 +206,9 @@ def default_variant(st: dict, m: int) -> int:
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
          variant: int | None = None) -> torch.Tensor:
-    if variant is not None and variant not in GEMM_VARIANTS:  # here: a failing check inside the op ends the process
-        raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS}, got {variant}")
+    if variant is not None and not _valid_variant(variant):  # here: a failing check inside the op ends the process
+        raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS} (4 and 5 optionally "
+                         f"| {PDL_FLAG}), got {variant}")
     k = st["k"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq uniform_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -205,8 +218,10 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if variant is None:
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
+        if PDL and variant in (4, 5) and x2.shape[0] <= 8:
+            variant |= PDL_FLAG
     if warps is None:
-        warps = default_warps(st, x2.shape[0], variant)
+        warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
                                            st["n"], st["k"], warps, variant)
 

@@ -40,7 +40,8 @@ at::Tensor uniform_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq uniform_gemm: warps must be in 1..8");
-  TORCH_CHECK(variant >= 0 && variant <= 5, "lpq uniform_gemm: variant must be in 0..5");
+  TORCH_CHECK((variant >= 0 && variant <= 5) || variant == (4 | kVariantPDL) || variant == (5 | kVariantPDL),
+              "lpq uniform_gemm: variant must be in 0..5, or 4 or 5 | 8 (programmatic dependent launch)");
   TORCH_CHECK(gs > 0, "lpq uniform_gemm: group size must be positive (in_features for per-channel)");
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {

@@ -50,8 +50,22 @@ inline int kc_ring_slots(int stages, int chunks, int nwarps) {
   const int busiest = (pairs + nwarps - 1) / nwarps;
   return busiest < 1 ? 1 : (busiest < stages ? busiest : stages);
 }
+// Programmatic dependent launch needs compute capability 9.0 (checked once per device).
+inline bool device_has_pdl() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  static int cached[64] = {0};  // 0 unknown, 1 no, 2 yes
+  if (dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cached[dev] = major >= 9 ? 2 : 1;
+  }
+  return cached[dev] == 2;
+}
+
 template <int BITS, typename T, int S, int NT, int STAGES, int XR>
-cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream) {
+cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
   constexpr int KC = 2;
   using Geo = StageGeomKC<BITS, S, NT, KC>;
   const uint32_t gmagic = a.gs >= a.K ? 0u : 0xFFFFFFFFu / (uint32_t)a.gs + 1u;
@@ -69,14 +83,31 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, cudaStream_t stream
     if (e != cudaSuccess) return e;
   }
   dim3 grid(a.n_tiles / NT, (a.M + 7) / 8);
+  if (pdl && device_has_pdl()) {
+    // launched with programmatic stream serialization: the kernel may start while the previous one in
+    // the stream finishes, and loads its static codes before griddepcontrol.wait (uniform_gemm_kc_kernel)
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(nwarps * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, kern, a, xrows, gmagic, slots);
+    if (e != cudaSuccess) return e;
+    return cudaGetLastError();
+  }
   kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, gmagic, slots);
   return cudaGetLastError();
 }
 // m = 1: the one-row kernel (XR = 1); m = 2..8: up to 8 rows (XR = 8).
 template <int BITS, typename T, int S, int NT, int STAGES>
-cudaError_t launch_gemm_kc_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) {
-  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 1>(a, nwarps, stream)
-                  : launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 8>(a, nwarps, stream);
+cudaError_t launch_gemm_kc_cfg(const GemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
+  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 1>(a, nwarps, pdl, stream)
+                  : launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 8>(a, nwarps, pdl, stream);
 }
 // Ring depth (stages of two chunks) of v4/v5: about as many chunks in flight as the one-chunk ring.
 template <int BITS> constexpr int ring_kc() { return BITS == 2 ? 5 : (BITS == 3 ? 4 : (BITS == 4 ? 3 : 2)); }
@@ -91,8 +122,11 @@ template <int BITS> constexpr int ring_m8_deep() { return BITS == 2 ? 12 : (BITS
 // and scale work shared by 32 output rows instead of 16); 4: two n-tiles and two chunks per ring stage
 // at m <= 8 (uniform_gemm_kc_kernel); 5: one n-tile and two chunks per stage at m <= 8. Above m = 8,
 // variants 2-5 run variant 0.
+// variant | kVariantPDL (variants 4 and 5 only): launched with programmatic dependent launch on sm_90+.
 template <int BITS, typename T, int S>
-cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant_flags, cudaStream_t stream) {
+  const bool pdl = (variant_flags & kVariantPDL) != 0;
+  const int variant = variant_flags & ~kVariantPDL;
   if (variant == 1) {
     if (a.M <= 8) return launch_gemm_cfg<BITS, T, S, 1, 1, steps_chunks<BITS>()>(a, nwarps, stream);
     if (a.M <= 16) return launch_gemm_cfg<BITS, T, S, 2, 2, 1>(a, nwarps, stream);
@@ -103,11 +137,11 @@ cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant, cudaStream
     if (variant == 3) return launch_gemm_cp_cfg<BITS, T, S, 1, 2, ring_m8<BITS>()>(a, nwarps, stream);
     // K * gs >= 2^32 (not exact for umulhi): the one-chunk kernel with the same n-tiles per warp
     if (variant == 4) {
-      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 2, ring_kc<BITS>()>(a, nwarps, stream)
+      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 2, ring_kc<BITS>()>(a, nwarps, pdl, stream)
                                 : launch_gemm_cp_cfg<BITS, T, S, 1, 2, ring_m8<BITS>()>(a, nwarps, stream);
     }
     if (variant == 5) {
-      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 1, ring_kc<BITS>()>(a, nwarps, stream)
+      return kc_groups_exact(a) ? launch_gemm_kc_cfg<BITS, T, S, 1, ring_kc<BITS>()>(a, nwarps, pdl, stream)
                                 : launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
     }
   }

@@ -780,6 +780,19 @@ struct StageGeomKC {
   __host__ __device__ static constexpr int words(int xrows) { return XOFF + xrows * XS; }
 };
 
+// Programmatic dependent launch (sm_90+): wait for the grid this one depends on (all its memory
+// visible), and let the next grid launch early. Both are no-ops for a grid launched without the
+// programmatic-serialization attribute, and compiled out below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
+}
 __device__ __forceinline__ void cp_async16_cg_s(uint32_t s, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
@@ -906,6 +919,9 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
 
+  // Programmatic dependent launch (a no-op when launched without it): the block may be resident
+  // before the kernel it depends on has finished; nothing is read before its memory is visible.
+  pdl_wait();
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < n_my) issue();
@@ -1009,6 +1025,8 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
     });
     __syncwarp();  // every lane has read this buffer before it is refilled
   }
+  // every byte this block reads is requested: the next kernel in the stream may be scheduled
+  pdl_launch_dependents();
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the reduction
 

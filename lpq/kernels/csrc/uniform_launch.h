@@ -31,6 +31,9 @@ cudaError_t launch_uniform_gemm(int bits, bool bf16, int fold, const GemmArgs& a
                                 cudaStream_t stream);
 cudaError_t launch_uniform_dequant(int bits, bool bf16, int fold, const DequantArgs& args, cudaStream_t stream);
 
+// Flag or-ed into a variant: launch with programmatic dependent launch (variants 4 and 5, sm_90+).
+constexpr int kVariantPDL = 8;
+
 // Tokens per block of the fused kernel for a given m (8, 16 or 32), and the n-tiles per block.
 inline int gemm_tokens_per_block(int m) { return m <= 8 ? 8 : (m <= 16 ? 16 : 32); }
 inline int gemm_ntiles_per_block(int m) { return m <= 8 ? 1 : 2; }
