@@ -144,13 +144,18 @@ def assert_same_saved_model(a_dir, b_dir) -> None:
 
 
 def run_cli(capsys, *argv):
-    """Run the lpq CLI in-process; return (exit code, stdout, stderr)."""
+    """Run the lpq CLI in-process; return (exit code, stdout, stderr). ``-q`` sets a process-wide quiet
+    flag (lpq.progress); it is restored afterwards so that no later test runs quiet by accident."""
+    from lpq import progress
     from lpq.cli.main import main
 
+    quiet = progress._quiet
     try:
         main(list(argv))
         code = 0
     except SystemExit as e:
         code = e.code or 0
+    finally:
+        progress.set_quiet(quiet)
     out, err = capsys.readouterr()
     return code, out, err
