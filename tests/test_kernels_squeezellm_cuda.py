@@ -387,5 +387,11 @@ def test_cuda_graph_and_compile(monkeypatch):
     torch.cuda.synchronize()
     w = SQUEEZELLM.dequantize(qw.tensors, qw.spec, 512, 256)
     assert rel_err(y, x.float() @ w.t()) < 1e-3
-    compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=False)
+    # one graph: the forward reads no data_ptr() (the op copies an unaligned x itself)
+    compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x) * 2)
+    # an offset slice (not 16-byte aligned) and a strided view give the same result as a fresh copy
+    wide = torch.randn(2, 520, generator=gen).to(torch.float16).cuda()
+    for view in (wide[:1, 1:513], wide.t().contiguous().t()[:1, 3:515]):
+        assert view.data_ptr() % 16 or not view.is_contiguous()
+        torch.testing.assert_close(layer(view), layer(view.contiguous().clone()))

@@ -172,7 +172,8 @@ def default_warps(st: dict, m: int) -> int:
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
-    """x2 [m, K] fp16/bf16 contiguous -> [m, N] through the fused LUT kernel (dense + sparse + bias)."""
+    """x2 [m, K] fp16/bf16 -> [m, N] through the fused LUT kernel (dense + sparse + bias); the op makes
+    a contiguous, 16-byte aligned copy of x where it needs one."""
     k, n = st["k"], st["n"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq lut_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -180,8 +181,6 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq lut_gemm: activations must be float16 or bfloat16, got {x2.dtype}")
     if not x2.is_cuda or x2.device != st["qw"].device:
         raise ValueError(f"lpq lut_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        raise ValueError("lpq lut_gemm: x must be contiguous and 16-byte aligned")
     if bias is not None and (bias.dtype != x2.dtype or bias.numel() != n or not bias.is_contiguous()):
         raise ValueError(f"lpq lut_gemm: bias must be a contiguous [{n}] tensor of dtype {x2.dtype}")
     if warps is None:
@@ -242,8 +241,7 @@ class SqueezeLLMCudaKernel(Kernel):
             st = layer.kernel_state[STATE_KEY]
         k, n = st["k"], st["n"]
         x2 = x.reshape(-1, k)
-        if not x2.is_contiguous() or x2.data_ptr() % 16:
-            x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
+        # no alignment fix-up here: the op copies an unaligned x itself (data_ptr() would break torch.compile)
         bias = layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

@@ -27,17 +27,19 @@ static void check_packed(const at::Tensor& qw, const at::Tensor& tab, int64_t bi
               n_tiles * chunks * 64 * bits);
 }
 
-at::Tensor lut_gemm(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& tab, const c10::optional<at::Tensor>& sp_ptr,
+at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& tab, const c10::optional<at::Tensor>& sp_ptr,
                     const c10::optional<at::Tensor>& sp_cr, const c10::optional<at::Tensor>& sp_v,
                     const c10::optional<at::Tensor>& bias, int64_t bits, int64_t n, int64_t k, int64_t warps) {
   int64_t chunks, n_tiles;
   check_packed(qw, tab, bits, n, k, chunks, n_tiles);
-  TORCH_CHECK(x.is_cuda() && x.get_device() == qw.get_device(), "lpq lut_gemm: x must be on the weights' CUDA device");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "lpq lut_gemm: activations must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "lpq lut_gemm: x must be [m, ", k, "], got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "lpq lut_gemm: x must be contiguous and 16-byte aligned");
+  TORCH_CHECK(x_in.is_cuda() && x_in.get_device() == qw.get_device(), "lpq lut_gemm: x must be on the weights' CUDA device");
+  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+              "lpq lut_gemm: activations must be float16 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "lpq lut_gemm: x must be [m, ", k, "], got ", x_in.sizes());
+  // the kernel reads x in 16-byte pieces: a strided view or an offset slice is copied here rather than
+  // in Python, where reading data_ptr() would break a torch.compile graph at every linear
+  at::Tensor x = x_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq lut_gemm: warps must be in 1..8");
   const int* pp = nullptr;
   const uint32_t* pc = nullptr;
