@@ -1,8 +1,11 @@
 """Kernel speed of the ptq161 CUDA GEMV (PROTOCOL §4).
 
-  python bench/kernels_ptq161.py [--m 1,4,16] [--salient 0.2] [--shapes 4096x4096,...]
+  python bench/kernels_ptq161.py [--m 1,4,16] [--salient 0.2] [--shapes 4096x4096,...] [--variants stream,first]
+                                 [--ksplit S]
 
-Per shape (out x in) and batch m: lpq's ``ptq161_cuda`` GEMV (20 % salient input channels at 4 bits,
+Per shape (out x in) and batch m: lpq's ``ptq161_cuda`` GEMV (each of --variants: ``stream``, the default
+kernel; ``stream-1row``, the same with one output row a thread where its plan takes two; ``first``, the
+first kernel kept for comparison) (20 % salient input channels at 4 bits,
 the rest binarized, ~1.6 bits per weight plus per-row/column vectors) against cuBLAS fp16 through
 F.linear, in the same run. Each variant rotates through copies of its weights (>= 256 MB in all), is
 captured in a CUDA graph and timed with CUDA events (median over >= 200 calls), with the same timer as
@@ -52,10 +55,16 @@ def main() -> None:
     ap.add_argument("--m", default="1,4,16")
     ap.add_argument("--salient", type=float, default=0.2)
     ap.add_argument("--shapes", default="")
+    ap.add_argument("--variants", default="stream,first")
+    ap.add_argument("--ksplit", type=int, default=0, help="force K splits of the streaming kernel (0: its plan)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.m.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in ptq161_cuda.VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r} (use {', '.join(ptq161_cuda.VARIANTS)})")
     gpu = torch.cuda.get_device_name(0)
     today = dt.date.today().isoformat()
     records, rows = [], []
@@ -70,36 +79,40 @@ def main() -> None:
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(copies_for(n * k * 2))]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            y = ptq161_cuda.gemv(st, x, None)
             ref = F.linear(x.float(), w_ref)
-            err = float((y.float() - ref).norm() / ref.norm())
-            if not err < 1e-3:
-                raise SystemExit(f"ptq161 kernel wrong on {n}x{k} m={m}: relative error {err:.2e}")
-            us = timed(lambda i: ptq161_cuda.gemv(states[i], x, None), len(states))
             us_cb = timed(lambda i: F.linear(x, dense[i]), len(dense))
-            moved = packed + m * k * 2 + m * n * 2
-            tbps = moved / (us * 1e-6) / 1e12
-            rec = {"gpu": gpu, "kernel": "ptq161_cuda", "format": "ptq161", "bits": 1.6, "group_size": -1, "m": m,
-                   "n": n, "k": k, "dtype": "float16", "us": us, "tbps": tbps, "roofline_share": tbps / ROOFLINE_TBPS,
-                   "speedup_vs_cublas": us_cb / us, "speedup_vs_torch_int4": None, "bpw": bpw, "cublas_us": us_cb,
-                   "date": today}
-            records.append(rec)
-            rows.append(f"| {n}x{k} | {m} | {bpw:.3f} | {us_cb:.1f} | {us:.1f} | {tbps:.2f} | {tbps / ROOFLINE_TBPS:.0%} "
-                        f"| {us_cb / us:.2f} |")
-            print(rec, flush=True)
+            for variant in variants:
+                ks = args.ksplit if variant.startswith("stream") else 0
+                y = ptq161_cuda.gemv(st, x, None, variant=variant, ksplit=ks)
+                err = float((y.float() - ref).norm() / ref.norm())
+                if not err < 1e-3:
+                    raise SystemExit(f"ptq161 {variant} kernel wrong on {n}x{k} m={m}: relative error {err:.2e}")
+                us = timed(lambda i: ptq161_cuda.gemv(states[i], x, None, variant=variant, ksplit=ks), len(states))
+                moved = packed + m * k * 2 + m * n * 2
+                tbps = moved / (us * 1e-6) / 1e12
+                rec = {"gpu": gpu, "kernel": "ptq161_cuda", "variant": variant, "ksplit": ks, "format": "ptq161",
+                       "bits": 1.6, "group_size": -1, "m": m, "n": n, "k": k, "dtype": "float16", "us": us,
+                       "tbps": tbps, "roofline_share": tbps / ROOFLINE_TBPS, "speedup_vs_cublas": us_cb / us,
+                       "speedup_vs_torch_int4": None, "bpw": bpw, "cublas_us": us_cb, "date": today}
+                records.append(rec)
+                rows.append(f"| {n}x{k} | {m} | {variant} | {bpw:.3f} | {us_cb:.1f} | {us:.1f} | {tbps:.2f} "
+                            f"| {tbps / ROOFLINE_TBPS:.0%} | {us_cb / us:.2f} |")
+                print(rec, flush=True)
         del states, dense
         torch.cuda.empty_cache()
     if args.no_write:
         return
     body = "\n".join([
         f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {today}; command: "
-        f"`python bench/kernels_ptq161.py --m {args.m} --salient {args.salient}`. Random ptq161 layers "
+        f"`python bench/kernels_ptq161.py --m {args.m} --salient {args.salient} --variants {args.variants}"
+        f"{f' --ksplit {args.ksplit}' if args.ksplit else ''}`. stream: the streaming kernel (the default); stream-1row: the same with one row a thread; first: "
+        f"the first kernel (short K tiles, fp32 atomics, memset + epilogue launches). Random ptq161 layers "
         f"({args.salient:.0%} salient channels at 4 bits, the rest binarized), activations fp16. Median of >= 200 calls, "
         f"CUDA-graph replays over rotated weight copies (>= 256 MB). Bandwidth counts every packed tensor + activations "
         f"+ output; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS fp16 time / lpq time.",
         "",
-        "| shape (out x in) | m | bits/weight | cuBLAS fp16 us | ptq161 us | TB/s | roofline | x cuBLAS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape (out x in) | m | kernel | bits/weight | cuBLAS fp16 us | ptq161 us | TB/s | roofline | x cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     write_section("Kernels (ptq161 format)", body)

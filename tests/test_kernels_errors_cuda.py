@@ -87,14 +87,14 @@ CHILD = textwrap.dedent(r'''
         binz = torch.arange(32, 64, dtype=torch.int32, device=dev)
         colscale = torch.zeros(32, device=dev)
         rowvec = torch.zeros(4, n, device=dev)
+        cnt = torch.zeros(2, dtype=torch.int32, device=dev)
         op = torch.ops.lpq_ptq161
-        bad("gemv 3 salient channels", lambda: op.gemv(xp, qw, sw, binz, sal[:3].contiguous(), colscale, rowvec, None, n, k))
-        bad("gemv float32 x", lambda: op.gemv(xp.float(), qw, sw, binz, sal, colscale, rowvec, None, n, k))
-        bad("gemv x [1, 32]", lambda: op.gemv(xp[:, :32].contiguous(), qw, sw, binz, sal, colscale, rowvec, None, n, k))
-        if hasattr(op, "gemv2"):  # the round-2 kernel's op, where built: 17 token rows (it takes m <= 16)
-            x17 = torch.zeros(17, k, dtype=h, device=dev)
-            bad("gemv2 m=17", lambda: op.gemv2(x17, qw, qw, qw, qw, qw, rowvec, qw, None, n, k, 32, 1, 8, 16, 0))
-        alive(op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, n, k))
+        bad("gemv 3 salient channels", lambda: op.gemv(xp, qw, sw, binz, sal[:3].contiguous(), colscale, rowvec, None, cnt, n, k, 0, 0))
+        bad("gemv float32 x", lambda: op.gemv(xp.float(), qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
+        bad("gemv x [1, 32]", lambda: op.gemv(xp[:, :32].contiguous(), qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
+        bad("gemv variant 7", lambda: op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 7, 0))
+        bad("gemv no counters", lambda: op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt[:0], n, k, 0, 0))
+        alive(op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
 ''')
 
 # extension -> (loader in this process, [(case, text the error message must contain)])
@@ -114,6 +114,8 @@ EXPECTED = {
         ("gemv 3 salient channels", "salient/binarized split does not fit in_features=64"),
         ("gemv float32 x", "activations must be float16 or bfloat16"),
         ("gemv x [1, 32]", "x must be a contiguous CUDA [m, 64] tensor"),
+        ("gemv variant 7", "variant must be 0 (streaming), 1 (first kernel) or 2"),
+        ("gemv no counters", "counters must be int32"),
     ]),
 }
 
@@ -139,8 +141,6 @@ def test_failing_check_raises_runtime_error(ext):
     for case, text in cases:
         assert got[case]["raised"] == "RuntimeError", got[case]
         assert text in got[case]["msg"], got[case]
-    if "gemv2 m=17" in got:  # present only where the extension defines gemv2
-        assert got["gemv2 m=17"]["raised"] == "RuntimeError" and "ptq161_gemv2" in got["gemv2 m=17"]["msg"], got
     after = got["valid call after the errors"]
     assert after["finite"], after
     assert after["shape"] == ([1, 32] if ext == "ptq161" else [32, 128]), after

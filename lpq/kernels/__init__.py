@@ -86,7 +86,8 @@ def select_kernel(layer: "QuantizedLinear", x: torch.Tensor) -> Kernel:
         reason = kernel.why_not(layer, x)
         if reason is None:
             return kernel
-        log.debug("kernel %s skipped for %s: %s", kernel.name, layer.extra_repr(), reason)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls (a graph break)
+            log.debug("kernel %s skipped for %s: %s", kernel.name, layer.extra_repr(), reason)
     raise LpqError(f"no kernel can run format {layer.spec.format!r}")  # the reference runs everything
 
 

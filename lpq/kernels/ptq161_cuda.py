@@ -3,18 +3,26 @@
 Importing this module needs torch only; the extension (op ``torch.ops.lpq_ptq161.gemv``) is built on
 the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel registered here:
 
-  ptq161_cuda  (priority 100) m <= 16: the GEMV of csrc/ptq161_kernels.cu (a nibble lookup table
-               in shared memory for the signs, split-K with fp32 atomics, one epilogue kernel);
+  ptq161_cuda  (priority 100) m <= 16: the streaming GEMV of csrc/ptq161_stream.cu (sign words
+               summed through a nibble lookup table in shared memory, words streamed through a
+               register double buffer, split-K whose last block adds the partials: one launch);
                m > 16: the format's dequantize on the GPU + cuBLAS.
+               ``LPQ_PTQ161_VARIANT=first`` runs the first kernel (csrc/ptq161_kernels.cu: short K
+               tiles, fp32 atomics, a memset and an epilogue launch), kept for comparison;
+               ``LPQ_PTQ161_VARIANT=stream-1row`` the streaming kernel with one row a thread where
+               its plan would take two; ``LPQ_PTQ161_KSPLIT=S`` forces S splits along K (benchmarks).
 
 It reads the canonical tensors as they are stored (no repack); ``prepare`` only derives, once, the
 channel indices of the salient and binarized runs from the mask and float32 copies of the small
-per-row and per-column vectors.
+per-row and per-column vectors, and a small int32 buffer of per-row-block counters that the
+streaming kernel uses to find the last block of each split-K reduction (it leaves them at zero, so
+two calls of one layer must not run concurrently on different streams).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 
@@ -27,8 +35,11 @@ log = logging.getLogger("lpq.kernels")
 
 STATE_KEY = "ptq161_cuda"
 MAX_FUSED_M = 16
-SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu"]
+SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu", "ptq161_stream.cu"]
 HEADERS = ["ptq161_launch.h"]
+
+VARIANTS = {"stream": 0, "first": 1, "stream-1row": 2}
+ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": None}
@@ -47,7 +58,7 @@ def load() -> bool:
                 cuda_build._build("lpq_ptq161", SOURCES, HEADERS)
 
                 @torch.library.register_fake("lpq_ptq161::gemv")
-                def _gemv_fake(x, qw, sw, bin_idx, sal_idx, colscale, rowvec, bias, n, k):
+                def _gemv_fake(x, qw, sw, bin_idx, sal_idx, colscale, rowvec, bias, counters, n, k, variant, ksplit):
                     return x.new_empty((x.shape[0], n))
             except Exception as e:  # a failed build must never crash a forward pass
                 reason = f"building the ptq161 kernel failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
@@ -61,7 +72,8 @@ def load() -> bool:
 
 def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
     """The canonical tensors -> what the kernel reads: channel indices of both runs (from the mask),
-    float32 column scales and the four per-row vectors stacked [4, N] (sscale, szero, bscale, mu)."""
+    float32 column scales, the four per-row vectors stacked [4, N] (sscale, szero, bscale, mu) and
+    the streaming kernel's zeroed counters [2 * ceil(N / 256)] int32."""
     from ..formats.ptq161 import spec_salient, unpack_mask
 
     mask = unpack_mask(tensors["mask"], k)
@@ -77,13 +89,31 @@ def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dic
         "sal_idx": channels[mask].contiguous(),
         "colscale": tensors["colscale"].float().contiguous(),
         "rowvec": rowvec,
+        "counters": torch.zeros(2 * (-(-n // ROWS_PER_COUNTER)), dtype=torch.int32, device=mask.device),
         "n": n,
         "k": k,
     }
 
 
-def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 [m, K] fp16/bf16 (m <= 16 for speed; any m is correct) -> [m, N]."""
+def _variant_from_env() -> int:
+    name = os.environ.get("LPQ_PTQ161_VARIANT", "stream")
+    if name not in VARIANTS:
+        raise ValueError(f"LPQ_PTQ161_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | None = None,
+         ksplit: int | None = None) -> torch.Tensor:
+    """x2 [m, K] fp16/bf16 (m <= 16 for speed; any m is correct) -> [m, N].
+
+    variant: "stream" (default), "stream-1row" or "first" (else LPQ_PTQ161_VARIANT); ksplit: K splits of the streaming
+    kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
+    if variant is None:
+        v = _variant_from_env()
+    elif variant in VARIANTS:
+        v = VARIANTS[variant]
+    else:
+        raise ValueError(f"lpq ptq161 gemv: variant {variant!r}: use one of {', '.join(VARIANTS)}")
     k, n = st["k"], st["n"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq ptq161 gemv: x must be [m, {k}], got {list(x2.shape)}")
@@ -93,10 +123,12 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise ValueError(f"lpq ptq161 gemv: x is on {x2.device}, the weights on {st['qw'].device}")
     if bias is not None and (bias.numel() != n or bias.dtype != x2.dtype):
         raise ValueError(f"lpq ptq161 gemv: bias must be [{n}] of the activations' dtype")
+    if ksplit is None:
+        ksplit = int(os.environ.get("LPQ_PTQ161_KSPLIT", "0") or 0)
     if not load():
         raise RuntimeError(f"lpq ptq161 gemv: the CUDA extension is unavailable ({_state['reason']})")
     return torch.ops.lpq_ptq161.gemv(x2.contiguous(), st["qw"], st["sw"], st["bin_idx"], st["sal_idx"],
-                                     st["colscale"], st["rowvec"], bias, n, k)
+                                     st["colscale"], st["rowvec"], bias, st["counters"], n, k, v, ksplit)
 
 
 class PTQ161CudaKernel(Kernel):

@@ -6,13 +6,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "ptq161_launch.h"
 
 namespace lpq {
 
 at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sw, const at::Tensor& bin_idx,
                        const at::Tensor& sal_idx, const at::Tensor& colscale, const at::Tensor& rowvec,
-                       const c10::optional<at::Tensor>& bias, int64_t n, int64_t k) {
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t n, int64_t k,
+                       int64_t variant, int64_t ksplit) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "lpq ptq161_gemv: x must be a contiguous CUDA [m, ", k, "] tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "lpq ptq161_gemv: activations must be float16 or bfloat16");
   const int64_t s = sal_idx.numel(), b = bin_idx.numel();
@@ -29,19 +32,43 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     TORCH_CHECK(bias->numel() == n && bias->scalar_type() == x.scalar_type() && bias->is_contiguous(), "lpq ptq161_gemv: bad bias");
     bptr = bias->data_ptr();
   }
+  TORCH_CHECK(variant >= 0 && variant <= 2,
+              "lpq ptq161_gemv: variant must be 0 (streaming), 1 (first kernel) or 2 (streaming, one row a thread)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
-  at::Tensor acc = at::zeros({2, m, n}, x.options().dtype(at::kFloat));
-  at::Tensor sums = at::zeros({2, m}, x.options().dtype(at::kFloat));
   const float* rv = rowvec.data_ptr<float>();  // [4, n]: sscale, szero, bscale, mu
-  ptq161::GemvArgs a{x.data_ptr(), bin_idx.data_ptr<int>(), sal_idx.data_ptr<int>(), colscale.data_ptr<float>(),
-                     reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sw.data_ptr()),
-                     acc.data_ptr<float>(), sums.data_ptr<float>(), (int)m, (int)n, (int)k, (int)s, (int)b, 0};
-  ptq161::EpilogueArgs e{acc.data_ptr<float>(), sums.data_ptr<float>(), rv, rv + n, rv + 2 * n, rv + 3 * n, bptr,
-                         y.data_ptr(), (int)m, (int)n};
-  cudaError_t err = ptq161::launch_gemv(x.scalar_type() == at::kBFloat16, a, e, c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  if (variant == 1) {
+    at::Tensor acc = at::zeros({2, m, n}, x.options().dtype(at::kFloat));
+    at::Tensor sums = at::zeros({2, m}, x.options().dtype(at::kFloat));
+    ptq161::GemvArgs a{x.data_ptr(), bin_idx.data_ptr<int>(), sal_idx.data_ptr<int>(), colscale.data_ptr<float>(),
+                       reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sw.data_ptr()),
+                       acc.data_ptr<float>(), sums.data_ptr<float>(), (int)m, (int)n, (int)k, (int)s, (int)b, 0};
+    ptq161::EpilogueArgs e{acc.data_ptr<float>(), sums.data_ptr<float>(), rv, rv + n, rv + 2 * n, rv + 3 * n, bptr,
+                           y.data_ptr(), (int)m, (int)n};
+    err = ptq161::launch_gemv(x.scalar_type() == at::kBFloat16, a, e, stream);
+  } else {
+    // launched in pieces of at most kMaxStreamM tokens; each piece leaves the counters at zero
+    TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                counters.numel() >= 2 * ((n + 255) / 256), "lpq ptq161_gemv: counters must be int32 [2 * ceil(n / 256)] zeros");
+    const size_t esz = x.element_size();
+    for (int64_t t0 = 0; t0 < m && err == cudaSuccess; t0 += ptq161::kMaxStreamM) {
+      const int mc = (int)std::min<int64_t>(ptq161::kMaxStreamM, m - t0);
+      const ptq161::StreamPlan plan = ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2);
+      at::Tensor partial;
+      if (plan.ksplit > 1) partial = at::empty({plan.ksplit, mc, n}, x.options().dtype(at::kFloat));
+      ptq161::StreamArgs a{static_cast<const char*>(x.data_ptr()) + t0 * k * esz, bin_idx.data_ptr<int>(),
+                           sal_idx.data_ptr<int>(), colscale.data_ptr<float>(),
+                           reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sw.data_ptr()),
+                           rv, bptr, static_cast<char*>(y.data_ptr()) + t0 * n * esz,
+                           plan.ksplit > 1 ? partial.data_ptr<float>() : nullptr, counters.data_ptr<int>(),
+                           mc, (int)n, (int)k, (int)s, (int)b};
+      err = ptq161::launch_stream(x.scalar_type() == at::kBFloat16, a, plan, stream);
+    }
+  }
   TORCH_CHECK(err == cudaSuccess, "lpq ptq161_gemv launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -49,7 +76,7 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
 }  // namespace lpq
 
 TORCH_LIBRARY(lpq_ptq161, m) {
-  m.def("gemv(Tensor x, Tensor qw, Tensor sw, Tensor bin_idx, Tensor sal_idx, Tensor colscale, Tensor rowvec, Tensor? bias, int n, int k) -> Tensor");
+  m.def("gemv(Tensor x, Tensor qw, Tensor sw, Tensor bin_idx, Tensor sal_idx, Tensor colscale, Tensor rowvec, Tensor? bias, Tensor counters, int n, int k, int variant, int ksplit) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lpq_ptq161, CUDA, m) { m.impl("gemv", &lpq::ptq161_gemv); }
