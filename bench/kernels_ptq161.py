@@ -4,8 +4,9 @@
                                  [--ksplit S]
 
 Per shape (out x in) and batch m: lpq's ``ptq161_cuda`` GEMV (each of --variants: ``stream``, the default
-kernel; ``stream-1row``, the same with one output row a thread where its plan takes two; ``first``, the
-first kernel kept for comparison) (20 % salient input channels at 4 bits,
+kernel; ``stream-ffma``, the same with the salient codes FMA'd in fp32 instead of on the tensor cores;
+``stream-1row``, one output row a thread where the plan takes two; ``first``, the first kernel kept for
+comparison) (20 % salient input channels at 4 bits,
 the rest binarized, ~1.6 bits per weight plus per-row/column vectors) against cuBLAS fp16 through
 F.linear, in the same run. Each variant rotates through copies of its weights (>= 256 MB in all), is
 captured in a CUDA graph and timed with CUDA events (median over >= 200 calls), with the same timer as
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--m", default="1,4,16")
     ap.add_argument("--salient", type=float, default=0.2)
     ap.add_argument("--shapes", default="")
-    ap.add_argument("--variants", default="stream,first")
+    ap.add_argument("--variants", default="stream,stream-ffma,first")
     ap.add_argument("--ksplit", type=int, default=0, help="force K splits of the streaming kernel (0: its plan)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -105,7 +106,8 @@ def main() -> None:
     body = "\n".join([
         f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {today}; command: "
         f"`python bench/kernels_ptq161.py --m {args.m} --salient {args.salient} --variants {args.variants}"
-        f"{f' --ksplit {args.ksplit}' if args.ksplit else ''}`. stream: the streaming kernel (the default); stream-1row: the same with one row a thread; first: "
+        f"{f' --ksplit {args.ksplit}' if args.ksplit else ''}`. stream: the streaming kernel (the default; salient codes on the tensor cores); stream-ffma: the same "
+        f"with the salient codes FMA'd in fp32; stream-1row: one row a thread; first: "
         f"the first kernel (short K tiles, fp32 atomics, memset + epilogue launches). Random ptq161 layers "
         f"({args.salient:.0%} salient channels at 4 bits, the rest binarized), activations fp16. Median of >= 200 calls, "
         f"CUDA-graph replays over rotated weight copies (>= 256 MB). Bandwidth counts every packed tensor + activations "

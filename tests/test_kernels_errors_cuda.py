@@ -114,7 +114,7 @@ EXPECTED = {
         ("gemv 3 salient channels", "salient/binarized split does not fit in_features=64"),
         ("gemv float32 x", "activations must be float16 or bfloat16"),
         ("gemv x [1, 32]", "x must be a contiguous CUDA [m, 64] tensor"),
-        ("gemv variant 7", "variant must be 0 (streaming), 1 (first kernel) or 2"),
+        ("gemv variant 7", "variant must be 0 (streaming), 1 (first kernel), 2"),
         ("gemv no counters", "counters must be int32"),
     ]),
 }

@@ -106,7 +106,7 @@ SHAPES = [(1, 40, 8), (200, 320, 64), (257, 1064, 136), (300, 576, 0), (64, 128,
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k,s", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["stream", "stream-1row", "first"])
+@pytest.mark.parametrize("variant", ["stream", "stream-ffma", "stream-1row", "first"])
 def test_gemv_matches_reference(n, k, s, dtype, variant):
     qw = random_layer(n, k, s, device="cuda", seed=n + k)
     w = qw.dequantize()  # fp32 reference weight

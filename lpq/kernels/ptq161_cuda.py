@@ -4,13 +4,16 @@ Importing this module needs torch only; the extension (op ``torch.ops.lpq_ptq161
 the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel registered here:
 
   ptq161_cuda  (priority 100) m <= 16: the streaming GEMV of csrc/ptq161_stream.cu (sign words
-               summed through a nibble lookup table in shared memory, words streamed through a
-               register double buffer, split-K whose last block adds the partials: one launch);
+               summed through a nibble lookup table in shared memory, salient 4-bit codes on the
+               tensor cores, words streamed through register buffers, split-K whose last block adds
+               the partials: one launch);
                m > 16: the format's dequantize on the GPU + cuBLAS.
                ``LPQ_PTQ161_VARIANT=first`` runs the first kernel (csrc/ptq161_kernels.cu: short K
                tiles, fp32 atomics, a memset and an epilogue launch), kept for comparison;
                ``LPQ_PTQ161_VARIANT=stream-1row`` the streaming kernel with one row a thread where
-               its plan would take two; ``LPQ_PTQ161_KSPLIT=S`` forces S splits along K (benchmarks).
+               its plan would take two; ``stream-ffma`` the streaming kernel with the salient codes
+               converted to fp32 and FMA'd (its first form);
+               ``LPQ_PTQ161_KSPLIT=S`` forces S splits along K (benchmarks).
 
 It reads the canonical tensors as they are stored (no repack); ``prepare`` only derives, once, the
 channel indices of the salient and binarized runs from the mask and float32 copies of the small
@@ -38,7 +41,7 @@ MAX_FUSED_M = 16
 SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu", "ptq161_stream.cu"]
 HEADERS = ["ptq161_launch.h"]
 
-VARIANTS = {"stream": 0, "first": 1, "stream-1row": 2}
+VARIANTS = {"stream": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3}
 ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
 
 _lock = threading.Lock()
@@ -106,7 +109,7 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
          ksplit: int | None = None) -> torch.Tensor:
     """x2 [m, K] fp16/bf16 (m <= 16 for speed; any m is correct) -> [m, N].
 
-    variant: "stream" (default), "stream-1row" or "first" (else LPQ_PTQ161_VARIANT); ksplit: K splits of the streaming
+    variant: "stream" (default), "stream-ffma", "stream-1row" or "first" (else LPQ_PTQ161_VARIANT); ksplit: K splits of the streaming
     kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
     if variant is None:
         v = _variant_from_env()

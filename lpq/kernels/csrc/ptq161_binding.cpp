@@ -32,8 +32,9 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     TORCH_CHECK(bias->numel() == n && bias->scalar_type() == x.scalar_type() && bias->is_contiguous(), "lpq ptq161_gemv: bad bias");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant >= 0 && variant <= 2,
-              "lpq ptq161_gemv: variant must be 0 (streaming), 1 (first kernel) or 2 (streaming, one row a thread)");
+  TORCH_CHECK(variant >= 0 && variant <= 3,
+              "lpq ptq161_gemv: variant must be 0 (streaming), 1 (first kernel), 2 (streaming, one row a thread) "
+              "or 3 (streaming, salient codes by FFMA)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
@@ -57,7 +58,7 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     const size_t esz = x.element_size();
     for (int64_t t0 = 0; t0 < m && err == cudaSuccess; t0 += ptq161::kMaxStreamM) {
       const int mc = (int)std::min<int64_t>(ptq161::kMaxStreamM, m - t0);
-      const ptq161::StreamPlan plan = ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2);
+      const ptq161::StreamPlan plan = ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2, variant != 3);
       at::Tensor partial;
       if (plan.ksplit > 1) partial = at::empty({plan.ksplit, mc, n}, x.options().dtype(at::kFloat));
       ptq161::StreamArgs a{static_cast<const char*>(x.data_ptr()) + t0 * k * esz, bin_idx.data_ptr<int>(),

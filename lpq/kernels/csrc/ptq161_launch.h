@@ -56,11 +56,12 @@ struct StreamPlan {
   int rows_per_thread = 1;  // 2: one 8-byte load covers two rows (N even and >= 8192)
   int row_blocks = 1;       // blocks along N (256 x rows_per_thread rows each)
   int ksplit = 1;           // blocks along K
+  bool salient_mma = false; // salient codes on the tensor cores (mma.m16n8k16) instead of FFMA
 };
 
 // The launch plan; ksplit_request > 0 forces the number of K splits (clamped to 1..kMaxSplit); one_row
-// forces one row per thread.
-StreamPlan plan_stream(int m, int n, int k, int s, int ksplit_request, bool one_row);
+// forces one row per thread; salient_mma sums the salient codes on the tensor cores.
+StreamPlan plan_stream(int m, int n, int k, int s, int ksplit_request, bool one_row, bool salient_mma);
 cudaError_t launch_stream(bool bf16, const StreamArgs& a, const StreamPlan& p, cudaStream_t stream);
 
 }  // namespace ptq161
