@@ -99,7 +99,7 @@ def parse() -> argparse.Namespace:
 def worker(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from lpq.finetune import finetune
+    from lpq.finetune import end_distributed, finetune
 
     res = finetune(args.qdir, args.data, args.out, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
                    batch=args.batch, seqlen=args.seqlen, optim=args.optim, variant=args.variant, device=args.device,
@@ -112,8 +112,7 @@ def worker(args: argparse.Namespace) -> None:
                "perplexity": res.perplexity, "state_bytes": res.state_bytes, "trainable_params": res.trainable_params}
         Path(args.record).write_text(json.dumps(rec))
     state.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 def launch(args: argparse.Namespace, n: int, qdir: Path, out: Path, record: Path, shard: bool = False) -> float:

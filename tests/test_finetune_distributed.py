@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lpq.finetune import finetune
+from lpq.finetune import end_distributed, finetune
 from lpq.finetune import train as train_mod
 
 kwargs, report, interrupt_at = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -89,6 +89,7 @@ finally:
     record["calls"] = calls
     report.mkdir(parents=True, exist_ok=True)
     (report / f"rank{record['rank']}.json").write_text(json.dumps(record))
+    end_distributed()  # as the CLI does: no process group left to interpreter shutdown
 '''
 
 

@@ -42,7 +42,7 @@ DRIVER = '''
 import functools, json, os, sys
 from pathlib import Path
 
-from lpq.finetune import finetune
+from lpq.finetune import end_distributed, finetune
 from lpq.finetune import train as train_mod
 
 kwargs, report, interrupt_at, small_solo = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
@@ -80,6 +80,7 @@ try:
 finally:
     report.mkdir(parents=True, exist_ok=True)
     (report / f"rank{record['rank']}.json").write_text(json.dumps(record))
+    end_distributed()  # as the CLI does: no process group left to interpreter shutdown
 '''
 
 

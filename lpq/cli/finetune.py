@@ -59,6 +59,7 @@ class UserError(click.ClickException):
 def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, state_bits, variant, distill, distill_alpha,
              fsdp, save_every, resume, overwrite, out, save_format, device, seed, eval_text, eval_windows, as_json):
     """Fine-tune the packed model in QUANT_DIR (made by lpq quantize) and save it merged, fully quantized."""
+    from ..finetune import end_distributed
     from ..finetune import finetune as run_finetune
 
     try:
@@ -69,6 +70,8 @@ def finetune(quant_dir, qat, data, steps, lora_rank, lr, batch, seqlen, optim, s
                            fsdp=fsdp)
     except LpqError as e:
         raise UserError(e) from None
+    finally:
+        end_distributed()
     if not res.main_process:  # under accelerate launch, one summary for the whole run
         return
     summary = res.to_dict()

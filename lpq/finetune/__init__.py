@@ -11,7 +11,7 @@ sharded (``fsdp=True``: FSDP2, per-process checkpoints, merged on the main proce
 from .merge import merge_qat, save_merged
 from .qat import QATLinear, prepare_qat, qat_layers, trainable_parameters
 from .solo import SOLO
-from .train import DISTILL_ALPHA, FinetuneConfig, FinetuneResult, distill_loss, finetune, train_qat
+from .train import DISTILL_ALPHA, FinetuneConfig, FinetuneResult, distill_loss, end_distributed, finetune, train_qat
 
-__all__ = ["DISTILL_ALPHA", "FinetuneConfig", "FinetuneResult", "QATLinear", "SOLO", "distill_loss", "finetune",
+__all__ = ["DISTILL_ALPHA", "FinetuneConfig", "FinetuneResult", "QATLinear", "SOLO", "distill_loss", "end_distributed", "finetune",
            "merge_qat", "prepare_qat", "qat_layers", "save_merged", "train_qat", "trainable_parameters"]

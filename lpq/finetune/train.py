@@ -742,6 +742,21 @@ def _eval_ppl(model, tokenizer, text: str, seqlen: int, windows: int | None, dev
         return perplexity(model, tokenizer, text, seqlen, windows).perplexity
 
 
+def end_distributed() -> None:
+    """Tear down the process group that ``accelerate launch`` gave this process, if any.
+
+    Call it once, when the process is done with every collective (the CLI does, after ``finetune``).
+    A gloo or NCCL group left to interpreter shutdown is destroyed in no fixed order with the objects it
+    uses; its worker threads can then abort the process (``terminate called without an active
+    exception``) after all the work was done. Local to this process: no barrier, so it is also safe on
+    the error path of one process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def finetune(quant_dir: str | Path, data: str | Path, out: str | Path | None = None, *, qat: bool = True,
              steps: int = 200, lora_rank: int = 16, lr: float = 2e-4, batch: int = 8, seqlen: int = 1024,
              optim: str = "adamw", state_bits: int = 3, variant: str = "l4q", save_every: int = 0,
