@@ -35,7 +35,7 @@ import torch
 
 import lpq
 from lpq.errors import LpqError
-from lpq.finetune import finetune
+from lpq.finetune import end_distributed, finetune
 from lpq.nn import QuantizedLinear
 
 from conftest import assert_same_saved_model, make_model
@@ -230,3 +230,20 @@ def test_sharded_launch_is_refused(packed, kind):
                           distributed_type=getattr(DistributedType, kind))
     with pytest.raises(LpqError, match="data-parallel"):
         train_qat(model, torch.zeros(4, 8, dtype=torch.long), FinetuneConfig(steps=1, batch=2, seqlen=8), acc)
+
+
+def test_end_distributed_destroys_the_process_group(tmp_path):
+    """The process group a launch created is torn down (and a second call, or none at all, is a no-op)."""
+    import torch.distributed as dist
+
+    end_distributed()  # nothing initialized: no error
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        end_distributed()
+        assert not dist.is_initialized()
+        end_distributed()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
