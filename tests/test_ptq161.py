@@ -299,6 +299,28 @@ def test_restorative_lora_merges_a_low_rank_update_into_the_quantized_weights():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_restorative_lora_can_merge_into_the_original_weights():
+    """merge_into="original": W + s B A, with the adapters trained on Q(W) as before (same seed, same
+    losses), so the two merges differ by exactly W - Q(W)."""
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.v_proj"]
+    runs = {}
+    for merge in ("quantized", "original"):
+        model = _fp16_exact(make_model("llama"))
+        original = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        stats = activation_stats(model, names, _calib(), "cpu")
+        losses = restorative_lora(model, names, _calib(), "cpu", ratio=0.5, rank=4, lr=1e-2, epochs=2,
+                                  merge_into=merge)
+        runs[merge] = (losses, {n: model.get_submodule(n).weight.detach().clone() for n in names})
+    assert runs["quantized"][0] == runs["original"][0]
+    for n in names:
+        q = closed_form_quantize(original[n], stats[n], 0.5)
+        delta = runs["original"][1][n] - original[n]  # the merged low-rank update alone
+        assert 0 < int(torch.linalg.matrix_rank(delta, atol=1e-6)) <= 4
+        torch.testing.assert_close(runs["quantized"][1][n] - q, delta, atol=1e-5, rtol=0)
+    with pytest.raises(SpecError, match="preprocess_merge"):
+        restorative_lora(model, names, _calib(), "cpu", ratio=0.5, merge_into="both")
+
+
 def test_preprocess_option_end_to_end():
     model, method, _, results = _run(epochs=1, salient_ratio=0.5, preprocess=True, preprocess_rank=4)
     assert len(method.preprocess_losses) == 1
@@ -318,6 +340,7 @@ def test_preprocess_option_end_to_end():
     ({"act_stat": "median"}, "act_stat"),
     ({"preprocess": "maybe"}, "yes/no"),
     ({"preprocess_lr": 0}, "preprocess_lr"),
+    ({"preprocess_merge": "fp"}, "preprocess_merge"),
     ({"groups": 3}, "does not take"),
 ])
 def test_bad_options_are_one_line_spec_errors(options, match):

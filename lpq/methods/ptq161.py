@@ -52,6 +52,7 @@ from . import Method, Observer, register_method
 log = logging.getLogger("lpq.ptq161")
 
 ACT_STATS = ("max", "mean", "l2")
+PREPROCESS_MERGE = ("quantized", "original")  # what the restorative LoRA's adapters are merged into
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -226,11 +227,19 @@ def activation_stats(model: nn.Module, names: list[str], tokens: torch.Tensor, d
 
 def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, device, ratio: float,
                      stat: str = "max", rank: int = 64, lora_alpha: float = 16.0, dropout: float = 0.1,
-                     lr: float = 1e-4, epochs: int = 1, batch_size: int = 1, seed: int = 0) -> list[float]:
+                     lr: float = 1e-4, epochs: int = 1, batch_size: int = 1, seed: int = 0,
+                     merge_into: str = "quantized") -> list[float]:
     """Replace each named linear's weight W by Q(W) + (lora_alpha / rank) B A, where Q is closed-form
     PTQ1.61 and the adapters A [rank, K], B [N, rank] (B starts at zero) are trained with the LM loss on
     tokens [S, L]. The model is run on ``device`` (gradient checkpointing where supported) and left on
-    its original device with the merged weights. -> mean loss of each epoch."""
+    its original device with the merged weights. -> mean loss of each epoch.
+
+    ``merge_into="original"`` merges the same adapters into the unquantized weights instead: W + s B A.
+    The block-wise pass takes the merged model as its full-precision reference, and Q(W) + s B A is far
+    from the unquantized model after a short LoRA (bench/ptq161_preprocess_probe.py); W + s B A stays
+    close to it while moving each weight in the direction that helped its quantized version."""
+    if merge_into not in PREPROCESS_MERGE:
+        raise SpecError(f"ptq161 option preprocess_merge={merge_into!r} is not known: choose {', '.join(PREPROCESS_MERGE)}")
     from ..models.arch import linear_shape, linear_weight, set_linear_weight
 
     device = torch.device(device)
@@ -247,9 +256,12 @@ def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, d
         model.eval()
         stats = activation_stats(model, names, tokens, device, stat, batch_size)
         adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        originals: dict[str, torch.Tensor] = {}  # [N, K] each, model dtype, only for merge_into="original"
         for n, m in modules.items():
             k, out = linear_shape(m)
             w = linear_weight(m).detach().float()
+            if merge_into == "original":
+                originals[n] = linear_weight(m).detach().clone()
             set_linear_weight(m, closed_form_quantize(w, stats.pop(n), ratio).to(m.weight.dtype))
             a = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_(True)
             b = torch.zeros(out, rank, device=device, requires_grad=True)
@@ -288,7 +300,8 @@ def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, d
         with torch.no_grad():
             for n, m in modules.items():
                 a, b = adapters[n]
-                merged = linear_weight(m).float() + scale * (b @ a)
+                base = originals.pop(n) if merge_into == "original" else linear_weight(m)
+                merged = base.float() + scale * (b @ a)
                 set_linear_weight(m, merged.to(m.weight.dtype))
     finally:
         for h in handles:
@@ -310,12 +323,13 @@ def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, d
 class PTQ161(Method):
     """Options: salient_ratio (0.2), epochs (20), lr_alpha (5e-4), lr_r (1e-3), batch_size (1 window per
     optimiser step), act_stat (max | mean | l2), preprocess (False) with preprocess_epochs (1),
-    preprocess_lr (1e-4), preprocess_rank (64)."""
+    preprocess_lr (1e-4), preprocess_rank (64), preprocess_merge (quantized | original: what the adapters
+    are merged into, see :func:`restorative_lora`)."""
 
     name = "ptq161"
     needs_calibration = True
     option_names = ("salient_ratio", "epochs", "lr_alpha", "lr_r", "batch_size", "act_stat", "preprocess",
-                    "preprocess_epochs", "preprocess_lr", "preprocess_rank")
+                    "preprocess_epochs", "preprocess_lr", "preprocess_rank", "preprocess_merge")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -336,6 +350,10 @@ class PTQ161(Method):
         self.preprocess_epochs = _number("preprocess_epochs", opt("preprocess_epochs", 1), int, 1)
         self.preprocess_lr = _number("preprocess_lr", opt("preprocess_lr", 1e-4), float, 0.0, low_open=True)
         self.preprocess_rank = _number("preprocess_rank", opt("preprocess_rank", 64), int, 1)
+        self.preprocess_merge = str(opt("preprocess_merge", "quantized"))
+        if self.preprocess_merge not in PREPROCESS_MERGE:
+            raise SpecError(f"ptq161 option preprocess_merge={self.preprocess_merge!r} is not known: "
+                            f"choose {', '.join(PREPROCESS_MERGE)}")
         self._run = None
         self._fp_inputs: list[torch.Tensor] | None = None  # X_fp of the next block
         self._fp_index = 0
@@ -373,7 +391,7 @@ class PTQ161(Method):
             self.preprocess_losses = restorative_lora(
                 run.model, list(run.specs), run.calib_tokens, run.device, self.salient_ratio, self.act_stat,
                 rank=self.preprocess_rank, lr=self.preprocess_lr, epochs=self.preprocess_epochs,
-                batch_size=getattr(run.opts, "calib_batch_size", 1))
+                batch_size=getattr(run.opts, "calib_batch_size", 1), merge_into=self.preprocess_merge)
 
     # -- one block ---------------------------------------------------------------------------------
     def quantize_block(self, ctx) -> None:
