@@ -61,7 +61,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--salient-ratio", type=float, default=None, metavar="R",
               help="PTQ1.61: share of input channels kept at 4 bits (0.20); the rest is binarized.")
 @click.option("--preprocess/--no-preprocess", default=None,
-              help="PTQ1.61: restorative LoRA fine-tune of the full-precision model before quantization (off).")
+              help="PTQ1.61: restorative LoRA before quantization (off): adapters trained on the closed-form "
+                   "quantized model, merged (--option preprocess_merge=original: into the unquantized weights).")
 @click.option("--epochs", type=int, default=None, help="PTQ1.61: epochs of block-wise scale optimisation (20).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Another method option (repeatable).")
 @click.option("--ignore", multiple=True, metavar="PATTERN", help="Leave linears whose qualified name matches this glob unquantized (repeatable).")
