@@ -43,6 +43,7 @@ def token_shares(x: torch.Tensor, seqlen: int, top: int) -> dict:
     colmax = x.float().abs().amax(0)
     return {"top_share": float(energy.topk(min(top, energy.numel())).values.sum() / total),
             "start_share": float(starts / total), "max_abs": float(colmax.max()),
+            "max_col": int(colmax.argmax()),  # the input column (GPTQ's natural order) of the largest |x|
             "median_col_max": float(colmax.median())}
 
 
@@ -78,7 +79,8 @@ def main() -> None:
     for h in handles:
         h.remove()
     date = datetime.date.today().isoformat()
-    records = [{"model": args.model, "linear": key, **token_shares(torch.cat(xs), args.seqlen, args.top),
+    records = [{"model": args.model, "linear": key, "in_features": int(xs[0].shape[-1]),
+                **token_shares(torch.cat(xs), args.seqlen, args.top),
                 "tokens": int(sum(x.shape[0] for x in xs)), "device": device_name(str(dev)), "date": date}
                for key, xs in seen.items()]
     lines = [f"{device_name(str(dev))}; {versions()}; date {date}.",
@@ -86,13 +88,14 @@ def main() -> None:
              f"`lpq quantize` samples them ({args.nsamples} x {args.seqlen}, seed {args.seed}), unquantized model. "
              f"top-{args.top} share: the {args.top} tokens with the largest ||x||^2 as a share of trace(H) = sum ||x||^2; "
              "window starts: the first token of every window; max |x| against the median over input columns of the "
-             "column's largest |x|.",
+             "column's largest |x|; its column: where the largest |x| sits among the input columns (GPTQ without "
+             "act-order quantizes them in this order).",
              "",
-             f"| block.linear | top-{args.top} share | window starts | max abs x | median column max |",
-             "|---|---|---|---|---|"]
+             f"| block.linear | top-{args.top} share | window starts | max abs x | its column | median column max |",
+             "|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['linear']} | {r['top_share']:.3f} | {r['start_share']:.3f} | {r['max_abs']:.1f} | "
-                     f"{r['median_col_max']:.2f} |")
+                     f"{r['max_col']} of {r['in_features']} | {r['median_col_max']:.2f} |")
         print(lines[-1], flush=True)
     if not args.no_write:
         write_records("hessian-tokens", records)

@@ -29,6 +29,8 @@ def test_token_shares():
     assert abs(s["top_share"] - 100 / 107) < 1e-6
     assert abs(s["start_share"] - 101 / 107) < 1e-6
     assert s["max_abs"] == 10.0 and s["median_col_max"] == 10.0
+    x[6, 1] = 50.0  # one entry beyond all others: its column is reported
+    assert shares(x, seqlen=4, top=1)["max_col"] == 1
     # trace(H) itself: the shares are of sum ||x_t||^2, which is trace(x^T x)
     y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
     s = shares(y, seqlen=8, top=16)
