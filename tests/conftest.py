@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,18 @@ WIKI_TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
 WIKI_VALID = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
 
 VOCAB = 128
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str):
+    """Import bench/<name>.py as a module (bench/ on sys.path for its own imports, e.g. results_io)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"lpq_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_tokenizer(add_bos: bool = False):

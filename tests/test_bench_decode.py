@@ -3,28 +3,17 @@ that the comparison catches a wrong position, the timing record, and the script 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lpq.errors import LpqError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+from conftest import load_bench_script
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("lpq_bench_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-decode = _load()
+decode = load_bench_script("decode")
 STEPS = 12
 
 

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "hessian_tokens.py"
-
-
-def load_script():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("lpq_bench_hessian_tokens", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_bench_script
 
 
 def test_token_shares():
     """Two windows of 4 tokens; the first token of window 2 is 10x larger than every other (||x||^2 100x):
     it alone carries 100 / 107 of trace(H); the window starts carry (1 + 100) / 107."""
-    shares = load_script().token_shares
+    shares = load_bench_script("hessian_tokens").token_shares
     x = torch.ones(8, 3)
     x[4] *= 10.0
     s = shares(x, seqlen=4, top=1)
