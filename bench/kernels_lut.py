@@ -12,7 +12,8 @@ against the fp32 product with the format's reference dequantize (relative error 
 
 Bandwidth counts what the kernel reads: its repacked indices, codebooks, sparse entries (4-byte
 column + 4-byte corrected value each, tile pointers) and activations, plus the output written.
-`--sweep` also times the fused kernel with 2, 4 and 8 warps per block (printed, not recorded).
+`--variants ring,first` (the default) times both fused kernels in the same run. `--sweep` also times
+the fused kernels at m = 1 with 2, 4 and 8 warps per block (printed, not recorded).
 
 Writes the section "## Kernels (squeezellm LUT)" of bench/RESULTS.md and bench/results/kernels-lut.json.
 """
@@ -77,9 +78,9 @@ def state_copy(st: dict) -> dict:
     return c
 
 
-def lpq_call(st, x, warps=None):
+def lpq_call(st, x, warps=None, variant=None):
     if x.shape[0] <= squeezellm_cuda._fused_max_m():
-        return squeezellm_cuda.gemm(st, x, None, warps)
+        return squeezellm_cuda.gemm(st, x, None, warps, variant)
     return F.linear(x, squeezellm_cuda.dequant(st, x.dtype))
 
 
@@ -101,7 +102,8 @@ def main() -> None:
     ap.add_argument("--formats", default="s3,s3sp,s4")
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--shapes", default="")
-    ap.add_argument("--sweep", action="store_true", help="also time 2/4/8 warps per block at m <= 16 (printed)")
+    ap.add_argument("--sweep", action="store_true", help="also time 2/4/8 warps per block at m = 1 (printed)")
+    ap.add_argument("--variants", default="ring,first", help="fused kernels to time (LPQ_LUT_VARIANT names)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -111,6 +113,10 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.m.split(",")]
     fmts = [f for f in args.formats.split(",") if f]
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in squeezellm_cuda.VARIANTS:
+            raise SystemExit(f"--variants: {v!r} is not known: choose {', '.join(squeezellm_cuda.VARIANTS)}")
     gpu = torch.cuda.get_device_name()
     date = dt.date.today().isoformat()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -147,19 +153,22 @@ def main() -> None:
             timed(lambda i: lpq_call(sts[i], x0), ncp)  # discarded: the first timing after the copies runs slow
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                us = timed(lambda i: lpq_call(sts[i], x), ncp)
-                io = (m * k + m * n) * 2
-                tb = (nbytes + io) / us / 1e6
                 fused = m <= squeezellm_cuda._fused_max_m()
-                records.append(dict(gpu=gpu, kernel="squeezellm_cuda" + ("" if fused else "(dequant+cublas)"),
-                                    format="squeezellm", bits=bits, group_size=-1, m=m, n=n, k=k, dtype="float16",
-                                    us=us, tbps=tb, roofline_share=tb / ROOFLINE_TBPS, speedup_vs_cublas=base[m] / us,
-                                    speedup_vs_torch_int4=None,
-                                    options=f"sparse {density:.2%}" if density else "dense-only", nnz=nnz, date=date))
-                if args.sweep and fused:
-                    alt = {w: timed(lambda i: lpq_call(sts[i], x, w), ncp) for w in (2, 4, 8)}
-                    sweeps.append(f"{f} {n}x{k} m={m}: default({squeezellm_cuda.default_warps(st, m)}) {us:.2f} us; "
-                                  + ", ".join(f"w{w} {t:.2f}" for w, t in alt.items()))
+                for vname in variants if fused else ["dequant+cublas"]:
+                    v = squeezellm_cuda.VARIANTS.get(vname)
+                    us = timed(lambda i: lpq_call(sts[i], x, None, v), ncp)
+                    io = (m * k + m * n) * 2
+                    tb = (nbytes + io) / us / 1e6
+                    records.append(dict(gpu=gpu, kernel=f"squeezellm_cuda({vname})", format="squeezellm", bits=bits,
+                                        group_size=-1, m=m, n=n, k=k, dtype="float16", us=us, tbps=tb,
+                                        roofline_share=tb / ROOFLINE_TBPS, speedup_vs_cublas=base[m] / us,
+                                        speedup_vs_torch_int4=None,
+                                        options=f"sparse {density:.2%}" if density else "dense-only", nnz=nnz, date=date,
+                                        default=(not fused) or v == squeezellm_cuda.default_variant(m, nnz > 0)))
+                    if args.sweep and fused and m == 1:
+                        alt = {w: timed(lambda i: lpq_call(sts[i], x, w, v), ncp) for w in (2, 4, 8)}
+                        sweeps.append(f"{vname} {f} {n}x{k} m={m}: default({squeezellm_cuda.default_warps(st, m, v)}) "
+                                      f"{us:.2f} us; " + ", ".join(f"w{w} {t:.2f}" for w, t in alt.items()))
             del sts, st
             torch.cuda.empty_cache()
         print(f"done {n}x{k}", flush=True)
@@ -179,11 +188,12 @@ def render(records, gpu) -> str:
              f"codebooks, sparse positions uniformly random), activations fp16. Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the kernel's repacked indices, codebooks "
              f"and sparse entries (8 bytes each) + activations read and output written; roofline {ROOFLINE_TBPS} TB/s. "
-             f"x cuBLAS = cuBLAS fp16 time / lpq time. m <= 16: fused LUT kernel (sparse part fused); above: "
-             f"dequantize + cuBLAS.",
+             f"x cuBLAS = cuBLAS fp16 time / lpq time. m <= 16: fused LUT kernel (sparse part fused; `ring` = the "
+             f"cp.async ring kernel; `first` = the register-prefetch kernel; * = the one lpq runs at that m, "
+             f"LPQ_LUT_VARIANT forces one); above: dequantize + cuBLAS.",
              "",
-             "| shape (out x in) | m | cuBLAS fp16 us | format | us | TB/s | roofline | x cuBLAS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape (out x in) | m | cuBLAS fp16 us | format | kernel | us | TB/s | roofline | x cuBLAS |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by: dict = {}
     for r in records:
         by.setdefault((r["n"], r["k"], r["m"]), []).append(r)
@@ -193,7 +203,8 @@ def render(records, gpu) -> str:
             if r["format"] != "squeezellm":
                 continue
             lab = f"{r['bits']}-bit {r['options']}"
-            lines.append(f"| {n}x{k} | {m} | {cb['us']:.1f} | {lab} | {r['us']:.1f} | {r['tbps']:.2f} | "
+            kern = r["kernel"].split("(", 1)[-1].rstrip(")") + (" *" if r.get("default") and "dequant" not in r["kernel"] else "")
+            lines.append(f"| {n}x{k} | {m} | {cb['us']:.1f} | {lab} | {kern} | {r['us']:.1f} | {r['tbps']:.2f} | "
                          f"{r['roofline_share']:.0%} | {r['speedup_vs_cublas']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -130,7 +130,7 @@ def emulate_full(st: dict, dtype) -> torch.Tensor:
         return w
     ptr, cr, v = st["sp_ptr"].long(), st["sp_cr"].long(), st["sp_v"][dtype]
     for tile in range(st["n_tiles"]):
-        j = torch.arange(int(ptr[tile]), int(ptr[tile + 1]))
+        j = torch.arange(int(ptr[16 * tile]), int(ptr[16 * tile + 16]))
         rows = tile * 16 + (cr[j] >> 27)
         cols = cr[j] & ((1 << 27) - 1)
         assert bool((rows < st["n"]).all())
@@ -171,6 +171,31 @@ def test_load_lut_without_cuda_warns_once(monkeypatch):
         assert cuda_build.load() is False
     assert len([w for w in rec if "CUDA kernels unavailable" in str(w.message)]) == 1
     assert cuda_build.lut_failure_reason() == "CUDA is not available"
+
+
+def test_variant_and_warps_choice(monkeypatch):
+    """The fused kernel: the ring kernel up to m = 8 and on layers with a sparse part, the first kernel
+    above m = 8 on dense-only layers; LPQ_LUT_VARIANT forces one and an unknown name is an error that
+    lists the known ones. The ring kernel runs 8 warps; the first
+    kernel 4 on many short tiles."""
+    monkeypatch.delenv("LPQ_LUT_VARIANT", raising=False)
+    monkeypatch.delenv("LPQ_LUT_WARPS", raising=False)
+    assert [squeezellm_cuda.default_variant(m) for m in (1, 8, 9, 16)] == [0, 0, 1, 1]
+    assert [squeezellm_cuda.default_variant(m, sparse=True) for m in (1, 8, 9, 16)] == [0, 0, 0, 0]
+    assert squeezellm_cuda.VARIANTS == {"ring": 0, "first": 1}
+    monkeypatch.setenv("LPQ_LUT_VARIANT", "first")
+    assert squeezellm_cuda.default_variant(1) == 1
+    monkeypatch.setenv("LPQ_LUT_VARIANT", "ring")
+    assert squeezellm_cuda.default_variant(16) == 0
+    monkeypatch.setenv("LPQ_LUT_VARIANT", "fast")
+    with pytest.raises(ValueError, match="choose ring, first"):
+        squeezellm_cuda.default_variant()
+    many = {"k": 4096, "n_tiles": 1792}
+    assert squeezellm_cuda.default_warps(many, 1, 0) == 8
+    assert squeezellm_cuda.default_warps(many, 1, 1) == 4
+    assert squeezellm_cuda.default_warps({"k": 4096, "n_tiles": 256}, 1, 1) == 8
+    monkeypatch.setenv("LPQ_LUT_WARPS", "2")
+    assert squeezellm_cuda.default_warps(many, 1, 0) == 2
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -220,6 +245,12 @@ def test_sparse_corrections_reconstruct_the_reference(bits, dtype):
     torch.testing.assert_close(got[~mask], ref.to(dtype).float()[~mask], rtol=0, atol=0)
     torch.testing.assert_close(got[mask], ref[mask], rtol=1e-6, atol=1e-7)
     assert int(st["sp_ptr"][-1]) == int(mask.sum()) == st["sp_cr"].numel()
+    # sp_ptr holds a pointer per row: the entries of row r are sp_ptr[r] .. sp_ptr[r + 1] (row-major)
+    ptr, row_in_tile = st["sp_ptr"].long(), st["sp_cr"].long() >> 27
+    assert ptr.numel() == st["n_tiles"] * 16 + 1
+    for r in range(st["n_tiles"] * 16):
+        assert bool((row_in_tile[int(ptr[r]):int(ptr[r + 1])] == r % 16).all()), r
+        assert int(ptr[r + 1] - ptr[r]) == int(mask[r].sum()) if r < n else int(ptr[r + 1] - ptr[r]) == 0
 
 
 def test_duplicate_sparse_positions_are_summed():
@@ -286,13 +317,19 @@ def check_layer(qw, dtype, m_values, kernels, monkeypatch, bias=False, gen=None)
             assert err < TOL[dtype], f"{name} m={m} b={qw.spec.bits} {n}x{k} {dtype}: rel err {err:.2e}"
 
 
+VARIANTS = ["ring", "first"]  # the fused kernels (LPQ_LUT_VARIANT)
+
+
 @needs_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("density", [0.0, 0.0045, 0.05])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", BITS)
-def test_kernels_match_reference(bits, dtype, density, monkeypatch):
-    """Every kernel, every m, on a shape that hits tile edges (N=200: 12.5 tiles of 16; K=320: 2.5 chunks)."""
+def test_kernels_match_reference(bits, dtype, density, variant, monkeypatch):
+    """Every kernel, every m, on a shape that hits tile edges (N=200: 12.5 tiles of 16; K=320: 2.5 chunks,
+    so the ring kernel's last stage has no second chunk)."""
+    monkeypatch.setenv("LPQ_LUT_VARIANT", variant)
     gen = torch.Generator().manual_seed(hash((bits, str(dtype), density)) % 2**31)
     qw = random_squeezellm(200, 320, bits, density, device="cuda", gen=gen, dense_row=density > 0.01)
     check_layer(qw, dtype, M_VALUES, KERNELS, monkeypatch, gen=gen)
@@ -303,9 +340,11 @@ EDGE_SHAPES = [(1, 128), (16, 128), (17, 160), (33, 576), (100, 1000), (4100, 25
 
 @needs_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shape", EDGE_SHAPES)
 @pytest.mark.parametrize("bits", BITS)
-def test_tile_edges(bits, shape, monkeypatch):
+def test_tile_edges(bits, shape, variant, monkeypatch):
+    monkeypatch.setenv("LPQ_LUT_VARIANT", variant)
     n, k = shape
     per = {2: 16, 3: 32, 4: 8}[bits]
     k = -(-k // per) * per
@@ -323,14 +362,21 @@ def test_large_shape_and_warps(monkeypatch):
     for bits, density in ((3, 0.0), (3, 0.0045), (4, 0.0)):
         qw = random_squeezellm(11008, 4096, bits, density, device="cuda", gen=gen)
         check_layer(qw, torch.float16, (1, 16), ["squeezellm_cuda"], monkeypatch, gen=gen)
-    # every warp count gives the same result (the warps split K; the reduction must cover them all)
-    qw = random_squeezellm(96, 1536, 3, 0.01, device="cuda", gen=gen)
-    st = squeezellm_cuda.repack(qw.tensors, qw.spec, 1536, 96)
-    x = torch.randn(3, 1536, generator=gen).half().cuda()
-    ref = x.float() @ SQUEEZELLM.dequantize(qw.tensors, qw.spec, 1536, 96).t()
-    for warps in (1, 2, 3, 4, 8):
-        poison_cache(1 << 16, torch.float16)
-        assert rel_err(squeezellm_cuda.gemm(st, x, None, warps), ref) < 1e-3, warps
+    # every warp count gives the same result (the warps split K; the reduction must cover them all). The
+    # ring kernel holds 4 sparse entries a thread in registers and reads the rest after its loop: 245
+    # entries a tile at 1 % (more than 1 warp holds), 7400 at 30 % (more than 8 warps hold)
+    for n, k, density in ((96, 1536, 0.01), (40, 1536, 0.3)):
+        qw = random_squeezellm(n, k, 3, density, device="cuda", gen=gen)
+        st = squeezellm_cuda.repack(qw.tensors, qw.spec, k, n)
+        ref_w = SQUEEZELLM.dequantize(qw.tensors, qw.spec, k, n).t()
+        for m in (1, 3, 12):
+            x = torch.randn(m, k, generator=gen).half().cuda()
+            ref = x.float() @ ref_w
+            for variant in (0, 1):
+                for warps in (1, 2, 3, 4, 8):
+                    poison_cache(1 << 16, torch.float16)
+                    err = rel_err(squeezellm_cuda.gemm(st, x, None, warps, variant), ref)
+                    assert err < 1e-3, (n, density, m, variant, warps, err)
 
 
 @needs_cuda
@@ -362,6 +408,11 @@ def test_selection_and_readable_errors(monkeypatch):
         squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda"), None)
     with pytest.raises(ValueError, match="warps"):
         squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda", dtype=torch.float16), None, warps=9)
+    with pytest.raises(ValueError, match="variant"):
+        squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda", dtype=torch.float16), None, variant=2)
+    monkeypatch.setenv("LPQ_LUT_VARIANT", "fast")
+    with pytest.raises(ValueError, match="LPQ_LUT_VARIANT='fast' is not known"):
+        squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda", dtype=torch.float16), None)
 
 
 @needs_cuda

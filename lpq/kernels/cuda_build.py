@@ -30,10 +30,10 @@ log = logging.getLogger("lpq.kernels")
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ["uniform_binding.cpp", "uniform_launch.cu", "uniform_b2.cu", "uniform_b3.cu", "uniform_b4.cu", "uniform_b8.cu"]
-HEADERS = ["uniform_kernels.cuh", "uniform_dispatch.cuh", "uniform_launch.h"]
+HEADERS = ["uniform_kernels.cuh", "uniform_dispatch.cuh", "uniform_launch.h", "async_copy.cuh"]
 # the squeezellm LUT kernels: a second extension (ops lpq_lut::*), so that a failure in one never takes the other down
 LUT_SOURCES = ["squeezellm_binding.cpp", "squeezellm_launch.cu", "squeezellm_b2.cu", "squeezellm_b3.cu", "squeezellm_b4.cu"]
-LUT_HEADERS = ["squeezellm_kernels.cuh", "squeezellm_launch.h"]
+LUT_HEADERS = ["squeezellm_kernels.cuh", "squeezellm_launch.h", "async_copy.cuh"]
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": None}
@@ -183,7 +183,7 @@ def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: 
 
 def _register_lut_fakes() -> None:
     @torch.library.register_fake("lpq_lut::lut_gemm")
-    def _lut_gemm_fake(x, qw, tab, sp_ptr, sp_cr, sp_v, bias, bits, n, k, warps):
+    def _lut_gemm_fake(x, qw, tab, sp_ptr, sp_cr, sp_v, bias, bits, n, k, warps, variant=0):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("lpq_lut::lut_dequant")

@@ -4,7 +4,9 @@ sparse part added in the same kernel) for small batches, and dequantize + cuBLAS
 Importing this module needs torch only; the extension (ops ``torch.ops.lpq_lut.*``) is built on the
 first CUDA forward (``cuda_build.load_lut``). Kernels registered here:
 
-  squeezellm_cuda          (priority 100) m <= LPQ_LUT_FUSED_MAX_M (default 16): the fused kernel,
+  squeezellm_cuda          (priority 100) m <= LPQ_LUT_FUSED_MAX_M (default 16): the fused kernel
+                           (the cp.async ring kernel up to m = 8 and with a sparse part, else the
+                           register-prefetch one; LPQ_LUT_VARIANT=ring|first forces one),
                            else dequantize into a temporary fp16/bf16 weight and call cuBLAS.
   squeezellm_cuda_fused    (priority 40)  always the fused kernel (any m; tests, benchmarks).
   squeezellm_cuda_dequant  (priority 30)  always dequantize + cuBLAS (tests, benchmarks).
@@ -142,10 +144,12 @@ def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
                   torch.bfloat16: pack_tables(lut, torch.bfloat16, n_pad)},
           "sp_ptr": None, "sp_cr": None, "sp_v": {}, "sp_rows": None, "sp_cols": None, "sp_vals": None}
     if sparse is not None:
+        # entries in row-major order (as _sparse returns them); sp_ptr [n_pad + 1]: first entry of each
+        # row, so a tile's entries are sp_ptr[16 t] .. sp_ptr[16 t + 16]
         counts = torch.bincount(rows, minlength=n_pad)
-        tile_ptr = torch.zeros(n_tiles + 1, dtype=torch.int64, device=dev)
-        tile_ptr[1:] = torch.cumsum(counts.view(n_tiles, 16).sum(1), 0)
-        st["sp_ptr"] = tile_ptr.to(torch.int32)
+        row_ptr = torch.zeros(n_pad + 1, dtype=torch.int64, device=dev)
+        row_ptr[1:] = torch.cumsum(counts, 0)
+        st["sp_ptr"] = row_ptr.to(torch.int32)
         st["sp_cr"] = (cols | ((rows % 16) << 27)).to(torch.int32)
         for dt in (torch.float16, torch.bfloat16):
             dense_there = lut.to(dt).float()[rows, sp_idx]  # what the dense product used at those positions
@@ -161,19 +165,40 @@ def _fused_max_m() -> int:
         return 16
 
 
-def default_warps(st: dict, m: int) -> int:
-    """Warps per block (one 16-row tile each, splitting K): 8 when the tiles are few, so that each SM
-    has enough loads in flight; 4 when there are many tiles and K is short. LPQ_LUT_WARPS forces one."""
+def default_warps(st: dict, m: int, variant: int = 0) -> int:
+    """Warps per block (one 16-row tile each, splitting K). The ring kernel: 8. The first kernel: 8 when
+    the tiles are few, so that each SM has enough loads in flight; 4 when there are many tiles and K is
+    short. LPQ_LUT_WARPS forces one."""
     forced = os.environ.get("LPQ_LUT_WARPS")
     if forced and forced.isdigit() and 1 <= int(forced) <= 8:
         return int(forced)
+    if variant == 0:
+        return 8
     chunks = -(-st["k"] // 128)
     return 4 if st["n_tiles"] >= 1024 and chunks <= 64 else 8
 
 
-def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None) -> torch.Tensor:
+VARIANTS = {"ring": 0, "first": 1}  # the cp.async ring kernel; the first, register-prefetch kernel
+RING_MAX_M = 8  # above this, on a dense-only layer, the first kernel (16 tokens a block, codes read once) is faster
+
+
+def default_variant(m: int = 1, sparse: bool = False) -> int:
+    """The fused kernel for m tokens: the ring kernel up to RING_MAX_M and on layers with a sparse part
+    (its per-row sparse sums beat the first kernel's atomics at every m), else the first kernel
+    (bench/RESULTS.md, "Kernels (squeezellm LUT)"). LPQ_LUT_VARIANT=ring|first forces one."""
+    name = os.environ.get("LPQ_LUT_VARIANT")
+    if name is None:
+        return VARIANTS["ring"] if m <= RING_MAX_M or sparse else VARIANTS["first"]
+    if name not in VARIANTS:
+        raise ValueError(f"LPQ_LUT_VARIANT={name!r} is not known: choose {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
+         variant: int | None = None) -> torch.Tensor:
     """x2 [m, K] fp16/bf16 -> [m, N] through the fused LUT kernel (dense + sparse + bias); the op makes
-    a contiguous, 16-byte aligned copy of x where it needs one."""
+    a contiguous, 16-byte aligned copy of x where it needs one. variant: 0 the ring kernel, 1 the first
+    kernel (csrc/squeezellm_kernels.cuh); None: default_variant(m)."""
     k, n = st["k"], st["n"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq lut_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -183,13 +208,17 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq lut_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if bias is not None and (bias.dtype != x2.dtype or bias.numel() != n or not bias.is_contiguous()):
         raise ValueError(f"lpq lut_gemm: bias must be a contiguous [{n}] tensor of dtype {x2.dtype}")
+    if variant is None:
+        variant = default_variant(x2.shape[0], st["sp_ptr"] is not None)
+    if variant not in VARIANTS.values():
+        raise ValueError(f"lpq lut_gemm: variant must be one of {sorted(VARIANTS.values())}, got {variant}")
     if warps is None:
-        warps = default_warps(st, x2.shape[0])
+        warps = default_warps(st, x2.shape[0], variant)
     if not 1 <= warps <= 8:
         raise ValueError(f"lpq lut_gemm: warps must be in 1..8, got {warps}")
     sp_v = st["sp_v"].get(x2.dtype) if st["sp_ptr"] is not None else None
     return torch.ops.lpq_lut.lut_gemm(x2, st["qw"], st["tab"][x2.dtype], st["sp_ptr"], st["sp_cr"], sp_v, bias,
-                                      st["bits"], n, k, warps)
+                                      st["bits"], n, k, warps, variant)
 
 
 def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:

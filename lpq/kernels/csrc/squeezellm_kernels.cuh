@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "async_copy.cuh"
 #include "squeezellm_launch.h"
 
 namespace lpq {
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(256, 2) lut_gemm_kernel(LutGemmArgs p) {
   if (sparse) {
     for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) sp_acc[i] = 0.f;
     __syncthreads();
-    const int b = p.sp_ptr[nt], e = p.sp_ptr[nt + 1];
+    const int b = p.sp_ptr[nt * 16], e = p.sp_ptr[nt * 16 + 16];
     for (int j = b + threadIdx.x; j < e; j += blockDim.x) {
       const uint32_t cr = __ldg(p.sp_cr + j);
       const float v = __ldg(p.sp_v + j);
@@ -346,6 +347,247 @@ __global__ void __launch_bounds__(256) lut_dequant_kernel(LutDequantArgs p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Ring kernel (the default): the same decode and mma as lut_gemm_kernel, but every warp streams its
+// chunk pairs through a private ring of shared-memory stages with cp.async, so that up to slots - 1
+// pairs per warp are in flight while one is decoded (lut_gemm_kernel keeps one step in registers and
+// reads the activations from global memory when it uses them). As in the uniform kernels' two-chunk
+// ring: a stage is KC = 2 consecutive chunks of the block's n-tile (the pair p = 2 chunks; warp w
+// takes pairs w, w + nwarps, ...), one copy issue, one wait and one ring rotation per 256 columns.
+//
+// Stage layout (32-bit words): codes [2][64 * BITS] (the two chunks as stored: a stage is one
+// contiguous copy of 128 * BITS words, BITS 16-byte pieces per lane), then x [xrows][XS] (the pair's
+// 256 activation columns of each token row, 16 bytes of padding per row).
+//
+// Padding needs no branch in the decode: columns of x at or past K are zero-filled by the copy, and
+// the second chunk of a stage past the last chunk (odd chunk count) keeps whatever its slot held.
+// The decode of any bit pattern is a codebook entry (finite), so those products are exact zeros.
+//
+// Tokens: blockIdx.x is the token tile (8 rows; XR = 1 for m = 1, else XR = 8 with the block's rows
+// copied), blockIdx.y the n-tile, so that the token tiles of one n-tile run at the same time and the
+// second reads the codes from L2.
+//
+// Sparse part: a warp per row, no atomics (see the kernel); the sums go through a shared [16 rows][8
+// tokens] array into the final reduction.
+__device__ __forceinline__ uint32_t ldg_volatile(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+
+// one activation as float, by a volatile load (kept where it is written, like ldg_volatile)
+__device__ __forceinline__ float ldg_act(const __half* p) {
+  unsigned short v;
+  asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return __half2float(__ushort_as_half(v));
+}
+__device__ __forceinline__ float ldg_act(const __nv_bfloat16* p) {
+  unsigned short v;
+  asm volatile("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return __bfloat162float(__ushort_as_bfloat16(v));
+}
+
+template <int BITS> struct RingGeom {
+  static constexpr int CHW = 64 * BITS;  // words of one chunk of one n-tile
+  static constexpr int CW = 2 * CHW;     // code words of a stage
+  static constexpr int XS = 128 + 4;     // words of one activation row of a stage (256 halves + 16 bytes)
+  __host__ __device__ static constexpr int words(int xrows) { return CW + xrows * XS; }
+};
+
+template <int BITS, typename T, int XR, int STAGES>
+__global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int xrows_arg, int slots) {
+  static_assert(XR == 1 || XR == 8, "one token row, or up to one token tile");
+  using G = Geo<BITS>;
+  using R = RingGeom<BITS>;
+  constexpr int WPL = G::WPL, TW = G::TW;
+  extern __shared__ __align__(16) uint32_t smem[];
+  __shared__ float sp_acc[16 * 8];  // [row in tile][token in block]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tok0 = blockIdx.x * 8;
+  const int nt = blockIdx.y;
+  const int xrows = XR == 1 ? 1 : xrows_arg;
+  const int stage_words = R::words(xrows);
+  const int rows_here = XR == 1 ? 1 : min(8, p.M - tok0);  // >= 1
+  uint32_t* ring = smem + (size_t)warp * slots * stage_words;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
+
+  const int pairs = (p.chunks + 1) / 2;
+  const int n_my = warp < pairs ? (pairs - warp + nwarps - 1) / nwarps : 0;
+  const int kstep = nwarps * 256;
+
+  // per-lane copy state, advanced by one warp step per issued stage
+  const uint32_t* qsrc = p.qw + ((size_t)nt * p.chunks + (size_t)warp * 2) * R::CHW + 4 * lane;
+  const size_t q_step = (size_t)nwarps * R::CW;
+  int c_issue = warp * 2;
+  int k_issue = warp * 256;
+  const T* xsrc = x + (size_t)tok0 * p.K + lane * 8;
+  uint32_t slot_w = 0;  // byte offset of the slot to fill
+  auto issue = [&]() {
+    const uint32_t st = ring_s + slot_w;
+    const bool second = c_issue + 1 < p.chunks;
+#pragma unroll
+    for (int q = 0; q < BITS; ++q) {
+      // piece q of this lane: words 128 q + 4 lane of the stage; chunk 0 ends at word CHW
+      const uint32_t d = st + (uint32_t)((128 * q + 4 * lane) * 4);
+      if (128 * q + 128 <= R::CHW) cp_async16_cg_s(d, qsrc + 128 * q);
+      else cp_async16_cg_if(d, qsrc + 128 * q, 128 * q + 4 * lane < R::CHW || second);
+    }
+    qsrc += q_step;
+    // activations: one 16-byte piece per lane and token row (columns past K zero-filled; the source
+    // then points at x itself, which is valid)
+    const bool in = k_issue + lane * 8 < p.K;
+    const T* src = in ? xsrc + k_issue : x;
+    const uint32_t d = st + (uint32_t)(R::CW * 4 + lane * 16);
+    if constexpr (XR == 1) {
+      cp_async16_ca_s(d, src, in ? 16 : 0);
+    } else {
+      uint32_t dr = d;
+#pragma unroll 1
+      for (int r = 0; r < rows_here; ++r, dr += R::XS * 4, src += p.K) cp_async16_ca_s(dr, src, in ? 16 : 0);
+    }
+    c_issue += nwarps * 2;
+    k_issue += kstep;
+    slot_w += (uint32_t)(stage_words * 4);
+    if (slot_w == (uint32_t)(slots * stage_words * 4)) slot_w = 0;
+  };
+
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (i < n_my) issue();
+    cp_async_commit();
+  }
+
+  uint32_t tb0[TW], tb1[TW];
+  load_table<BITS>(tb0, p.tab + (size_t)(nt * 16 + g) * TW);
+  load_table<BITS>(tb1, p.tab + (size_t)(nt * 16 + g + 8) * TW);
+
+  // sparse part, a warp per row (rows warp, warp + nwarps, ...), its lanes split as XR tokens x SL entry
+  // slices (lane = token + XR * slice): each lane sums v * x[token][col] over the row's entries
+  // slice, slice + SL, ...; shuffles add the slices; one lane writes the (row, token) sum. No atomics
+  // (a shared-memory fp32 atomicAdd is a compare-and-swap loop that serialises on conflicts). The first
+  // entry of each slice of the warp's first two rows is loaded now (volatile loads: kept ahead of the
+  // loop, not sunk to their use), its activation gathered at the first stage; the rest after the loop.
+  constexpr int SL = 32 / XR;
+  const int tk_l = lane % XR, sl = lane / XR;
+  const bool sparse = p.sp_ptr != nullptr;
+  const T* xb = x + (size_t)tok0 * p.K;
+  const bool x_ok = tk_l < rows_here;
+  int rb[2] = {0, 0}, re[2] = {0, 0};
+  uint32_t pc[2] = {0u, 0u};
+  float pv[2] = {0.f, 0.f}, px[2] = {0.f, 0.f};
+  if (sparse) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int r = warp + q * nwarps;
+      if (r < 16) {
+        rb[q] = (int)ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_ptr) + nt * 16 + r);
+        re[q] = (int)ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_ptr) + nt * 16 + r + 1);
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int j = rb[q] + sl;
+      if (j < re[q]) {
+        pc[q] = ldg_volatile(p.sp_cr + j);
+        pv[q] = __uint_as_float(ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_v) + j));
+      }
+    }
+  }
+  auto gather = [&]() {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      px[q] = rb[q] + sl < re[q] && x_ok ? ldg_act(xb + (size_t)tk_l * p.K + (pc[q] & 0x07FFFFFFu)) : 0.f;
+  };
+  bool gathered = false;
+
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  // this lane's B fragment row (rows past the block's: any valid row, their outputs are dropped)
+  const int x_lane = R::CW + (XR == 1 ? 0 : min(g, rows_here - 1) * R::XS) + 16 * t;
+  int slot_r = 0;  // word offset of the slot to read
+  for (int i = 0; i < n_my; ++i) {
+    if (i + STAGES - 1 < n_my) issue();
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const uint32_t* st = ring + slot_r;
+    slot_r += stage_words;
+    if (slot_r == slots * stage_words) slot_r = 0;
+    if (sparse && i == 0) {
+      gather();
+      gathered = true;
+    }
+    static_for<0, 2>([&](auto cc) {
+      constexpr int c = decltype(cc)::value;
+      const uint32_t* cb = st + c * R::CHW;
+      uint32_t w[WPL];
+#pragma unroll
+      for (int s = 0; s < G::SEGS; ++s) {
+        const uint4 v = *reinterpret_cast<const uint4*>(cb + s * 128 + lane * 4);
+        w[4 * s + 0] = v.x; w[4 * s + 1] = v.y; w[4 * s + 2] = v.z; w[4 * s + 3] = v.w;
+      }
+      if constexpr (G::TAIL) {
+        const uint2 v = *reinterpret_cast<const uint2*>(cb + 128 + lane * 2);
+        w[4] = v.x; w[5] = v.y;
+      }
+      uint32_t xw[1][16];
+      const uint32_t* xs = st + x_lane + c * 64;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const uint4 u = *reinterpret_cast<const uint4*>(xs + 4 * v);
+        xw[0][4 * v + 0] = u.x; xw[0][4 * v + 1] = u.y; xw[0][4 * v + 2] = u.z; xw[0][4 * v + 3] = u.w;
+      }
+      chunk_mma<BITS, T, 1>(w, tb0, tb1, xw, acc);
+    });
+    __syncwarp();  // every lane has read the slot before it is refilled
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is reused for the reduction; sp_acc is zeroed
+
+  if (sparse) {
+    if (!gathered) gather();  // a warp without stages
+    // the rest of row r from entry j on, added to a; then the slices summed and the (row, token) written
+    auto finish_row = [&](int r, int j, int e, float a) {
+#pragma unroll 4
+      for (; j < e; j += SL) {
+        const uint32_t cr = __ldg(p.sp_cr + j);
+        const float v = __ldg(p.sp_v + j);
+        a += x_ok ? v * to_float(xb[(size_t)tk_l * p.K + (cr & 0x07FFFFFFu)]) : 0.f;
+      }
+#pragma unroll
+      for (int off = XR; off < 32; off <<= 1) a += __shfl_xor_sync(0xFFFFFFFFu, a, off);
+      if (sl == 0) sp_acc[r * 8 + tk_l] = a;
+    };
+    if (warp < 16) finish_row(warp, rb[0] + sl + SL, re[0], pv[0] * px[0]);
+    if (warp + nwarps < 16) finish_row(warp + nwarps, rb[1] + sl + SL, re[1], pv[1] * px[1]);
+    for (int r = warp + 2 * nwarps; r < 16; r += nwarps)
+      finish_row(r, __ldg(p.sp_ptr + nt * 16 + r) + sl, __ldg(p.sp_ptr + nt * 16 + r + 1), 0.f);
+  }
+  float* red = reinterpret_cast<float*>(smem);  // [nwarps][4][32]
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[(warp * 4 + e) * 32 + lane] = acc[0][e];
+  __syncthreads();
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  for (int i = threadIdx.x; i < 4 * 32; i += blockDim.x) {
+    float s = 0.f;
+    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * 128 + i];
+    const int ln = i & 31, e = i >> 5;
+    const int r = (ln >> 2) + 8 * (e >> 1);
+    const int tl = 2 * (ln & 3) + (e & 1);
+    const int n = nt * 16 + r, tok = tok0 + tl;
+    if (n < p.N && tok < p.M && (XR == 8 || tl == 0)) {
+      if (sparse) s += sp_acc[r * 8 + tl];
+      if (bias) s += to_float(bias[n]);
+      y[(size_t)tok * p.N + n] = from_float<T>(s);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------ launchers
 
 // Chunks per pipeline step (codes of 2 steps live in registers): about 16-32 words per step, fewer with
@@ -360,15 +602,54 @@ cudaError_t launch_gemm_mt(const LutGemmArgs& a, int nwarps, cudaStream_t stream
   return cudaGetLastError();
 }
 
+// Ring depth (stages of two chunks per warp) of the ring kernel: at m = 1 as the uniform kernels' two-chunk
+// ring; with 8 activation rows a stage is 2.2-3.8x larger, and 2 stages keep two blocks of 8 warps an SM.
+template <int BITS, int XR> constexpr int lut_ring_stages() { return XR == 1 ? (BITS == 2 ? 5 : (BITS == 3 ? 4 : 3)) : 2; }
+
+// The slots a warp uses: its stages are pairs warp, warp + nwarps, ..., so the busiest has
+// ceil(pairs / nwarps); a deeper ring would be shared memory never written.
+inline int lut_ring_slots(int stages, int chunks, int nwarps) {
+  const int pairs = (chunks + 1) / 2;
+  const int busiest = (pairs + nwarps - 1) / nwarps;
+  return busiest < 1 ? 1 : (busiest < stages ? busiest : stages);
+}
+
+template <int BITS, typename T, int XR>
+cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+  constexpr int STAGES = lut_ring_stages<BITS, XR>();
+  const int xrows = XR == 1 ? 1 : (a.M < 8 ? a.M : 8);
+  const size_t stage_bytes = (size_t)RingGeom<BITS>::words(xrows) * 4;
+  constexpr size_t kMaxSmem = 200 * 1024;
+  while (nwarps > 1 && (size_t)nwarps * lut_ring_slots(STAGES, a.chunks, nwarps) * stage_bytes > kMaxSmem) nwarps /= 2;
+  const int slots = lut_ring_slots(STAGES, a.chunks, nwarps);
+  size_t smem = (size_t)nwarps * slots * stage_bytes;
+  const size_t red = (size_t)nwarps * 4 * 32 * sizeof(float);
+  if (red > smem) smem = red;
+  auto kern = lut_gemm_ring_kernel<BITS, T, XR, STAGES>;
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  dim3 grid((a.M + 7) / 8, a.n_tiles);
+  kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, slots);
+  return cudaGetLastError();
+}
+
+// variant 0: the ring kernel (m = 1: one activation row; else token tiles of 8); 1: lut_gemm_kernel.
+// The ring kernel's grid has the n-tiles in y (at most 65535): more tiles take lut_gemm_kernel.
 template <int BITS, typename T>
-cudaError_t launch_gemm_t(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+cudaError_t launch_gemm_t(const LutGemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+  if (variant == 0 && a.n_tiles <= 65535) {
+    return a.M == 1 ? launch_ring_xr<BITS, T, 1>(a, nwarps, stream) : launch_ring_xr<BITS, T, 8>(a, nwarps, stream);
+  }
   if (a.M <= 8) return launch_gemm_mt<BITS, T, 1>(a, nwarps, stream);
   return launch_gemm_mt<BITS, T, 2>(a, nwarps, stream);
 }
 
 template <int BITS>
-cudaError_t launch_gemm_bits(bool bf16, const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
-  return bf16 ? launch_gemm_t<BITS, __nv_bfloat16>(a, nwarps, stream) : launch_gemm_t<BITS, __half>(a, nwarps, stream);
+cudaError_t launch_gemm_bits(bool bf16, const LutGemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+  return bf16 ? launch_gemm_t<BITS, __nv_bfloat16>(a, nwarps, variant, stream)
+              : launch_gemm_t<BITS, __half>(a, nwarps, variant, stream);
 }
 
 template <int BITS>

@@ -10,7 +10,7 @@ struct LutGemmArgs {
   const void* x;          // [M, K] T, contiguous, 16-byte aligned rows (K % 8 == 0)
   const uint32_t* qw;     // repacked indices: [n_tiles][chunks][32 lanes * 2 * BITS words] (squeezellm_kernels.cuh)
   const uint32_t* tab;    // [n_tiles * 16][2**BITS / 2] byte-split codebooks in T (fp16 or bf16 bit patterns)
-  const int* sp_ptr;      // [n_tiles + 1] first sparse entry of each 16-row tile, or null (dense only)
+  const int* sp_ptr;      // [n_tiles * 16 + 1] first sparse entry of each row (row-major entries), or null (dense only)
   const uint32_t* sp_cr;  // [nnz] column | (row within the tile) << 27
   const float* sp_v;      // [nnz] sparse value minus the codebook value at that position (fp32)
   const void* bias;       // [N] T or null
@@ -25,8 +25,9 @@ struct LutDequantArgs {
   int N, K, chunks, n_tiles;
 };
 
-// Each returns cudaSuccess or the launch error. nwarps in 1..8 (warps of a block split K).
-cudaError_t launch_lut_gemm(int bits, bool bf16, const LutGemmArgs& args, int nwarps, cudaStream_t stream);
+// Each returns cudaSuccess or the launch error. nwarps in 1..8 (warps of a block split K); variant 0:
+// the cp.async ring kernel, 1: the register-prefetch kernel (squeezellm_kernels.cuh).
+cudaError_t launch_lut_gemm(int bits, bool bf16, const LutGemmArgs& args, int nwarps, int variant, cudaStream_t stream);
 cudaError_t launch_lut_dequant(int bits, bool bf16, const LutDequantArgs& args, cudaStream_t stream);
 
 }  // namespace lut

@@ -41,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "async_copy.cuh"
 #include "uniform_launch.h"
 
 #include <type_traits>
@@ -496,17 +497,6 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
 // Stage layout (32-bit words): codes [NT][32 * 2b] (the global chunk layout), x [xrows][XS]
 // (xrows = min(MT * 8, M) token rows of 128 columns, padded to XS words), scales [NT][FOLDS][8],
 // zeros [NT][FOLDS][4] (8 u16).
-__device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 constexpr int kXS = 68;  // words per activation row of a stage (128 halves + 16 bytes of padding)
 
 template <int BITS, int S, int MT, int NT>
@@ -779,32 +769,6 @@ struct StageGeomKC {
   static constexpr int CQ = (CPIECES + 31) / 32;
   __host__ __device__ static constexpr int words(int xrows) { return XOFF + xrows * XS; }
 };
-
-// Programmatic dependent launch (sm_90+): wait for the grid this one depends on (all its memory
-// visible), and let the next grid launch early. Both are no-ops for a grid launched without the
-// programmatic-serialization attribute, and compiled out below sm_90.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" :::);
-#endif
-}
-__device__ __forceinline__ void cp_async16_cg_s(uint32_t s, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-// the copy only where `on` (a predicated instruction, no branch)
-__device__ __forceinline__ void cp_async16_cg_if(uint32_t s, const void* gmem, bool on) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}\n" ::"r"(s),
-      "l"(gmem), "r"((int)on));
-}
-__device__ __forceinline__ void cp_async16_ca_s(uint32_t s, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
 
 template <int BITS, typename T, int S, int NT, int KC, int STAGES, int XR>
 __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xrows_arg, uint32_t gmagic, int slots) {
