@@ -470,16 +470,17 @@ __global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int x
   // slices (lane = token + XR * slice): each lane sums v * x[token][col] over the row's entries
   // slice, slice + SL, ...; shuffles add the slices; one lane writes the (row, token) sum. No atomics
   // (a shared-memory fp32 atomicAdd is a compare-and-swap loop that serialises on conflicts). The first
-  // entry of each slice of the warp's first two rows is loaded now (volatile loads: kept ahead of the
-  // loop, not sunk to their use), its activation gathered at the first stage; the rest after the loop.
+  // SP_HOLD entries of each slice of the warp's first two rows are loaded now (volatile loads: kept ahead of the
+  // loop, not sunk to their use), their activations gathered at the first stage; the rest after the loop.
   constexpr int SL = 32 / XR;
+  constexpr int SP_HOLD = 2;  // entries per lane and row held from before the loop: 2 * SL of each row
   const int tk_l = lane % XR, sl = lane / XR;
   const bool sparse = p.sp_ptr != nullptr;
   const T* xb = x + (size_t)tok0 * p.K;
   const bool x_ok = tk_l < rows_here;
   int rb[2] = {0, 0}, re[2] = {0, 0};
-  uint32_t pc[2] = {0u, 0u};
-  float pv[2] = {0.f, 0.f}, px[2] = {0.f, 0.f};
+  uint32_t pc[2][SP_HOLD];
+  float pv[2][SP_HOLD], px[2][SP_HOLD];
   if (sparse) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
@@ -489,19 +490,25 @@ __global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int x
         re[q] = (int)ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_ptr) + nt * 16 + r + 1);
       }
     }
+  }
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int j = rb[q] + sl;
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int h = 0; h < SP_HOLD; ++h) {
+      const int j = rb[q] + sl + h * SL;
+      pc[q][h] = 0u;
+      pv[q][h] = 0.f;
       if (j < re[q]) {
-        pc[q] = ldg_volatile(p.sp_cr + j);
-        pv[q] = __uint_as_float(ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_v) + j));
+        pc[q][h] = ldg_volatile(p.sp_cr + j);
+        pv[q][h] = __uint_as_float(ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_v) + j));
       }
     }
-  }
   auto gather = [&]() {
 #pragma unroll
     for (int q = 0; q < 2; ++q)
-      px[q] = rb[q] + sl < re[q] && x_ok ? ldg_act(xb + (size_t)tk_l * p.K + (pc[q] & 0x07FFFFFFu)) : 0.f;
+#pragma unroll
+      for (int h = 0; h < SP_HOLD; ++h)
+        px[q][h] = rb[q] + sl + h * SL < re[q] && x_ok ? ldg_act(xb + (size_t)tk_l * p.K + (pc[q][h] & 0x07FFFFFFu)) : 0.f;
   };
   bool gathered = false;
 
@@ -562,8 +569,13 @@ __global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int x
       for (int off = XR; off < 32; off <<= 1) a += __shfl_xor_sync(0xFFFFFFFFu, a, off);
       if (sl == 0) sp_acc[r * 8 + tk_l] = a;
     };
-    if (warp < 16) finish_row(warp, rb[0] + sl + SL, re[0], pv[0] * px[0]);
-    if (warp + nwarps < 16) finish_row(warp + nwarps, rb[1] + sl + SL, re[1], pv[1] * px[1]);
+    float held[2] = {0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int h = 0; h < SP_HOLD; ++h) held[q] += pv[q][h] * px[q][h];
+    if (warp < 16) finish_row(warp, rb[0] + sl + SP_HOLD * SL, re[0], held[0]);
+    if (warp + nwarps < 16) finish_row(warp + nwarps, rb[1] + sl + SP_HOLD * SL, re[1], held[1]);
     for (int r = warp + 2 * nwarps; r < 16; r += nwarps)
       finish_row(r, __ldg(p.sp_ptr + nt * 16 + r) + sl, __ldg(p.sp_ptr + nt * 16 + r + 1), 0.f);
   }
