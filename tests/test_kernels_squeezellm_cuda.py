@@ -188,7 +188,7 @@ def test_variant_and_warps_choice(monkeypatch):
     monkeypatch.setenv("LPQ_LUT_VARIANT", "ring")
     assert squeezellm_cuda.default_variant(16) == 0
     monkeypatch.setenv("LPQ_LUT_VARIANT", "fast")
-    with pytest.raises(ValueError, match="choose ring, first"):
+    with pytest.raises(LpqError, match="LPQ_LUT_VARIANT='fast' is not known: choose ring, first"):
         squeezellm_cuda.default_variant()
     many = {"k": 4096, "n_tiles": 1792}
     assert squeezellm_cuda.default_warps(many, 1, 0) == 8
@@ -411,7 +411,7 @@ def test_selection_and_readable_errors(monkeypatch):
     with pytest.raises(ValueError, match="variant"):
         squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda", dtype=torch.float16), None, variant=2)
     monkeypatch.setenv("LPQ_LUT_VARIANT", "fast")
-    with pytest.raises(ValueError, match="LPQ_LUT_VARIANT='fast' is not known"):
+    with pytest.raises(LpqError, match="LPQ_LUT_VARIANT='fast' is not known"):
         squeezellm_cuda.gemm(st, torch.randn(1, 64, device="cuda", dtype=torch.float16), None)
 
 

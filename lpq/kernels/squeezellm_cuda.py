@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..errors import LpqError
 from ..formats.packing import unpack_rows
 from . import Kernel, cuda_input_problem, register_kernel
 from . import cuda_build
@@ -190,7 +191,7 @@ def default_variant(m: int = 1, sparse: bool = False) -> int:
     if name is None:
         return VARIANTS["ring"] if m <= RING_MAX_M or sparse else VARIANTS["first"]
     if name not in VARIANTS:
-        raise ValueError(f"LPQ_LUT_VARIANT={name!r} is not known: choose {', '.join(VARIANTS)}")
+        raise LpqError(f"LPQ_LUT_VARIANT={name!r} is not known: choose {', '.join(VARIANTS)}")
     return VARIANTS[name]
 
 
