@@ -84,21 +84,32 @@ __device__ __forceinline__ uint32_t sign_bytes(uint32_t a) {
 // __byte_perm uses the low 3 bits of each of the 4 low nibbles of s (documented; the upper bits are ignored).
 __device__ __forceinline__ uint32_t bperm(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
 
+// prmt as the hardware does it: the 4 low nibbles of s select, and a nibble's bit 3 replicates the sign of
+// the byte it selects. __byte_perm must clear those bits first (one LOP3 before every lookup); the decode
+// below clears a whole code word once (masked(), both halves) and feeds the halves here.
+__device__ __forceinline__ uint32_t prmt_raw(uint32_t a, uint32_t b, uint32_t s) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s));
+  return d;
+}
+__device__ __forceinline__ uint32_t masked(uint32_t w) { return w & 0x77777777u; }
+
 // Four weights whose indices' low bits are the 4 low nibbles of s -> (w0, w1), (w2, w3) as T pairs.
 // m (4 bits only): byte j = 0xFF where weight j's index has bit 3 set.
 template <int BITS>
 __device__ __forceinline__ void lookup4(const uint32_t (&tb)[Geo<BITS>::TW], uint32_t s, uint32_t m, uint32_t& u0,
                                         uint32_t& u1) {
+  // s: selectors with bit 3 of each of the 4 low nibbles clear (prmt_raw)
   uint32_t lo, hi;
   if constexpr (BITS == 2) {
-    lo = bperm(tb[0], tb[1], s);           // nibbles 0..3 -> low bytes (word 0)
-    hi = bperm(tb[0], tb[1], s | 0x4444u);  // nibbles 4..7 -> high bytes (word 1)
+    lo = prmt_raw(tb[0], tb[1], s);           // nibbles 0..3 -> low bytes (word 0)
+    hi = prmt_raw(tb[0], tb[1], s | 0x4444u);  // nibbles 4..7 -> high bytes (word 1)
   } else if constexpr (BITS == 3) {
-    lo = bperm(tb[0], tb[1], s);
-    hi = bperm(tb[2], tb[3], s);
+    lo = prmt_raw(tb[0], tb[1], s);
+    hi = prmt_raw(tb[2], tb[3], s);
   } else {
-    const uint32_t la = bperm(tb[0], tb[1], s), lb = bperm(tb[2], tb[3], s);
-    const uint32_t ha = bperm(tb[4], tb[5], s), hb = bperm(tb[6], tb[7], s);
+    const uint32_t la = prmt_raw(tb[0], tb[1], s), lb = prmt_raw(tb[2], tb[3], s);
+    const uint32_t ha = prmt_raw(tb[4], tb[5], s), hb = prmt_raw(tb[6], tb[7], s);
     lo = (la & ~m) | (lb & m);
     hi = (ha & ~m) | (hb & m);
   }
@@ -112,20 +123,29 @@ __device__ __forceinline__ uint32_t gather3(uint32_t w0, uint32_t w1, uint32_t w
 }
 
 // A-fragment pair (u0: columns 4jj+{0,1}, u1: 4jj+{2,3}) of k-tile JJ of the row whose words start at OFF.
+// wm: the code words masked() (3 and 4 bits: selectors; 4 bits reads the top index bit from w).
 template <int BITS, int JJ, int OFF>
-__device__ __forceinline__ void decode_jj(const uint32_t (&w)[Geo<BITS>::WPL], uint32_t x3,
-                                          const uint32_t (&tb)[Geo<BITS>::TW], uint32_t& u0, uint32_t& u1) {
+__device__ __forceinline__ void decode_jj(const uint32_t (&w)[Geo<BITS>::WPL], const uint32_t (&wm)[Geo<BITS>::WPL],
+                                          uint32_t x3, const uint32_t (&tb)[Geo<BITS>::TW], uint32_t& u0, uint32_t& u1) {
   if constexpr (BITS == 3) {
-    const uint32_t src = JJ < 6 ? w[OFF + JJ / 2] : x3;
+    const uint32_t src = JJ < 6 ? wm[OFF + JJ / 2] : x3;  // x3's nibbles have bit 3 clear
     lookup4<3>(tb, (JJ & 1) ? (src >> 16) : src, 0u, u0, u1);
   } else if constexpr (BITS == 4) {
     const uint32_t p = w[OFF + JJ / 2];
     const uint32_t m = (JJ & 1) ? sign_bytes(p << 4) : sign_bytes(p);
-    lookup4<4>(tb, (JJ & 1) ? (p >> 16) : p, m, u0, u1);
+    lookup4<4>(tb, (JJ & 1) ? (wm[OFF + JJ / 2] >> 16) : wm[OFF + JJ / 2], m, u0, u1);
   } else {
     constexpr int SH = ((JJ & 1) ? 16 : 0) + ((JJ & 2) ? 2 : 0);
     lookup4<2>(tb, (w[OFF + JJ / 4] >> SH) & 0x3333u, 0u, u0, u1);
   }
+}
+
+// the code words with bit 3 of every nibble cleared, once a chunk (2 bits: unused, its selectors are masked
+// per k-tile with 0x3333)
+template <int BITS>
+__device__ __forceinline__ void mask_codes(const uint32_t (&w)[Geo<BITS>::WPL], uint32_t (&wm)[Geo<BITS>::WPL]) {
+#pragma unroll
+  for (int i = 0; i < Geo<BITS>::WPL; ++i) wm[i] = BITS == 2 ? 0u : masked(w[i]);
 }
 
 template <int BITS>
@@ -179,11 +199,13 @@ __device__ __forceinline__ void chunk_mma(const uint32_t (&w)[Geo<BITS>::WPL], c
     x3a = gather3(w[0], w[1], w[2]);
     x3b = gather3(w[3], w[4], w[5]);
   }
+  uint32_t wm[Geo<BITS>::WPL];
+  mask_codes<BITS>(w, wm);
   static_for<0, 8>([&](auto jc) {
     constexpr int jj = decltype(jc)::value;
     uint32_t a[4];
-    decode_jj<BITS, jj, 0>(w, x3a, tb0, a[0], a[2]);     // row g
-    decode_jj<BITS, jj, BITS>(w, x3b, tb1, a[1], a[3]);  // row g + 8
+    decode_jj<BITS, jj, 0>(w, wm, x3a, tb0, a[0], a[2]);     // row g
+    decode_jj<BITS, jj, BITS>(w, wm, x3b, tb1, a[1], a[3]);  // row g + 8
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) mma16816(acc[mt], a, xw[mt][2 * jj], xw[mt][2 * jj + 1], T());
   });
@@ -329,10 +351,12 @@ __global__ void __launch_bounds__(256) lut_dequant_kernel(LutDequantArgs p) {
     x3b = gather3(w[3], w[4], w[5]);
   }
   uint32_t r0[16], r1[16];  // rows g and g + 8, columns 32 t .. 32 t + 31 as T pairs
+  uint32_t wm[WPL];
+  mask_codes<BITS>(w, wm);
   static_for<0, 8>([&](auto jc) {
     constexpr int jj = decltype(jc)::value;
-    decode_jj<BITS, jj, 0>(w, x3a, tb0, r0[2 * jj], r0[2 * jj + 1]);
-    decode_jj<BITS, jj, BITS>(w, x3b, tb1, r1[2 * jj], r1[2 * jj + 1]);
+    decode_jj<BITS, jj, 0>(w, wm, x3a, tb0, r0[2 * jj], r0[2 * jj + 1]);
+    decode_jj<BITS, jj, BITS>(w, wm, x3b, tb1, r1[2 * jj], r1[2 * jj + 1]);
   });
   T* __restrict__ out = reinterpret_cast<T*>(p.w);
   const int n0 = nt * 16 + g, n1 = n0 + 8;
@@ -394,8 +418,8 @@ template <int BITS> struct RingGeom {
   __host__ __device__ static constexpr int words(int xrows) { return CW + xrows * XS; }
 };
 
-template <int BITS, typename T, int XR, int STAGES>
-__global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int xrows_arg, int slots) {
+template <int BITS, typename T, int XR, int STAGES, bool SPARSE>
+__global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, int xrows_arg, int slots) {
   static_assert(XR == 1 || XR == 8, "one token row, or up to one token tile");
   using G = Geo<BITS>;
   using R = RingGeom<BITS>;
@@ -475,7 +499,9 @@ __global__ void __launch_bounds__(256) lut_gemm_ring_kernel(LutGemmArgs p, int x
   constexpr int SL = 32 / XR;
   constexpr int SP_HOLD = 2;  // entries per lane and row held from before the loop: 2 * SL of each row
   const int tk_l = lane % XR, sl = lane / XR;
-  const bool sparse = p.sp_ptr != nullptr;
+  // a dense-only layer runs an instance without the sparse code (none of its registers held through
+  // the main loop)
+  constexpr bool sparse = SPARSE;
   const T* xb = x + (size_t)tok0 * p.K;
   const bool x_ok = tk_l < rows_here;
   int rb[2] = {0, 0}, re[2] = {0, 0};
@@ -614,9 +640,12 @@ cudaError_t launch_gemm_mt(const LutGemmArgs& a, int nwarps, cudaStream_t stream
   return cudaGetLastError();
 }
 
-// Ring depth (stages of two chunks per warp) of the ring kernel: at m = 1 as the uniform kernels' two-chunk
-// ring; with 8 activation rows a stage is 2.2-3.8x larger, and 2 stages keep two blocks of 8 warps an SM.
-template <int BITS, int XR> constexpr int lut_ring_stages() { return XR == 1 ? (BITS == 2 ? 5 : (BITS == 3 ? 4 : 3)) : 2; }
+// Ring depth (stages of two chunks per warp) of the ring kernel: 2. With 8 activation rows a stage is
+// 2.2-3.8x larger, and 2 stages keep two blocks of 8 warps an SM. At m = 1 a warp is bound by its own
+// instruction latency (Nsight Compute: issue slots half busy, math-pipe throttle the first stall
+// reason, DRAM at 62 %), not by loads in flight: 2 stages fit 4 blocks an SM instead of 3 and beat the
+// 3-5 stages of before on every shape (bench/NOTES-kernels.md, "squeezellm ring kernel, round 5").
+constexpr int kLutRingStages = 2;
 
 // The slots a warp uses: its stages are pairs warp, warp + nwarps, ..., so the busiest has
 // ceil(pairs / nwarps); a deeper ring would be shared memory never written.
@@ -628,7 +657,7 @@ inline int lut_ring_slots(int stages, int chunks, int nwarps) {
 
 template <int BITS, typename T, int XR>
 cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
-  constexpr int STAGES = lut_ring_stages<BITS, XR>();
+  constexpr int STAGES = kLutRingStages;
   const int xrows = XR == 1 ? 1 : (a.M < 8 ? a.M : 8);
   const size_t stage_bytes = (size_t)RingGeom<BITS>::words(xrows) * 4;
   constexpr size_t kMaxSmem = 200 * 1024;
@@ -637,7 +666,8 @@ cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, cudaStream_t stream
   size_t smem = (size_t)nwarps * slots * stage_bytes;
   const size_t red = (size_t)nwarps * 4 * 32 * sizeof(float);
   if (red > smem) smem = red;
-  auto kern = lut_gemm_ring_kernel<BITS, T, XR, STAGES>;
+  auto kern = a.sp_ptr != nullptr ? lut_gemm_ring_kernel<BITS, T, XR, STAGES, true>
+                                   : lut_gemm_ring_kernel<BITS, T, XR, STAGES, false>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return e;

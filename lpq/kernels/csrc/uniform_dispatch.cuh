@@ -105,13 +105,18 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
   return cudaGetLastError();
 }
 // m = 1: the one-row kernel (XR = 1); m = 2..8: up to 8 rows (XR = 8).
+// Ring depth (stages of two chunks) of v4/v5 at m = 2..8: about as many chunks in flight as the one-chunk
+// ring. At m = 1, 2 stages (kKcStagesM1): the smaller ring fits more blocks an SM, and a warp is bound by
+// its own instruction latency rather than by loads in flight (round 8, bench/RESULTS.md: 2 stages beat
+// 3-5 on every shape with K >= 8192 and tie at K = 4096, where the ring was already trimmed to 2).
+template <int BITS> constexpr int ring_kc() { return BITS == 2 ? 5 : (BITS == 3 ? 4 : (BITS == 4 ? 3 : 2)); }
+constexpr int kKcStagesM1 = 2;
+
 template <int BITS, typename T, int S, int NT, int STAGES>
 cudaError_t launch_gemm_kc_cfg(const GemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
-  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 1>(a, nwarps, pdl, stream)
+  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, kKcStagesM1, 1>(a, nwarps, pdl, stream)
                   : launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 8>(a, nwarps, pdl, stream);
 }
-// Ring depth (stages of two chunks) of v4/v5: about as many chunks in flight as the one-chunk ring.
-template <int BITS> constexpr int ring_kc() { return BITS == 2 ? 5 : (BITS == 3 ? 4 : (BITS == 4 ? 3 : 2)); }
 
 // Ring depth of the m <= 8 kernel: enough chunks in flight per warp for the bytes of a chunk
 // (2-bit chunks are 512 bytes, 8-bit 2 KB). variant 2: deeper rings (benchmarks).
