@@ -10,8 +10,8 @@ them), is captured in a CUDA graph (one call per copy) and each replay is timed 
 figure is the median over >= 200 calls, per call. Before timing, each layer's kernel output is checked
 against the fp32 product with the format's reference dequantize (relative error < 1e-3).
 
-Bandwidth counts what the kernel reads: its repacked indices, codebooks, sparse entries (4-byte
-column + 4-byte corrected value each, tile pointers) and activations, plus the output written.
+Bandwidth counts what the kernel reads: its repacked indices, codebooks, sparse entries (4 bytes
+each: 16-bit column, fp16 correction), row pointers and activations, plus the output written.
 `--variants ring,first` (the default) times both fused kernels in the same run. `--sweep` also times
 the fused kernels at m = 1 with 2, 4 and 8 warps per block (printed, not recorded).
 
@@ -67,14 +67,14 @@ def random_layer(n: int, k: int, bits: int, density: float, gen: torch.Generator
 def state_bytes(st: dict, dtype=torch.float16) -> int:
     b = st["qw"].numel() * 4 + st["tab"][dtype].numel() * 4
     if st["sp_ptr"] is not None:
-        b += st["sp_ptr"].numel() * 4 + st["sp_cr"].numel() * 4 + st["sp_v"][dtype].numel() * 4
+        b += st["sp_ptr"].numel() * 4 + st["sp_e"][dtype].numel() * 4
     return b
 
 
 def state_copy(st: dict) -> dict:
     c = {**st, "qw": st["qw"].clone(), "tab": {torch.float16: st["tab"][torch.float16].clone()}}
     if st["sp_ptr"] is not None:
-        c.update(sp_ptr=st["sp_ptr"].clone(), sp_cr=st["sp_cr"].clone(), sp_v={torch.float16: st["sp_v"][torch.float16].clone()})
+        c.update(sp_ptr=st["sp_ptr"].clone(), sp_e={torch.float16: st["sp_e"][torch.float16].clone()})
     return c
 
 
@@ -145,7 +145,7 @@ def main() -> None:
             del tensors
             st["tab"] = {torch.float16: st["tab"][torch.float16]}
             if st["sp_ptr"] is not None:
-                st["sp_v"] = {torch.float16: st["sp_v"][torch.float16]}
+                st["sp_e"] = {torch.float16: st["sp_e"][torch.float16]}
             nbytes = state_bytes(st)
             ncp = copies_for(nbytes)
             sts = [st] + [state_copy(st) for _ in range(ncp - 1)]
@@ -173,7 +173,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         print(f"done {n}x{k}", flush=True)
 
-    body = render(records, gpu)
+    body = render(records, gpu, " ".join(sys.argv[1:]))
     print(f"## {SECTION}\n\n{body}")
     for s in sweeps:
         print("sweep:", s)
@@ -182,12 +182,12 @@ def main() -> None:
         write_records("kernels-lut", records)
 
 
-def render(records, gpu) -> str:
+def render(records, gpu, argv: str = "") -> str:
     lines = [f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `python bench/kernels_lut.py`. Random squeezellm layers (random indices, sorted random fp16 "
+             f"command: `python bench/kernels_lut.py{(' ' + argv) if argv else ''}`. Random squeezellm layers (random indices, sorted random fp16 "
              f"codebooks, sparse positions uniformly random), activations fp16. Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the kernel's repacked indices, codebooks "
-             f"and sparse entries (8 bytes each) + activations read and output written; roofline {ROOFLINE_TBPS} TB/s. "
+             f"and sparse entries (4 bytes each: 16-bit column, fp16 correction) and row pointers + activations read and output written; roofline {ROOFLINE_TBPS} TB/s. "
              f"x cuBLAS = cuBLAS fp16 time / lpq time. m <= 16: fused LUT kernel (sparse part fused; `ring` = the "
              f"cp.async ring kernel; `first` = the register-prefetch kernel; * = the one lpq runs at that m, "
              f"LPQ_LUT_VARIANT forces one); above: dequantize + cuBLAS.",

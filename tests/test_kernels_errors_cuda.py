@@ -73,8 +73,8 @@ CHILD = textwrap.dedent(r'''
         qw = torch.zeros(2 * 1 * 64 * bits, dtype=torch.int32, device=dev)
         tab = torch.zeros(32, 8, dtype=torch.int32, device=dev)  # [n_pad, 2**bits / 2] fp16 centroid pairs
         bad("dequant bits=5", lambda: op.lut_dequant(qw, tab, 5, n, k, False))
-        bad("gemm x [1, 64]", lambda: op.lut_gemm(x[:, :64].contiguous(), qw, tab, None, None, None, None, bits, n, k, 4))
-        bad("gemm warps=9", lambda: op.lut_gemm(x, qw, tab, None, None, None, None, bits, n, k, 9))
+        bad("gemm x [1, 64]", lambda: op.lut_gemm(x[:, :64].contiguous(), qw, tab, None, None, None, bits, n, k, 4))
+        bad("gemm warps=9", lambda: op.lut_gemm(x, qw, tab, None, None, None, bits, n, k, 9))
         alive(op.lut_dequant(qw, tab, bits, n, k, False))  # zero centroids -> zero weights
     elif ext == "ptq161":
         from lpq.kernels import ptq161_cuda

@@ -183,7 +183,7 @@ def _build(prefix: str = "lpq_cuda", sources: list[str] | None = None, headers: 
 
 def _register_lut_fakes() -> None:
     @torch.library.register_fake("lpq_lut::lut_gemm")
-    def _lut_gemm_fake(x, qw, tab, sp_ptr, sp_cr, sp_v, bias, bits, n, k, warps, variant=0):
+    def _lut_gemm_fake(x, qw, tab, sp_ptr, sp_e, bias, bits, n, k, warps, variant=0):
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("lpq_lut::lut_dequant")

@@ -12,7 +12,9 @@ first CUDA forward (``cuda_build.load_lut``). Kernels registered here:
   squeezellm_cuda_dequant  (priority 30)  always dequantize + cuBLAS (tests, benchmarks).
 
 All three support bits 2/3/4, fp16 and bf16 activations, any out_features, in_features a multiple of
-8 below 2**27 (every shape the format accepts), compute capability >= 8.0. ``prepare`` repacks the
+8 below 2**27 (every shape the format accepts), compute capability >= 8.0; the fused kernel takes a
+layer with a sparse part up to in_features 65536 (its entries hold 16-bit columns), and
+``squeezellm_cuda`` runs dequantize + cuBLAS at every m on a wider one. ``prepare`` repacks the
 canonical tensors once (csrc/squeezellm_kernels.cuh describes the layout) and keeps the result in
 ``layer.kernel_state``. bf16 activations use the codebooks rounded to bf16, as the reference kernel
 does (it rounds the dequantized weight to the activation dtype); the sparse values stay exact.
@@ -32,7 +34,8 @@ from . import cuda_build
 
 STATE_KEY = "squeezellm_cuda"
 BITS = (2, 3, 4)
-MAX_K = 1 << 27  # a sparse entry packs its column in 27 bits and its row within the tile in 4
+MAX_K = 1 << 27  # the codes of a layer index their columns in 27 bits (csrc/squeezellm_kernels.cuh)
+MAX_SPARSE_K = 1 << 16  # a sparse entry of the fused kernel holds its column in 16 bits
 _SLICE = 2048  # output features repacked at a time (bounds the temporary memory of prepare)
 
 
@@ -117,6 +120,27 @@ def _sparse(tensors: dict, k: int, n: int):
     return uniq // k, uniq % k, vals
 
 
+def pack_sparse_entries(cols: torch.Tensor, vals: torch.Tensor, dense_there: torch.Tensor) -> torch.Tensor:
+    """The fused kernel's sparse entries (int32): column (< 65536) in the low 16 bits, and in the high 16
+    the fp16 bits of the correction vals - dense_there (the exact value minus the codebook value the
+    dense product uses at that position). The correction is rounded to fp16: the weight the kernel
+    applies there is dense_there + fp16(vals - dense_there), within 2**-11 of |vals - dense_there| of the
+    exact value (an outlier's own fp16 rounding is as large)."""
+    delta = (vals - dense_there).to(torch.float16)
+    if not bool(torch.isfinite(delta).all()):
+        raise LpqError("squeezellm sparse part: a value minus its codebook value overflows float16; "
+                       "requantize the layer (its weights exceed the float16 range)")
+    bits = delta.view(torch.int16).to(torch.int64) & 0xFFFF
+    return _to_int32(cols.to(torch.int64) | (bits << 16)).contiguous()
+
+
+def fused_problem(st: dict) -> str | None:
+    """Why the fused kernel cannot run this state (None: it can)."""
+    if st["sp_ptr"] is not None and st["k"] > MAX_SPARSE_K:
+        return f"in_features={st['k']} with a sparse part: the fused kernel holds columns below {MAX_SPARSE_K}"
+    return None
+
+
 def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
     """The canonical squeezellm tensors -> the kernels' state (see csrc/squeezellm_kernels.cuh)."""
     bits = spec.bits
@@ -143,7 +167,7 @@ def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
     st = {"qw": torch.cat(blocks, 0).contiguous().view(-1), "bits": bits, "n": n, "k": k, "n_tiles": n_tiles,
           "tab": {torch.float16: pack_tables(lut, torch.float16, n_pad),
                   torch.bfloat16: pack_tables(lut, torch.bfloat16, n_pad)},
-          "sp_ptr": None, "sp_cr": None, "sp_v": {}, "sp_rows": None, "sp_cols": None, "sp_vals": None}
+          "sp_ptr": None, "sp_e": {}, "sp_rows": None, "sp_cols": None, "sp_vals": None}
     if sparse is not None:
         # entries in row-major order (as _sparse returns them); sp_ptr [n_pad + 1]: first entry of each
         # row, so a tile's entries are sp_ptr[16 t] .. sp_ptr[16 t + 16]
@@ -151,10 +175,9 @@ def repack(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
         row_ptr = torch.zeros(n_pad + 1, dtype=torch.int64, device=dev)
         row_ptr[1:] = torch.cumsum(counts, 0)
         st["sp_ptr"] = row_ptr.to(torch.int32)
-        st["sp_cr"] = (cols | ((rows % 16) << 27)).to(torch.int32)
-        for dt in (torch.float16, torch.bfloat16):
-            dense_there = lut.to(dt).float()[rows, sp_idx]  # what the dense product used at those positions
-            st["sp_v"][dt] = (vals - dense_there).contiguous()
+        if k <= MAX_SPARSE_K:  # wider layers keep only the CSR part, for the dequantize path
+            for dt in (torch.float16, torch.bfloat16):
+                st["sp_e"][dt] = pack_sparse_entries(cols, vals, lut.to(dt).float()[rows, sp_idx])
         st.update(sp_rows=rows, sp_cols=cols, sp_vals=vals)
     return st
 
@@ -217,8 +240,11 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         warps = default_warps(st, x2.shape[0], variant)
     if not 1 <= warps <= 8:
         raise ValueError(f"lpq lut_gemm: warps must be in 1..8, got {warps}")
-    sp_v = st["sp_v"].get(x2.dtype) if st["sp_ptr"] is not None else None
-    return torch.ops.lpq_lut.lut_gemm(x2, st["qw"], st["tab"][x2.dtype], st["sp_ptr"], st["sp_cr"], sp_v, bias,
+    problem = fused_problem(st)
+    if problem:
+        raise ValueError(f"lpq lut_gemm: {problem}")
+    sp_e = st["sp_e"][x2.dtype] if st["sp_ptr"] is not None else None
+    return torch.ops.lpq_lut.lut_gemm(x2, st["qw"], st["tab"][x2.dtype], st["sp_ptr"], sp_e, bias,
                                       st["bits"], n, k, warps, variant)
 
 
@@ -230,6 +256,11 @@ def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:
     if st["sp_rows"] is not None:
         w[st["sp_rows"], st["sp_cols"]] = st["sp_vals"].to(dtype)  # the dense part is zero there
     return w
+
+
+def _has_sparse(layer) -> bool:
+    sp = getattr(layer, "sp_val", None)  # the canonical CSR values (a buffer of the layer)
+    return sp is not None and sp.numel() > 0
 
 
 class SqueezeLLMCudaKernel(Kernel):
@@ -255,6 +286,8 @@ class SqueezeLLMCudaKernel(Kernel):
             return f"in_features={k} is too large (below {MAX_K})"
         if x.shape[-1] != k:
             return f"input has {x.shape[-1]} features, the layer {k}"
+        if self.mode == "fused" and k > MAX_SPARSE_K and _has_sparse(layer):
+            return f"in_features={k} with a sparse part: the fused kernel holds columns below {MAX_SPARSE_K}"
         if not cuda_build.load_lut():
             return f"CUDA extension unavailable: {cuda_build.lut_failure_reason()}"
         return None
@@ -276,7 +309,7 @@ class SqueezeLLMCudaKernel(Kernel):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         m = x2.shape[0]
-        if self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m()):
+        if self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m() and fused_problem(st) is None):
             y = gemm(st, x2, bias.contiguous() if bias is not None else None)
         else:
             y = F.linear(x2, dequant(st, x.dtype), bias)

@@ -28,8 +28,7 @@ static void check_packed(const at::Tensor& qw, const at::Tensor& tab, int64_t bi
 }
 
 at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& tab, const c10::optional<at::Tensor>& sp_ptr,
-                    const c10::optional<at::Tensor>& sp_cr, const c10::optional<at::Tensor>& sp_v,
-                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t n, int64_t k, int64_t warps,
+                    const c10::optional<at::Tensor>& sp_e, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t n, int64_t k, int64_t warps,
                     int64_t variant) {
   int64_t chunks, n_tiles;
   check_packed(qw, tab, bits, n, k, chunks, n_tiles);
@@ -44,18 +43,16 @@ at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tens
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq lut_gemm: warps must be in 1..8");
   TORCH_CHECK(variant == 0 || variant == 1, "lpq lut_gemm: variant must be 0 (ring) or 1 (register prefetch), got ", variant);
   const int* pp = nullptr;
-  const uint32_t* pc = nullptr;
-  const float* pv = nullptr;
+  const uint32_t* pe = nullptr;
   if (sp_ptr.has_value() && sp_ptr->defined()) {
-    TORCH_CHECK(sp_cr.has_value() && sp_v.has_value() && sp_cr->defined() && sp_v->defined(),
-                "lpq lut_gemm: the sparse part needs sp_ptr, sp_cr and sp_v");
+    TORCH_CHECK(sp_e.has_value() && sp_e->defined(), "lpq lut_gemm: the sparse part needs sp_ptr and sp_e");
+    TORCH_CHECK(k <= 65536, "lpq lut_gemm: a sparse part needs in_features <= 65536 (16-bit columns), got ", k);
     TORCH_CHECK(sp_ptr->scalar_type() == at::kInt && sp_ptr->numel() == n_tiles * 16 + 1 && sp_ptr->is_contiguous() &&
-                    sp_cr->scalar_type() == at::kInt && sp_cr->is_contiguous() && sp_v->scalar_type() == at::kFloat &&
-                    sp_v->is_contiguous() && sp_v->numel() == sp_cr->numel(),
+                    sp_e->scalar_type() == at::kInt && sp_e->is_contiguous() && sp_ptr->device() == qw.device() &&
+                    sp_e->device() == qw.device(),
                 "lpq lut_gemm: bad sparse tensors");
     pp = sp_ptr->data_ptr<int>();
-    pc = reinterpret_cast<const uint32_t*>(sp_cr->data_ptr());
-    pv = sp_v->data_ptr<float>();
+    pe = reinterpret_cast<const uint32_t*>(sp_e->data_ptr());
   }
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -68,7 +65,7 @@ at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tens
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
   LutGemmArgs a{x.data_ptr(), reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(tab.data_ptr()),
-                pp, pc, pv, bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks, (int)n_tiles};
+                pp, pe, bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks, (int)n_tiles};
   cudaError_t err = launch_lut_gemm((int)bits, x.scalar_type() == at::kBFloat16, a, (int)warps, (int)variant,
                                     c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq lut_gemm launch failed: ", cudaGetErrorString(err));
@@ -91,7 +88,7 @@ at::Tensor lut_dequant(const at::Tensor& qw, const at::Tensor& tab, int64_t bits
 }  // namespace lpq
 
 TORCH_LIBRARY(lpq_lut, m) {
-  m.def("lut_gemm(Tensor x, Tensor qw, Tensor tab, Tensor? sp_ptr, Tensor? sp_cr, Tensor? sp_v, Tensor? bias, int bits, int n, int k, int warps, int variant=0) -> Tensor");
+  m.def("lut_gemm(Tensor x, Tensor qw, Tensor tab, Tensor? sp_ptr, Tensor? sp_e, Tensor? bias, int bits, int n, int k, int warps, int variant=0) -> Tensor");
   m.def("lut_dequant(Tensor qw, Tensor tab, int bits, int n, int k, bool bf16) -> Tensor");
 }
 

@@ -33,10 +33,12 @@
 //
 // Codebook of a row in table words (T bit patterns; entry i = lo byte | hi byte << 8):
 //   [lo bytes of entries 0..3, 4..7, ...][hi bytes of entries 0..3, 4..7, ...]  (2**BITS / 2 words)
-// Sparse part: the entries of a 16-row tile are added in the block that owns the tile, spread evenly
-// over its threads whatever rows they fall in (balanced), as sp_v * x[token][col] through a
-// shared-memory accumulator; sp_v = exact value - codebook value at that position (the dense product
-// covered the whole row).
+// Sparse part: row pointers sp_ptr [n_tiles * 16 + 1] and entries sp_e (row-major), 4 bytes each: the
+// column in the low 16 bits (so K <= 65536), and in the high 16 the fp16 correction v = exact value -
+// codebook value at that position (the dense product covered the whole row). The entries of a 16-row
+// tile are added in the block that owns the tile: by the ring kernel a warp per row (lanes split the
+// entries, shuffles add them); by lut_gemm_kernel spread evenly over the block's threads through a
+// shared-memory accumulator.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -80,6 +82,11 @@ __device__ __forceinline__ uint32_t sign_bytes(uint32_t a) {
   asm("prmt.b32 %0, %1, %1, %2;" : "=r"(d) : "r"(a), "n"(0xBA98));
   return d;
 }
+
+// A sparse entry (LutGemmArgs::sp_e): its column in the low 16 bits, its correction (exact value minus the
+// codebook value the dense product used there) as fp16 bits in the high 16.
+__device__ __forceinline__ int sp_col(uint32_t e) { return (int)(e & 0xFFFFu); }
+__device__ __forceinline__ float sp_val(uint32_t e) { return __half2float(__ushort_as_half((unsigned short)(e >> 16))); }
 
 // __byte_perm uses the low 3 bits of each of the 4 low nibbles of s (documented; the upper bits are ignored).
 __device__ __forceinline__ uint32_t bperm(uint32_t a, uint32_t b, uint32_t s) { return __byte_perm(a, b, s); }
@@ -221,6 +228,7 @@ __global__ void __launch_bounds__(256, 2) lut_gemm_kernel(LutGemmArgs p) {
   constexpr int WPL = G::WPL, TW = G::TW;
   constexpr int TOK = MT * 8;  // token rows of a block (<= 16)
   __shared__ float sp_acc[16 * 16];  // [row in tile][token in block]
+  __shared__ int sp_rowp[17];        // the tile's row pointers
   extern __shared__ float red[];     // [nwarps][MT * 4][32]
 
   const int lane = threadIdx.x & 31;
@@ -287,13 +295,15 @@ __global__ void __launch_bounds__(256, 2) lut_gemm_kernel(LutGemmArgs p) {
   const int rows_here = min(TOK, p.M - tok0);
   if (sparse) {
     for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) sp_acc[i] = 0.f;
+    if (threadIdx.x < 17) sp_rowp[threadIdx.x] = p.sp_ptr[nt * 16 + threadIdx.x];
     __syncthreads();
-    const int b = p.sp_ptr[nt * 16], e = p.sp_ptr[nt * 16 + 16];
+    const int b = sp_rowp[0], e = sp_rowp[16];
     for (int j = b + threadIdx.x; j < e; j += blockDim.x) {
-      const uint32_t cr = __ldg(p.sp_cr + j);
-      const float v = __ldg(p.sp_v + j);
-      const int col = (int)(cr & 0x07FFFFFFu), r = (int)(cr >> 27);
-      const T* xc = x + (size_t)tok0 * p.K + col;
+      const uint32_t en = __ldg(p.sp_e + j);
+      const float v = sp_val(en);
+      int r = 0;  // the entry's row within the tile, from the row pointers
+      while (sp_rowp[r + 1] <= j) ++r;
+      const T* xc = x + (size_t)tok0 * p.K + sp_col(en);
       for (int tk = 0; tk < rows_here; ++tk) atomicAdd(&sp_acc[r * 16 + tk], v * to_float(xc[(size_t)tk * p.K]));
     }
   }
@@ -418,8 +428,10 @@ template <int BITS> struct RingGeom {
   __host__ __device__ static constexpr int words(int xrows) { return CW + xrows * XS; }
 };
 
+// Launch bounds: 4 blocks an SM for the 2-/3-bit m = 1 instances with a sparse part (62 registers with
+// 4-byte entries, no spills; uncapped they took 66-72, 3 blocks an SM); the 4-bit one would spill.
 template <int BITS, typename T, int XR, int STAGES, bool SPARSE>
-__global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, int xrows_arg, int slots) {
+__global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1) lut_gemm_ring_kernel(LutGemmArgs p, int xrows_arg, int slots) {
   static_assert(XR == 1 || XR == 8, "one token row, or up to one token tile");
   using G = Geo<BITS>;
   using R = RingGeom<BITS>;
@@ -505,8 +517,8 @@ __global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, in
   const T* xb = x + (size_t)tok0 * p.K;
   const bool x_ok = tk_l < rows_here;
   int rb[2] = {0, 0}, re[2] = {0, 0};
-  uint32_t pc[2][SP_HOLD];
-  float pv[2][SP_HOLD], px[2][SP_HOLD];
+  uint32_t pe[2][SP_HOLD];  // held entries (sp_col / sp_val)
+  float px[2][SP_HOLD];
   if (sparse) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
@@ -522,19 +534,15 @@ __global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, in
 #pragma unroll
     for (int h = 0; h < SP_HOLD; ++h) {
       const int j = rb[q] + sl + h * SL;
-      pc[q][h] = 0u;
-      pv[q][h] = 0.f;
-      if (j < re[q]) {
-        pc[q][h] = ldg_volatile(p.sp_cr + j);
-        pv[q][h] = __uint_as_float(ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_v) + j));
-      }
+      pe[q][h] = 0u;  // column 0, value +0
+      if (j < re[q]) pe[q][h] = ldg_volatile(p.sp_e + j);
     }
   auto gather = [&]() {
 #pragma unroll
     for (int q = 0; q < 2; ++q)
 #pragma unroll
       for (int h = 0; h < SP_HOLD; ++h)
-        px[q][h] = rb[q] + sl + h * SL < re[q] && x_ok ? ldg_act(xb + (size_t)tk_l * p.K + (pc[q][h] & 0x07FFFFFFu)) : 0.f;
+        px[q][h] = rb[q] + sl + h * SL < re[q] && x_ok ? ldg_act(xb + (size_t)tk_l * p.K + sp_col(pe[q][h])) : 0.f;
   };
   bool gathered = false;
 
@@ -587,9 +595,8 @@ __global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, in
     auto finish_row = [&](int r, int j, int e, float a) {
 #pragma unroll 4
       for (; j < e; j += SL) {
-        const uint32_t cr = __ldg(p.sp_cr + j);
-        const float v = __ldg(p.sp_v + j);
-        a += x_ok ? v * to_float(xb[(size_t)tk_l * p.K + (cr & 0x07FFFFFFu)]) : 0.f;
+        const uint32_t en = __ldg(p.sp_e + j);
+        a += x_ok ? sp_val(en) * to_float(xb[(size_t)tk_l * p.K + sp_col(en)]) : 0.f;
       }
 #pragma unroll
       for (int off = XR; off < 32; off <<= 1) a += __shfl_xor_sync(0xFFFFFFFFu, a, off);
@@ -599,7 +606,7 @@ __global__ void __launch_bounds__(256, 1) lut_gemm_ring_kernel(LutGemmArgs p, in
 #pragma unroll
     for (int q = 0; q < 2; ++q)
 #pragma unroll
-      for (int h = 0; h < SP_HOLD; ++h) held[q] += pv[q][h] * px[q][h];
+      for (int h = 0; h < SP_HOLD; ++h) held[q] += sp_val(pe[q][h]) * px[q][h];
     if (warp < 16) finish_row(warp, rb[0] + sl + SP_HOLD * SL, re[0], held[0]);
     if (warp + nwarps < 16) finish_row(warp + nwarps, rb[1] + sl + SP_HOLD * SL, re[1], held[1]);
     for (int r = warp + 2 * nwarps; r < 16; r += nwarps)

@@ -11,8 +11,8 @@ struct LutGemmArgs {
   const uint32_t* qw;     // repacked indices: [n_tiles][chunks][32 lanes * 2 * BITS words] (squeezellm_kernels.cuh)
   const uint32_t* tab;    // [n_tiles * 16][2**BITS / 2] byte-split codebooks in T (fp16 or bf16 bit patterns)
   const int* sp_ptr;      // [n_tiles * 16 + 1] first sparse entry of each row (row-major entries), or null (dense only)
-  const uint32_t* sp_cr;  // [nnz] column | (row within the tile) << 27
-  const float* sp_v;      // [nnz] sparse value minus the codebook value at that position (fp32)
+  const uint32_t* sp_e;   // [nnz] column (low 16 bits, K <= 65536) | fp16 bits of the sparse value minus the
+                          // codebook value at that position (high 16)
   const void* bias;       // [N] T or null
   void* y;                // [M, N] T
   int M, N, K, chunks, n_tiles;
