@@ -191,9 +191,9 @@ def default_warps(st: dict, m: int, variant: int = 0) -> int:
 
 def default_variant(st: dict, m: int) -> int:
     """m = 1: variant 5, or 4 for 2-/3-bit codes with K >= 3 N; m = 2..4: 4; m = 5..8: 4 for 4-bit,
-    3 for 2-/3-bit (round 5 timings); 8-bit keeps 0 at every m <= 8. 9 <= m <= 16: v3 except 3-/4-bit
-    with >= 8192 outputs, where v2 measured faster (v3's ring of 16 activation rows keeps few warps per
-    SM)."""
+    3 for 2-/3-bit (round 5 timings); 8-bit keeps 0 at every m <= 8. Above m = 8: v3 (variant 0). Up to
+    m = 16 its launcher gives 2- to 4-bit layers with >= 8192 outputs a 2-stage ring, which beat v2 there
+    (round 9, bench/RESULTS.md; v2 had won against the 3-stage ring)."""
     bits = st["bits"]
     if m <= 8:
         if bits == 8:
@@ -201,7 +201,7 @@ def default_variant(st: dict, m: int) -> int:
         if m == 1:
             return 4 if bits in (2, 3) and st["k"] >= M1_WIDE_K * st["n"] else 5
         return 4 if m <= 4 or bits == 4 else 3
-    return 1 if m <= 16 and st["n"] >= 8192 and bits in (3, 4) else 0
+    return 0
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,

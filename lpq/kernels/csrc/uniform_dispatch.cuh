@@ -105,16 +105,15 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
   return cudaGetLastError();
 }
 // m = 1: the one-row kernel (XR = 1); m = 2..8: up to 8 rows (XR = 8).
-// Ring depth (stages of two chunks) of v4/v5 at m = 2..8: about as many chunks in flight as the one-chunk
-// ring. At m = 1, 2 stages (kKcStagesM1): the smaller ring fits more blocks an SM, and a warp is bound by
-// its own instruction latency rather than by loads in flight (round 8, bench/RESULTS.md: 2 stages beat
-// 3-5 on every shape with K >= 8192 and tie at K = 4096, where the ring was already trimmed to 2).
-template <int BITS> constexpr int ring_kc() { return BITS == 2 ? 5 : (BITS == 3 ? 4 : (BITS == 4 ? 3 : 2)); }
-constexpr int kKcStagesM1 = 2;
+// Ring depth (stages of two chunks) of v4/v5: 2 at every m <= 8. The smaller ring fits more blocks an
+// SM, and a warp is bound by its own instruction latency rather than by loads in flight. The depths
+// before (W2 5, W3 4, W4 3) lost at m = 1 on every shape with K >= 8192 (round 8) and at m = 4 on
+// every shape (round 9, bench/RESULTS.md); with K = 4096 the ring was already trimmed to 2.
+template <int BITS> constexpr int ring_kc() { return 2; }
 
 template <int BITS, typename T, int S, int NT, int STAGES>
 cudaError_t launch_gemm_kc_cfg(const GemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
-  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, kKcStagesM1, 1>(a, nwarps, pdl, stream)
+  return a.M == 1 ? launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 1>(a, nwarps, pdl, stream)
                   : launch_gemm_kc_xr<BITS, T, S, NT, STAGES, 8>(a, nwarps, pdl, stream);
 }
 
@@ -151,6 +150,9 @@ cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant_flags, cuda
                                 : launch_gemm_cp_cfg<BITS, T, S, 1, 1, ring_m8<BITS>()>(a, nwarps, stream);
     }
   }
+  // 9 <= m <= 16 on 2- to 4-bit layers with >= 8192 outputs: a 2-stage ring (more blocks an SM; round 9,
+  // bench/RESULTS.md); with fewer outputs (few blocks) 3 stages keep more chunks in flight
+  if (a.M <= 16 && a.M > 8 && a.N >= 8192 && BITS <= 4) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 2>(a, nwarps, stream);
   if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream);
   return launch_gemm_cp_cfg<BITS, T, S, 4, 2, 2>(a, nwarps, stream);
 }
