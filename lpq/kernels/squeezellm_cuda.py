@@ -17,7 +17,9 @@ layer with a sparse part up to in_features 65536 (its entries hold 16-bit column
 ``squeezellm_cuda`` runs dequantize + cuBLAS at every m on a wider one. ``prepare`` repacks the
 canonical tensors once (csrc/squeezellm_kernels.cuh describes the layout) and keeps the result in
 ``layer.kernel_state``. bf16 activations use the codebooks rounded to bf16, as the reference kernel
-does (it rounds the dequantized weight to the activation dtype); the sparse values stay exact.
+does (it rounds the dequantized weight to the activation dtype). The sparse values stay exact in the
+dequantize path; the fused kernel adds each as codebook value + a correction rounded to fp16
+(``pack_sparse_entries``).
 """
 
 from __future__ import annotations
@@ -136,8 +138,12 @@ def pack_sparse_entries(cols: torch.Tensor, vals: torch.Tensor, dense_there: tor
 
 def fused_problem(st: dict) -> str | None:
     """Why the fused kernel cannot run this state (None: it can)."""
-    if st["sp_ptr"] is not None and st["k"] > MAX_SPARSE_K:
-        return f"in_features={st['k']} with a sparse part: the fused kernel holds columns below {MAX_SPARSE_K}"
+    return _wide_sparse(st["k"], st["sp_ptr"] is not None)
+
+
+def _wide_sparse(k: int, sparse: bool) -> str | None:
+    if sparse and k > MAX_SPARSE_K:
+        return f"in_features={k} with a sparse part: the fused kernel holds columns below {MAX_SPARSE_K}"
     return None
 
 
@@ -286,8 +292,9 @@ class SqueezeLLMCudaKernel(Kernel):
             return f"in_features={k} is too large (below {MAX_K})"
         if x.shape[-1] != k:
             return f"input has {x.shape[-1]} features, the layer {k}"
-        if self.mode == "fused" and k > MAX_SPARSE_K and _has_sparse(layer):
-            return f"in_features={k} with a sparse part: the fused kernel holds columns below {MAX_SPARSE_K}"
+        reason = _wide_sparse(k, _has_sparse(layer)) if self.mode == "fused" else None
+        if reason:
+            return reason
         if not cuda_build.load_lut():
             return f"CUDA extension unavailable: {cuda_build.lut_failure_reason()}"
         return None
