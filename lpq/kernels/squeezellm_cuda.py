@@ -36,7 +36,7 @@ from . import cuda_build
 
 STATE_KEY = "squeezellm_cuda"
 BITS = (2, 3, 4)
-MAX_K = 1 << 27  # in_features limit of the kernels (their 32-bit offset arithmetic; the binding checks it too)
+MAX_K = 1 << 27  # in_features limit of the kernels (the binding checks it too)
 MAX_SPARSE_K = 1 << 16  # a sparse entry of the fused kernel holds its column in 16 bits
 _SLICE = 2048  # output features repacked at a time (bounds the temporary memory of prepare)
 
