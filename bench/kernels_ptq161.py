@@ -1,12 +1,13 @@
 """Kernel speed of the ptq161 CUDA GEMV (PROTOCOL §4).
 
-  python bench/kernels_ptq161.py [--m 1,4,16] [--salient 0.2] [--shapes 4096x4096,...] [--variants stream,first]
-                                 [--ksplit S]
+  python bench/kernels_ptq161.py [--m 1,4,16] [--salient 0.2] [--shapes 4096x4096,...]
+                                 [--variants auto,ring,stream,ring@8,...] [--ksplit S]
 
-Per shape (out x in) and batch m: lpq's ``ptq161_cuda`` GEMV (each of --variants: ``stream``, the default
-kernel; ``stream-ffma``, the same with the salient codes FMA'd in fp32 instead of on the tensor cores;
-``stream-1row``, one output row a thread where the plan takes two; ``first``, the first kernel kept for
-comparison) (20 % salient input channels at 4 bits,
+Per shape (out x in) and batch m: lpq's ``ptq161_cuda`` GEMV (each of --variants: ``auto``, the default
+choice; ``ring`` / ``ring3``, the ring kernel with 4 / 3 stages a warp where it applies; ``stream``, the
+streaming kernel; ``stream-ffma``, the same with the salient codes FMA'd in fp32 instead of on the tensor
+cores; ``stream-1row``, one output row a thread where the plan takes two; ``first``, the first kernel kept
+for comparison; ``NAME@S`` forces S splits along K) (20 % salient input channels at 4 bits,
 the rest binarized, ~1.6 bits per weight plus per-row/column vectors) against cuBLAS fp16 through
 F.linear, in the same run. Each variant rotates through copies of its weights (>= 256 MB in all), is
 captured in a CUDA graph and timed with CUDA events (median over >= 200 calls), with the same timer as
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,16 +58,21 @@ def main() -> None:
     ap.add_argument("--m", default="1,4,16")
     ap.add_argument("--salient", type=float, default=0.2)
     ap.add_argument("--shapes", default="")
-    ap.add_argument("--variants", default="stream,stream-ffma,first")
-    ap.add_argument("--ksplit", type=int, default=0, help="force K splits of the streaming kernel (0: its plan)")
+    ap.add_argument("--variants", default="auto,ring,stream,first")
+    ap.add_argument("--ksplit", type=int, default=0,
+                    help="force K splits of the ring and streaming kernels (0: their plans; NAME@S in --variants "
+                         "forces one variant's)")
+    ap.add_argument("--section", default="Kernels (ptq161 format)")
+    ap.add_argument("--records", default="kernels-ptq161")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
     ms = [int(v) for v in args.m.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in ptq161_cuda.VARIANTS:
-            raise SystemExit(f"--variants: unknown {v!r} (use {', '.join(ptq161_cuda.VARIANTS)})")
+        name, _, split = v.partition("@")
+        if name not in ptq161_cuda.VARIANTS or (split and not split.isdigit()):
+            raise SystemExit(f"--variants: unknown {v!r} (use {', '.join(ptq161_cuda.VARIANTS)}, NAME@SPLITS)")
     gpu = torch.cuda.get_device_name(0)
     today = dt.date.today().isoformat()
     records, rows = [], []
@@ -82,8 +89,11 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = F.linear(x.float(), w_ref)
             us_cb = timed(lambda i: F.linear(x, dense[i]), len(dense))
-            for variant in variants:
-                ks = args.ksplit if variant.startswith("stream") else 0
+            for label in variants:
+                variant, _, split = label.partition("@")
+                ks = 0 if variant == "first" else int(split) if split else args.ksplit
+                planned = "-" if variant == "first" else ptq161_cuda.plan(st, m, variant=variant, ksplit=ks)
+                used = "-" if variant == "first" else f"{planned['kernel']} {planned['ksplit']}"
                 y = ptq161_cuda.gemv(st, x, None, variant=variant, ksplit=ks)
                 err = float((y.float() - ref).norm() / ref.norm())
                 if not err < 1e-3:
@@ -91,12 +101,12 @@ def main() -> None:
                 us = timed(lambda i: ptq161_cuda.gemv(states[i], x, None, variant=variant, ksplit=ks), len(states))
                 moved = packed + m * k * 2 + m * n * 2
                 tbps = moved / (us * 1e-6) / 1e12
-                rec = {"gpu": gpu, "kernel": "ptq161_cuda", "variant": variant, "ksplit": ks, "format": "ptq161",
+                rec = {"gpu": gpu, "kernel": "ptq161_cuda", "variant": label, "launched": used, "format": "ptq161",
                        "bits": 1.6, "group_size": -1, "m": m, "n": n, "k": k, "dtype": "float16", "us": us,
                        "tbps": tbps, "roofline_share": tbps / ROOFLINE_TBPS, "speedup_vs_cublas": us_cb / us,
                        "speedup_vs_torch_int4": None, "bpw": bpw, "cublas_us": us_cb, "date": today}
                 records.append(rec)
-                rows.append(f"| {n}x{k} | {m} | {variant} | {bpw:.3f} | {us_cb:.1f} | {us:.1f} | {tbps:.2f} "
+                rows.append(f"| {n}x{k} | {m} | {label} | {used} | {bpw:.3f} | {us_cb:.1f} | {us:.1f} | {tbps:.2f} "
                             f"| {tbps / ROOFLINE_TBPS:.0%} | {us_cb / us:.2f} |")
                 print(rec, flush=True)
         del states, dense
@@ -105,20 +115,22 @@ def main() -> None:
         return
     body = "\n".join([
         f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {today}; command: "
-        f"`python bench/kernels_ptq161.py --m {args.m} --salient {args.salient} --variants {args.variants}"
-        f"{f' --ksplit {args.ksplit}' if args.ksplit else ''}`. stream: the streaming kernel (the default; salient codes on the tensor cores); stream-ffma: the same "
-        f"with the salient codes FMA'd in fp32; stream-1row: one row a thread; first: "
-        f"the first kernel (short K tiles, fp32 atomics, memset + epilogue launches). Random ptq161 layers "
+        f"`{shlex.join(['python', 'bench/kernels_ptq161.py', *sys.argv[1:]])}`. auto: the default choice (m <= 4: "
+        f"the ring kernel with 2 stages of 8 words a warp where it applies, else the streaming kernel); ring / "
+        f"ring3 / ring2 / ring2w8: the ring kernel (cp.async ring of 4 / 3 / 2 stages of 4 words, 2 of 8 words "
+        f"a warp; m <= 4); stream: the streaming kernel (register double buffers); stream-ffma: the same with the salient codes FMA'd in fp32; stream-1row: one row a "
+        f"thread; first: the first kernel (short K tiles, fp32 atomics, memset + epilogue launches); NAME@S: S "
+        f"splits along K forced. 'launched': the kernel and K splits that ran. Random ptq161 layers "
         f"({args.salient:.0%} salient channels at 4 bits, the rest binarized), activations fp16. Median of >= 200 calls, "
         f"CUDA-graph replays over rotated weight copies (>= 256 MB). Bandwidth counts every packed tensor + activations "
         f"+ output; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS fp16 time / lpq time.",
         "",
-        "| shape (out x in) | m | kernel | bits/weight | cuBLAS fp16 us | ptq161 us | TB/s | roofline | x cuBLAS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape (out x in) | m | variant | launched | bits/weight | cuBLAS fp16 us | ptq161 us | TB/s | roofline | x cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
-    write_section("Kernels (ptq161 format)", body)
-    write_records("kernels-ptq161", records)
+    write_section(args.section, body)
+    write_records(args.records, records)
 
 
 if __name__ == "__main__":

@@ -106,14 +106,15 @@ SHAPES = [(1, 40, 8), (200, 320, 64), (257, 1064, 136), (300, 576, 0), (64, 128,
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k,s", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["stream", "stream-ffma", "stream-1row", "first"])
+@pytest.mark.parametrize("variant", ["auto", "ring", "ring3", "ring2", "ring2w8", "stream", "stream-ffma", "stream-1row", "first"])
 def test_gemv_matches_reference(n, k, s, dtype, variant):
     qw = random_layer(n, k, s, device="cuda", seed=n + k)
     w = qw.dequantize()  # fp32 reference weight
     st = ptq161_cuda.prepare_state(qw.tensors, qw.spec, k, n)
     bias = torch.randn(n, device="cuda", dtype=dtype) * 0.1
-    # the streaming kernel's own plan, then forced splits: one (multi-stage ranges), a few, the most
-    ksplits = (0, 1, 3, 16) if variant.startswith("stream") else (0,)
+    # the kernel's own plan, then forced splits: one (multi-stage ranges; the ring raises it to what its
+    # table needs), a few, the most of each kernel
+    ksplits = (0,) if variant == "first" else (0, 1, 3, 16, 32) if variant.startswith("ring") else (0, 1, 3, 16)
     for m in (1, 2, 3, 7, 16, 17, 64):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = F.linear(x.float(), w, bias.float())
@@ -129,20 +130,77 @@ def test_gemv_matches_reference(n, k, s, dtype, variant):
 
 @cuda
 @pytest.mark.cuda
+def test_plan_picks_the_ring_kernel_where_it_applies():
+    """The ring kernel runs m <= 4 on N a multiple of 4 with a table of at most 64 token-words a block; the
+    streaming kernel runs the rest. (The correctness tests above cover both through every variant.)"""
+    qw = random_layer(8192, 4096, 800, device="cuda", seed=5)
+    st = ptq161_cuda.prepare_state(qw.tensors, qw.spec, 4096, 8192)
+    nbw = (4096 - 800) // 32
+    for m in (1, 2, 3, 4):
+        p = ptq161_cuda.plan(st, m)
+        assert p["kernel"] == "ring" and p["rows_per_thread"] == 2 and (p["stages"], p["words"]) == (2, 8), (m, p)
+        assert ptq161_cuda.plan(st, m, variant="ring")["stages"] == 4
+        mt = 1 if m == 1 else 2 if m == 2 else 4
+        assert -(-nbw // p["ksplit"]) * mt <= 64, (m, p)  # the table of a block fits its 32 KB
+        assert ptq161_cuda.plan(st, m, variant="ring3")["stages"] == 3
+        assert ptq161_cuda.plan(st, m, variant="ring2")["stages"] == 2
+        assert ptq161_cuda.plan(st, m, variant="ring2w8")["words"] == 8
+        assert ptq161_cuda.plan(st, m, variant="stream")["kernel"] == "stream"
+    for m in (5, 8, 16):
+        assert ptq161_cuda.plan(st, m)["kernel"] == "stream"
+    assert ptq161_cuda.plan(st, 1, ksplit=5)["ksplit"] == 5
+    assert ptq161_cuda.plan(st, 1, ksplit=1)["ksplit"] == 2  # raised: 103 words need two tables
+    # 4096 x 11008 at m = 4: the table needs 18 splits; the automatic choice leaves it to the streaming kernel
+    wide = random_layer(4096, 11008, 2208, device="cuda", seed=6)
+    st_wide = ptq161_cuda.prepare_state(wide.tensors, wide.spec, 11008, 4096)  # 275 sign words
+    assert ptq161_cuda.plan(st_wide, 4)["kernel"] == "stream"
+    forced = ptq161_cuda.plan(st_wide, 4, variant="ring2w8")
+    assert forced["kernel"] == "ring" and forced["ksplit"] == 18
+    assert ptq161_cuda.plan(st_wide, 1)["kernel"] == "ring"
+    odd = random_layer(258, 576, 64, device="cuda")  # N = 258: not a multiple of 4
+    st_odd = ptq161_cuda.prepare_state(odd.tensors, odd.spec, 576, 258)
+    assert ptq161_cuda.plan(st_odd, 1)["kernel"] == "stream"
+    with pytest.raises(ValueError, match="variant"):
+        ptq161_cuda.plan(st, 1, variant="first")
+
+
+@cuda
+@pytest.mark.cuda
+def test_unaligned_words_run_without_the_ring_copies():
+    """The ring kernel copies 16-byte chunks: word tensors that start off a 16-byte boundary (views into a
+    larger buffer) must take the streaming kernel and still give the right result."""
+    qw = random_layer(1024, 1024, 192, device="cuda", seed=7)
+    st = ptq161_cuda.prepare_state(qw.tensors, qw.spec, 1024, 1024)
+    for name in ("qw", "sw"):
+        t = st[name]
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+        buf[1:].copy_(t.flatten())
+        st[name] = buf[1:].view_as(t)  # 4 bytes past an aligned allocation
+    assert st["qw"].data_ptr() % 16 != 0
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    ref = x.float() @ qw.dequantize().t()
+    y = ptq161_cuda.gemv(st, x, None, variant="ring")
+    assert (y.float() - ref).norm() / ref.norm() < 1e-3
+
+
+@cuda
+@pytest.mark.cuda
 def test_stream_kernel_is_deterministic_and_splits_agree():
     """The last block adds the partials in split order: the same call twice is bit-equal, and every split
     count gives the same result up to fp32 summation order."""
     qw = random_layer(8192, 4096, 800, device="cuda", seed=3)
     st = ptq161_cuda.prepare_state(qw.tensors, qw.spec, 4096, 8192)
     x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
-    for ksplit in (0, 2, 5, 16):
-        a = ptq161_cuda.gemv(st, x, None, ksplit=ksplit)
-        b = ptq161_cuda.gemv(st, x, None, ksplit=ksplit)
-        assert torch.equal(a, b), f"ksplit={ksplit}: two calls differ"
-    one = ptq161_cuda.gemv(st, x, None, ksplit=1).float()
-    for ksplit in (2, 5, 16):
-        other = ptq161_cuda.gemv(st, x, None, ksplit=ksplit).float()
-        assert (other - one).norm() / one.norm() < 1e-3
+    for variant in ("stream", "ring"):
+        for ksplit in (0, 2, 5, 16):
+            a = ptq161_cuda.gemv(st, x, None, variant=variant, ksplit=ksplit)
+            b = ptq161_cuda.gemv(st, x, None, variant=variant, ksplit=ksplit)
+            assert torch.equal(a, b), f"{variant}, ksplit={ksplit}: two calls differ"
+    one = ptq161_cuda.gemv(st, x, None, variant="stream", ksplit=1).float()
+    for variant in ("stream", "ring"):
+        for ksplit in (2, 5, 16):
+            other = ptq161_cuda.gemv(st, x, None, variant=variant, ksplit=ksplit).float()
+            assert (other - one).norm() / one.norm() < 1e-3
 
 
 @cuda

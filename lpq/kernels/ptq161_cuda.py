@@ -3,16 +3,20 @@
 Importing this module needs torch only; the extension (op ``torch.ops.lpq_ptq161.gemv``) is built on
 the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel registered here:
 
-  ptq161_cuda  (priority 100) m <= 16: the streaming GEMV of csrc/ptq161_stream.cu (sign words
-               summed through a nibble lookup table in shared memory, salient 4-bit codes on the
-               tensor cores, words streamed through register buffers, split-K whose last block adds
-               the partials: one launch);
+  ptq161_cuda  (priority 100) m <= 4 (N a multiple of 4): the ring GEMV of csrc/ptq161_ring.cu;
+               other m <= 16: the streaming GEMV of csrc/ptq161_stream.cu. Both sum the sign words
+               through a nibble lookup table in shared memory and the salient 4-bit codes on the
+               tensor cores, split K across blocks and let the last block of each row block add the
+               partials (one launch). The ring kernel brings the words in by cp.async through a ring
+               of stages a warp; the streaming one through register double buffers.
                m > 16: the format's dequantize on the GPU + cuBLAS.
-               ``LPQ_PTQ161_VARIANT=first`` runs the first kernel (csrc/ptq161_kernels.cu: short K
-               tiles, fp32 atomics, a memset and an epilogue launch), kept for comparison;
-               ``LPQ_PTQ161_VARIANT=stream-1row`` the streaming kernel with one row a thread where
-               its plan would take two; ``stream-ffma`` the streaming kernel with the salient codes
-               converted to fp32 and FMA'd (its first form);
+               ``LPQ_PTQ161_VARIANT`` (default ``auto``, the choice above): ``ring`` / ``ring3`` /
+               ``ring2`` the ring kernel with 4 / 3 / 2 stages of 4 words where it applies, ``ring2w8``
+               with 2 stages of 8 words; ``stream`` the streaming kernel;
+               ``stream-1row`` the streaming kernel with one row a thread where its plan would take
+               two; ``stream-ffma`` the streaming kernel with the salient codes converted to fp32 and
+               FMA'd (its first form); ``first`` the first kernel (csrc/ptq161_kernels.cu: short K
+               tiles, fp32 atomics, a memset and an epilogue launch), kept for comparison.
                ``LPQ_PTQ161_KSPLIT=S`` forces S splits along K (benchmarks).
 
 It reads the canonical tensors as they are stored (no repack); ``prepare`` only derives, once, the
@@ -38,10 +42,10 @@ log = logging.getLogger("lpq.kernels")
 
 STATE_KEY = "ptq161_cuda"
 MAX_FUSED_M = 16
-SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu", "ptq161_stream.cu"]
-HEADERS = ["ptq161_launch.h"]
+SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu", "ptq161_stream.cu", "ptq161_ring.cu"]
+HEADERS = ["ptq161_launch.h", "ptq161_common.cuh", "async_copy.cuh"]
 
-VARIANTS = {"stream": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3}
+VARIANTS = {"auto": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3, "ring": 4, "stream": 5, "ring3": 6, "ring2": 7, "ring2w8": 8}
 ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
 
 _lock = threading.Lock()
@@ -99,7 +103,7 @@ def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dic
 
 
 def _variant_from_env() -> int:
-    name = os.environ.get("LPQ_PTQ161_VARIANT", "stream")
+    name = os.environ.get("LPQ_PTQ161_VARIANT", "auto")
     if name not in VARIANTS:
         raise ValueError(f"LPQ_PTQ161_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
     return VARIANTS[name]
@@ -109,8 +113,8 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
          ksplit: int | None = None) -> torch.Tensor:
     """x2 [m, K] fp16/bf16 (m <= 16 for speed; any m is correct) -> [m, N].
 
-    variant: "stream" (default), "stream-ffma", "stream-1row" or "first" (else LPQ_PTQ161_VARIANT); ksplit: K splits of the streaming
-    kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
+    variant: one of VARIANTS ("auto" picks the kernel; else LPQ_PTQ161_VARIANT); ksplit: K splits of the
+    ring or streaming kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
     if variant is None:
         v = _variant_from_env()
     elif variant in VARIANTS:
@@ -132,6 +136,20 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
         raise RuntimeError(f"lpq ptq161 gemv: the CUDA extension is unavailable ({_state['reason']})")
     return torch.ops.lpq_ptq161.gemv(x2.contiguous(), st["qw"], st["sw"], st["bin_idx"], st["sal_idx"],
                                      st["colscale"], st["rowvec"], bias, st["counters"], n, k, v, ksplit)
+
+
+def plan(st: dict, m: int, dtype: torch.dtype = torch.float16, variant: str = "auto", ksplit: int = 0) -> dict:
+    """What a gemv call of m <= 16 tokens launches: {"kernel": "ring" | "stream", "ksplit", "rows_per_thread",
+    "stages", "words"} (the last two: the ring's stages a warp and words a stage). Needs the built extension and a CUDA device (the ring plan reads the kernel's occupancy)."""
+    if variant not in VARIANTS or variant == "first":
+        raise ValueError(f"lpq ptq161 plan: variant {variant!r}: use one of {', '.join(v for v in VARIANTS if v != 'first')}")
+    if not load():
+        raise RuntimeError(f"lpq ptq161 plan: the CUDA extension is unavailable ({_state['reason']})")
+    s = st["sal_idx"].numel()
+    kernel, ks, rows, stages, words = torch.ops.lpq_ptq161.plan(m, st["n"], st["k"], s, VARIANTS[variant], ksplit,
+                                                                dtype == torch.bfloat16)
+    return {"kernel": "ring" if kernel == 1 else "stream", "ksplit": ks, "rows_per_thread": rows, "stages": stages,
+            "words": words}
 
 
 class PTQ161CudaKernel(Kernel):

@@ -7,10 +7,39 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "ptq161_launch.h"
 
 namespace lpq {
+
+namespace {
+
+// variants 0 (automatic: 2 stages of 8 words, the fastest ring on most shapes and batches measured on the
+// H100), 4, 6, 7 and 8 (ring): the ring kernel where its plan applies (m <= kMaxRingM, N a multiple of 4,
+// both word tensors 16-byte aligned for its cp.async copies), else the streaming kernel; 2, 3 and 5: the
+// streaming kernel
+ptq161::StreamPlan choose_plan(int64_t variant, bool bf16, int mc, int64_t n, int64_t k, int64_t s, int64_t ksplit,
+                               bool aligned16) {
+  ptq161::StreamPlan plan;
+  if ((variant == 0 || variant == 4 || variant == 6 || variant == 7 || variant == 8) && aligned16 &&
+      ptq161::plan_ring(plan, bf16, mc, (int)n, (int)k, (int)s, (int)ksplit,
+                        variant == 4 ? 4 : variant == 6 ? 3 : 2, variant == 0 || variant == 8 ? 8 : 4, variant == 0))
+    return plan;
+  return ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2, variant != 3);
+}
+
+}  // namespace
+
+// The plan a gemv call of m <= kMaxStreamM tokens would launch (benchmarks and tests):
+// [kernel (0 streaming, 1 ring), K splits, rows a thread, ring stages, ring words a stage], for 16-byte
+// aligned word tensors.
+std::vector<int64_t> ptq161_plan(int64_t m, int64_t n, int64_t k, int64_t s, int64_t variant, int64_t ksplit, bool bf16) {
+  TORCH_CHECK(m >= 1 && m <= ptq161::kMaxStreamM && n >= 1 && s >= 0 && s <= k, "lpq ptq161_plan: bad problem");
+  TORCH_CHECK(variant >= 0 && variant <= 8 && variant != 1, "lpq ptq161_plan: the first kernel has no plan");
+  const ptq161::StreamPlan p = choose_plan(variant, bf16, (int)m, n, k, s, ksplit, true);
+  return {p.ring ? 1 : 0, p.ksplit, p.rows_per_thread, p.ring ? p.ring_stages : 0, p.ring ? p.ring_words : 0};
+}
 
 at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sw, const at::Tensor& bin_idx,
                        const at::Tensor& sal_idx, const at::Tensor& colscale, const at::Tensor& rowvec,
@@ -32,9 +61,10 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     TORCH_CHECK(bias->numel() == n && bias->scalar_type() == x.scalar_type() && bias->is_contiguous(), "lpq ptq161_gemv: bad bias");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant >= 0 && variant <= 3,
-              "lpq ptq161_gemv: variant must be 0 (streaming), 1 (first kernel), 2 (streaming, one row a thread) "
-              "or 3 (streaming, salient codes by FFMA)");
+  TORCH_CHECK(variant >= 0 && variant <= 8,
+              "lpq ptq161_gemv: variant must be 0 (automatic), 1 (first kernel), 2 (streaming, one row a thread), "
+              "3 (streaming, salient codes by FFMA), 4 (ring), 5 (streaming), 6 (ring of 3 stages), 7 (ring of 2) "
+              "or 8 (ring of 2 stages of 8 words)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
@@ -56,9 +86,13 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
                 counters.numel() >= 2 * ((n + 255) / 256), "lpq ptq161_gemv: counters must be int32 [2 * ceil(n / 256)] zeros");
     const size_t esz = x.element_size();
+    const bool aligned16 = reinterpret_cast<uintptr_t>(qw.data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(sw.data_ptr()) % 16 == 0;
     for (int64_t t0 = 0; t0 < m && err == cudaSuccess; t0 += ptq161::kMaxStreamM) {
       const int mc = (int)std::min<int64_t>(ptq161::kMaxStreamM, m - t0);
-      const ptq161::StreamPlan plan = ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2, variant != 3);
+      const bool bf16 = x.scalar_type() == at::kBFloat16;
+      const ptq161::StreamPlan plan = choose_plan(variant, bf16, mc, n, k, s, ksplit, aligned16);
+      const bool ring = plan.ring;
       at::Tensor partial;
       if (plan.ksplit > 1) partial = at::empty({plan.ksplit, mc, n}, x.options().dtype(at::kFloat));
       ptq161::StreamArgs a{static_cast<const char*>(x.data_ptr()) + t0 * k * esz, bin_idx.data_ptr<int>(),
@@ -67,7 +101,7 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
                            rv, bptr, static_cast<char*>(y.data_ptr()) + t0 * n * esz,
                            plan.ksplit > 1 ? partial.data_ptr<float>() : nullptr, counters.data_ptr<int>(),
                            mc, (int)n, (int)k, (int)s, (int)b};
-      err = ptq161::launch_stream(x.scalar_type() == at::kBFloat16, a, plan, stream);
+      err = ring ? ptq161::launch_ring(bf16, a, plan, stream) : ptq161::launch_stream(bf16, a, plan, stream);
     }
   }
   TORCH_CHECK(err == cudaSuccess, "lpq ptq161_gemv launch failed: ", cudaGetErrorString(err));
@@ -78,6 +112,7 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
 
 TORCH_LIBRARY(lpq_ptq161, m) {
   m.def("gemv(Tensor x, Tensor qw, Tensor sw, Tensor bin_idx, Tensor sal_idx, Tensor colscale, Tensor rowvec, Tensor? bias, Tensor counters, int n, int k, int variant, int ksplit) -> Tensor");
+  m.def("plan(int m, int n, int k, int s, int variant, int ksplit, bool bf16) -> int[]", &lpq::ptq161_plan);
 }
 
 TORCH_LIBRARY_IMPL(lpq_ptq161, CUDA, m) { m.impl("gemv", &lpq::ptq161_gemv); }

@@ -57,12 +57,31 @@ struct StreamPlan {
   int row_blocks = 1;       // blocks along N (256 x rows_per_thread rows each)
   int ksplit = 1;           // blocks along K
   bool salient_mma = false; // salient codes on the tensor cores (mma.m16n8k16) instead of FFMA
+  bool ring = false;        // the ring kernel (ptq161_ring.cu); the fields below are its own
+  int tab_words = 0;        // ring: binarized words of the largest split (the table's size)
+  int sal_words = 0;        // ring: salient words of the largest split, rounded up to 4
+  size_t smem = 0;          // ring: dynamic shared memory a block
+  int ring_stages = 4;      // ring: stages a warp's ring (2, 3 or 4)
+  int ring_words = 4;       // ring: words a stage (4; 8 with 2 stages)
 };
 
 // The launch plan; ksplit_request > 0 forces the number of K splits (clamped to 1..kMaxSplit); one_row
 // forces one row per thread; salient_mma sums the salient codes on the tensor cores.
 StreamPlan plan_stream(int m, int n, int k, int s, int ksplit_request, bool one_row, bool salient_mma);
 cudaError_t launch_stream(bool bf16, const StreamArgs& a, const StreamPlan& p, cudaStream_t stream);
+
+// The ring kernel (ptq161_ring.cu): the streaming kernel's maths with the words brought in by cp.async.
+constexpr int kMaxRingM = 4;         // tokens (one tile a launch)
+constexpr int kMaxRingSplit = 32;    // K splits at most
+constexpr int kRingTableWords = 64;  // tokens x binarized words of a split: one table of at most 32 KB
+
+// The ring kernel's plan for this problem into p; false where it does not apply (m > kMaxRingM, N not a
+// multiple of 4, a table that would need more splits than kMaxRingSplit), and the streaming kernel runs.
+// stages, words: the ring's stages a warp (2, 3 or 4) and words a stage (4, or 8 with 2 stages); automatic:
+// also false where the table would need more than 16 splits (the automatic choice takes the streaming kernel).
+bool plan_ring(StreamPlan& p, bool bf16, int m, int n, int k, int s, int ksplit_request, int stages, int words,
+               bool automatic);
+cudaError_t launch_ring(bool bf16, const StreamArgs& a, const StreamPlan& p, cudaStream_t stream);
 
 }  // namespace ptq161
 }  // namespace lpq
