@@ -19,6 +19,27 @@ __device__ __forceinline__ float to_f(const __nv_bfloat16 v) { return __bfloat16
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// This block's K split (blockIdx.y of gridDim.y) of both runs: sign words [wb0, wb1), code words [ws0, ws1).
+__device__ __forceinline__ void split_ranges(const StreamArgs& a, int& wb0, int& wb1, int& ws0, int& ws1) {
+  const int nbw = a.b / 32, nsw = a.s / 8;
+  const int split = blockIdx.y, ksplit = gridDim.y;
+  wb0 = (int)((long long)nbw * split / ksplit);
+  wb1 = (int)((long long)nbw * (split + 1) / ksplit);
+  ws0 = (int)((long long)nsw * split / ksplit);
+  ws1 = (int)((long long)nsw * (split + 1) / ksplit);
+}
+
+template <int MT, int R>
+__device__ __forceinline__ void zero_sums(float (&acc_b)[MT][R], float (&acc_s)[MT][R], float (&sum_b)[MT],
+                                          float (&sum_s)[MT]) {
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    sum_b[t] = sum_s[t] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc_b[t][r] = acc_s[t][r] = 0.f;
+  }
+}
+
 // Table of the binarized stage starting at sign word `w` (count words): tab[t][g][v] for nibble group g
 // (channels 4g..4g+3 of the stage), v = the 4 sign bits, entry = sum_i (bit i ? +1 : -1) colscale x. Also adds
 // the unscaled inputs of the stage to sum_b[t] (this thread's share; reduced over the block at the end).

@@ -76,13 +76,13 @@ __device__ __forceinline__ void slot_words(const uint32_t* slot, int i, int lane
 
 // blocks an SM the compiler must fit by registers at m = 1 (at most 64 registers): measured, capping them
 // lower to fit 5 or 6 blocks (48 / 40 registers) made the kernel slower, not faster
-template <int MT, int NS> __host__ __device__ constexpr int ring_min_blocks() {
+template <int MT> __host__ __device__ constexpr int ring_min_blocks() {
   return MT == 1 ? 4 : 1;
 }
 
 // NS: stages a warp's ring (NS - 1 in flight while one is summed)
 template <typename T, int MT, int R, int NS, int W>
-__global__ void __launch_bounds__(kThreads, ring_min_blocks<MT, NS>()) ring_kernel(StreamArgs a, int tab_words, int sal_words) {
+__global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(StreamArgs a, int tab_words, int sal_words) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[2][MT][kThreads / 32];
   __shared__ int last_block;
@@ -100,10 +100,8 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT, NS>()) ring_kern
   const int warp_row0 = (blockIdx.x * kThreads + warp * 32) * R;  // the warp's first row in both runs
   const int n0 = warp_row0 + lane * R;
   const bool row_ok = n0 < a.n;  // R = 2 only when N is even
-  const int nbw = a.b / 32, nsw = a.s / 8;
-  const int split = blockIdx.y, ksplit = gridDim.y;
-  const int wb0 = (int)((long long)nbw * split / ksplit), wb1 = (int)((long long)nbw * (split + 1) / ksplit);
-  const int ws0 = (int)((long long)nsw * split / ksplit), ws1 = (int)((long long)nsw * (split + 1) / ksplit);
+  int wb0, wb1, ws0, ws1;
+  split_ranges(a, wb0, wb1, ws0, ws1);
   const int nbs = (wb1 - wb0 + W - 1) / W, ncs = (ws1 - ws0 + W - 1) / W;
   const int total = nbs + ncs;
 
@@ -134,12 +132,7 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT, NS>()) ring_kern
   for (int st = 0; st < NS - 1; ++st) issue(st);
 
   float acc_b[MT][R], acc_s[MT][R], sum_b[MT], sum_s[MT];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    sum_b[t] = sum_s[t] = 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc_b[t][r] = acc_s[t][r] = 0.f;
-  }
+  zero_sums<MT, R>(acc_b, acc_s, sum_b, sum_s);
   // the block's table and salient inputs, while the first stages are in flight: a table item and a salient
   // slot a thread and iteration, their loads side by side (two dependent rounds, indices then inputs,
   // instead of four)

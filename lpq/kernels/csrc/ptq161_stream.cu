@@ -177,18 +177,11 @@ __global__ void __launch_bounds__(kThreads) stream_kernel(StreamArgs a) {
   const int mt = min(MT, a.m - t0);
   const int n0 = (blockIdx.x * kThreads + threadIdx.x) * R;
   const bool row_ok = n0 < a.n;  // R = 2 only when N is even, so n0 + 1 < N too
-  const int nbw = a.b / 32, nsw = a.s / 8;
-  const int split = blockIdx.y, ksplit = gridDim.y;
-  const int wb0 = (int)((long long)nbw * split / ksplit), wb1 = (int)((long long)nbw * (split + 1) / ksplit);
-  const int ws0 = (int)((long long)nsw * split / ksplit), ws1 = (int)((long long)nsw * (split + 1) / ksplit);
+  int wb0, wb1, ws0, ws1;
+  split_ranges(a, wb0, wb1, ws0, ws1);
 
   float acc_b[MT][R], acc_s[MT][R], sum_b[MT], sum_s[MT];
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    sum_b[t] = sum_s[t] = 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc_b[t][r] = acc_s[t][r] = 0.f;
-  }
+  zero_sums<MT, R>(acc_b, acc_s, sum_b, sum_s);
 
   // the first words of both runs are requested before any shared-memory work: their latency hides it
   constexpr int NT16 = 2 * R;  // SMMA: tiles of 16 rows per warp (the block's 256 R rows over 8 warps)
