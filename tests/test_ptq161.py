@@ -14,8 +14,11 @@ from lpq.errors import FormatError, LpqError, SpecError
 from lpq.formats import get_format
 from lpq.formats.ptq161 import pack_mask, pack_ptq161, unpack_mask
 from lpq.methods import get_method
-from lpq.methods.ptq161 import (ActStatObserver, activation_stats, assemble_weight, closed_form_quantize,
-                                init_binary, quantize_salient, restorative_lora, salient_count, salient_mask)
+from lpq.methods import ptq161 as ptq161_method
+from lpq.methods.gptq import HessianObserver
+from lpq.methods.ptq161 import (ActStatObserver, activation_stats, assemble_weight, closed_form_quantize, closed_init,
+                                compensated_init, init_binary, quantize_salient, restorative_lora, salient_count,
+                                salient_mask)
 from lpq.spec import QuantSpec
 
 from conftest import make_model, make_tokenizer
@@ -110,6 +113,79 @@ def test_binarization_init_and_assembly():
     full = assemble_weight(mask, deq, signs, alpha, r1, r2, mu)
     assert torch.equal(full[:, mask], deq)
     assert torch.allclose(full[:, ~mask], (r1[:, None] * r2[None, :]) * (alpha[:, None] * signs) + mu[:, None])
+
+
+def _correlated_problem(n=32, k=128, tokens=512, salient=32, seed=4):
+    """A layer W [n, k] and inputs X [tokens, k] with strongly correlated channels (a rank-16 latent
+    factor plus noise, a few channels 4x louder), the Hessian H = 2/t X^T X and the salient mask."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 16, generator=g) @ torch.randn(16, k, generator=g)
+    x += 0.3 * torch.randn(tokens, k, generator=g)
+    x[:, :8] *= 4
+    w = torch.randn(n, k, generator=g) * 0.05 + 0.01
+    h = 2 * x.t() @ x / tokens
+    return w, x, h, salient_mask(x.abs().amax(0), salient)
+
+
+def _dequantized(mask, init):
+    codes, scale, zero, mu, signs, alpha = init
+    n, b = signs.shape
+    return assemble_weight(mask, (codes.float() - zero[:, None]) * scale[:, None], signs, alpha,
+                           torch.ones(n), torch.ones(b), mu)
+
+
+def test_compensated_init_lowers_the_layer_output_error():
+    w, x, h, mask = _correlated_problem()
+    closed = _dequantized(mask, closed_init(w, mask))
+    compensated = _dequantized(mask, compensated_init(w, h, mask))
+    err_closed = float((x @ (w - closed).t()).norm())
+    err_compensated = float((x @ (w - compensated).t()).norm())
+    # without the error feedback the codes would be the closed form's, with exactly its error
+    assert err_compensated < 0.8 * err_closed, (err_compensated, err_closed)
+
+
+def test_compensated_init_keeps_the_ptq161_structure():
+    w, x, h, mask = _correlated_problem()
+    codes, scale, zero, mu, signs, alpha = compensated_init(w, h, mask, block_size=16)  # several lazy blocks
+    s = int(mask.sum())
+    assert codes.shape == (32, s) and codes.dtype == torch.int32 and signs.shape == (32, 128 - s)
+    # the grids are the closed form's, fitted on the original weights before the sweep
+    c_codes, c_scale, c_zero, c_mu, c_signs, c_alpha = closed_init(w, mask)
+    assert torch.equal(scale, c_scale) and torch.equal(zero, c_zero)
+    assert torch.equal(mu, c_mu) and torch.equal(alpha, c_alpha)
+    # ... but the codes moved: salient codes on the 4-bit grid, binarized columns exactly mu +- alpha
+    assert not torch.equal(codes, c_codes) and not torch.equal(signs, c_signs)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    assert set(signs.unique().tolist()) <= {-1.0, 1.0}
+    full = _dequantized(mask, (codes, scale, zero, mu, signs, alpha))
+    assert torch.equal(full[:, mask], (codes.float() - zero[:, None]) * scale[:, None])
+    assert torch.equal(full[:, ~mask], mu[:, None] + alpha[:, None] * signs)
+
+
+def test_compensated_init_without_correlation_is_the_closed_form():
+    """With uncorrelated inputs (diagonal H) no error reaches another column: plain rounding."""
+    w, _, _, mask = _correlated_problem()
+    h = torch.diag(torch.rand(128, generator=torch.Generator().manual_seed(5)) + 0.5)
+    for got, want in zip(compensated_init(w, h, mask), closed_init(w, mask)):
+        assert torch.equal(got, want)
+
+
+def test_compensated_init_survives_a_bad_hessian(caplog):
+    w, x, h, mask = _correlated_problem()
+    indefinite = h - 2 * h.diagonal().mean() * torch.eye(128)  # negative eigenvalues: dampening raised
+    with caplog.at_level("WARNING"):
+        codes, scale, zero, mu, signs, alpha = compensated_init(w, indefinite, mask)
+    assert "succeeded with damp" in caplog.text
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15 and set(signs.unique().tolist()) <= {-1.0, 1.0}
+    broken = h.clone()
+    broken[3, 5] = float("nan")  # unusable: identity Hessian, i.e. the closed form, with a warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        got = compensated_init(w, broken, mask)
+    assert "falling back to an identity Hessian" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got, closed_init(w, mask)))
+    with pytest.raises(ValueError, match="do not fit"):
+        compensated_init(w, h[:64, :64], mask)
 
 
 # ---- format ----------------------------------------------------------------------------------------
@@ -327,6 +403,45 @@ def test_preprocess_option_end_to_end():
     assert all(qw.spec.options["preprocess"] is True for qw in results.values())
 
 
+def test_gptq_init_end_to_end_uses_the_quantized_model_hessians(monkeypatch):
+    """init=gptq: the block-wise run packs the ptq161 structure, records the option, starts block 0's
+    optimisation from a lower output error than the closed form, and block 1's init sees the Hessian of
+    the quantized model's inputs (block 0 already quantized), not the full-precision model's."""
+    original = _fp16_exact(make_model("llama"))
+    q_proj = "model.layers.1.self_attn.q_proj"
+    w_q_proj = original.get_submodule(q_proj).weight.detach().clone()
+    seen = {}
+
+    def recording(w, H, mask, **kw):
+        if torch.equal(w, w_q_proj):
+            seen["H"] = H.clone()
+        return compensated_init(w, H, mask, **kw)
+
+    monkeypatch.setattr(ptq161_method, "compensated_init", recording)
+    model, method, _, results = _run(epochs=1, salient_ratio=0.5, init="gptq")
+    _, closed, _, _ = _run(epochs=1, salient_ratio=0.5, init="closed")
+    assert len(results) == 14 and all(qw.spec.options["init"] == "gptq" for qw in results.values())
+    assert method.history[0]["mse_init"] < closed.history[0]["mse_init"]
+    qw = results["model.layers.0.mlp.down_proj"]
+    mask = unpack_mask(qw.tensors["mask"], qw.in_features)
+    t = {name: v.float() for name, v in qw.tensors.items()}
+    dev = (qw.dequantize()[:, ~mask] - t["mu"][:, None]) / (t["bscale"][:, None] * t["colscale"][None, :])
+    assert torch.allclose(dev.abs(), torch.ones_like(dev), atol=1e-4)  # binarized: mu +- bscale colscale
+    assert max(len(torch.unique(row)) for row in qw.dequantize()[:, mask]) <= 16  # salient: 4-bit levels
+
+    # the Hessian block 1's q_proj was initialised with: that of its inputs in the quantized model
+    def hessian_of_q_proj_inputs(m):
+        obs = HessianObserver(w_q_proj.shape[1])
+        handle = m.get_submodule(q_proj).register_forward_hook(lambda mod, args, out: obs.update(args[0]))
+        with torch.no_grad():
+            for row in _calib():
+                m(input_ids=row[None], use_cache=False)
+        handle.remove()
+        return obs.H
+    torch.testing.assert_close(seen["H"], hessian_of_q_proj_inputs(model), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(seen["H"], hessian_of_q_proj_inputs(original), rtol=1e-3, atol=1e-6)
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 
@@ -341,12 +456,18 @@ def test_preprocess_option_end_to_end():
     ({"preprocess": "maybe"}, "yes/no"),
     ({"preprocess_lr": 0}, "preprocess_lr"),
     ({"preprocess_merge": "fp"}, "preprocess_merge"),
+    ({"init": "hessian"}, "init='hessian' is not known: choose closed, gptq"),
     ({"groups": 3}, "does not take"),
 ])
 def test_bad_options_are_one_line_spec_errors(options, match):
     with pytest.raises(SpecError, match=match) as e:
         get_method("ptq161", **options)
     assert "\n" not in str(e.value)
+
+
+def test_init_option_is_recorded():
+    assert get_method("ptq161")._record()["init"] == "gptq"  # the default (bench/RESULTS.md: 417 -> 182)
+    assert get_method("ptq161", init="closed")._record()["init"] == "closed"
 
 
 def test_bits_other_than_four_are_refused():

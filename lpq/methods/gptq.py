@@ -10,9 +10,10 @@ Outline of :func:`gptq_quantize` for W [N, K] and H [K, K]:
   2. optional act-order: columns sorted by decreasing H_kk;
   3. H + λI with λ = damp * mean(diag H), raised step by step while a Cholesky factorisation fails;
   4. U = upper Cholesky factor of H^-1 (H^-1 = U^T U), from one Cholesky factorisation of H;
-  5. sweep the columns in blocks of ``block_size``: quantize column j on its group's grid, spread
-     the scaled error (w - q) / U_jj over the rest of the block with row j of U, and apply the
-     accumulated error of a block to all later columns at once (lazy batch update, one matmul);
+  5. sweep the columns in blocks of ``block_size`` (:func:`error_feedback_sweep`, shared with other
+     methods' per-column quantizers): quantize column j on its group's grid, spread the scaled error
+     (w - q) / U_jj over the rest of the block with row j of U, and apply the accumulated error of a
+     block to all later columns at once (lazy batch update, one matmul);
   6. each group's min-max grid is fitted when the sweep enters the group, on the weights as they are
      then (already corrected by the errors of the earlier columns), unless ``static_groups``: then
      all grids are fitted on the original weights, before any permutation, so that the group of
@@ -25,7 +26,7 @@ import copy
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -186,6 +187,39 @@ def _block_size_for(block_size: int, group: int, in_features: int) -> int:
     return group
 
 
+def error_feedback_sweep(
+    WT: torch.Tensor, U: torch.Tensor, quantize_column: Callable[[int, torch.Tensor], torch.Tensor], block_size: int,
+) -> float:
+    """GPTQ's column sweep with error feedback, for any per-column quantizer.
+
+    WT [K, N] is the weight transposed (one contiguous row per column of W, in sweep order), updated in
+    place; U [K, K] is the upper Cholesky factor of the damped inverse Hessian in the same order (see
+    :func:`_inverse_cholesky_upper`). For j = 0..K-1, ``quantize_column(j, w)`` gets column j as corrected
+    by the errors of columns 0..j-1 (w [N], a view into WT: do not modify it) and returns its quantized
+    value [N]; the scaled error (w - q) / U_jj is spread over the rest of the block with row j of U and
+    each block's errors over all later columns at once (lazy batch update, one matmul). ``quantize_column``
+    may read WT[j:] (e.g. to fit a grid on the updated weights). -> the GPTQ loss, sum of (w - q)^2 / U_jj^2 / 2.
+    """
+    k, n = WT.shape
+    loss = torch.zeros((), dtype=torch.float32, device=WT.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        cnt = i2 - i1
+        W1 = WT[i1:i2]  # a view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty(cnt, n, dtype=torch.float32, device=WT.device)
+        for i in range(cnt):
+            w = W1[i]
+            err = torch.sub(w, quantize_column(i1 + i, w), out=E1[i])
+            err.div_(U1[i, i])
+            if i + 1 < cnt:
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+        loss += E1.square().sum() * 0.5
+        if i2 < k:
+            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    return float(loss)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -248,44 +282,30 @@ def gptq_quantize(
         scales = torch.empty(n_groups, n, dtype=torch.float32, device=device)
         zeros = torch.empty(n_groups, n, dtype=torch.float32, device=device)
 
-    B = _block_size_for(block_size, gs, k)
     # The sweep works on W transposed ([K, N], one contiguous row per column of W), so that reading a
     # column and the rank-1 updates of the rest of a block run over contiguous memory.
     WT = W.t().contiguous()
     del W
     QT = torch.empty(k, n, dtype=torch.float32, device=device)  # codes, sweep order
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    s = z = None
-    cur_group = -1
-    for i1 in range(0, k, B):
-        i2 = min(i1 + B, k)
-        cnt = i2 - i1
-        W1 = WT[i1:i2]  # a view: updated in place
-        U1 = U[i1:i2, i1:i2]
-        E1 = torch.empty(cnt, n, dtype=torch.float32, device=device)
-        for i in range(cnt):
-            j = i1 + i
-            g = sweep_group[j]
-            if static_groups:
-                if g != cur_group:
-                    s, z = scales[g], zeros[g]
-                    cur_group = g
-            elif j % gs == 0:
-                # entering group g: fit its grid on the weights as updated so far (at a block start,
-                # WT[i1:] already carries all earlier errors; otherwise the group lies inside this block,
-                # see _block_size_for)
-                s, z = fit_range(WT[j : min(j + gs, k)].t(), bits, sym, mse)
-                scales[g], zeros[g] = s, z
-            w = W1[i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            QT[j] = q
-            err = torch.sub(w, s * (q - z), out=E1[i])
-            err.div_(U1[i, i])
-            if i + 1 < cnt:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
-        loss += E1.square().sum() * 0.5
-        if i2 < k:
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    s = z = None  # the current group's scale and zero, [N] each
+
+    def quantize_column(j: int, w: torch.Tensor) -> torch.Tensor:  # w [N] -> its grid value [N]
+        nonlocal s, z
+        g = sweep_group[j]
+        if static_groups:
+            s, z = scales[g], zeros[g]
+        elif j % gs == 0:
+            # entering group g: fit its grid on the weights as updated so far (at a block start,
+            # WT[j:] already carries all earlier errors; otherwise the group lies inside the sweep's
+            # block, see _block_size_for)
+            s, z = fit_range(WT[j : min(j + gs, k)].t(), bits, sym, mse)
+            scales[g], zeros[g] = s, z
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        QT[j] = q
+        return s * (q - z)
+
+    B = _block_size_for(block_size, gs, k)
+    loss = error_feedback_sweep(WT, U, quantize_column, B)
 
     Q = QT.t()
     if perm is not None:
@@ -300,7 +320,7 @@ def gptq_quantize(
 
     info = {
         "dead_columns": n_dead,
-        "loss": float(loss),
+        "loss": loss,
         "block_size": B,
         "seconds": time.perf_counter() - t0,
         **damp_info,
