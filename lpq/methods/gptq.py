@@ -126,6 +126,53 @@ def fp_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: fl
     return W + alpha * corr
 
 
+def observe_paired(ctx, stage: list[str], fp_block: torch.nn.Module,
+                   fp_hidden: list[torch.Tensor]) -> dict[str, PairedHessianObserver]:
+    """Paired Hessians (H, D) of the named linears of one block: every calibration batch runs through
+    ``fp_block`` (an unquantized copy of the block) on the full-precision inputs ``fp_hidden`` (list of
+    [B, L, H]) and through ``ctx.block`` (as quantized so far) on the quantized inputs ``ctx.inputs``;
+    each forward stops once every named linear has seen its input."""
+    from ..driver import _StopForward
+
+    inp = ctx.inputs
+    fp_modules = find_linears(fp_block)
+    observers = {n: PairedHessianObserver(ctx.in_features(n), ctx.device) for n in stage}
+    fp_seen: dict[str, torch.Tensor] = {}
+    pending: set[str] = set()
+
+    def capture_fp(name):
+        def fn(module, args, out):
+            fp_seen[name] = args[0].detach()
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+        return fn
+
+    def observe_q(name):
+        def fn(module, args, out):
+            observers[name].update(args[0], fp_seen.pop(name))
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+        return fn
+
+    handles = [fp_modules[n].register_forward_hook(capture_fp(n)) for n in stage]
+    handles += [ctx.modules[n].register_forward_hook(observe_q(n)) for n in stage]
+    try:
+        with torch.no_grad():
+            for i in range(len(inp.hidden)):
+                for block, hidden in ((fp_block, fp_hidden[i]), (ctx.block, inp.hidden[i])):
+                    pending.update(stage)
+                    try:
+                        block(hidden, *inp.args[i], **inp.kwargs[i])
+                    except _StopForward:
+                        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return observers
+
+
 # ---- the maths -----------------------------------------------------------------------------------
 
 
@@ -368,7 +415,7 @@ class GPTQ(Method):
     def quantize_block(self, ctx) -> None:
         if self.fp_targets <= 0 or ctx.inputs is None:
             return super().quantize_block(ctx)
-        from ..driver import _block_output, _StopForward
+        from ..driver import _block_output
 
         inp = ctx.inputs
         if self._fp_hidden is None or self._fp_index != ctx.index:
@@ -378,43 +425,9 @@ class GPTQ(Method):
             self._fp_hidden = [h.clone() for h in inp.hidden]
         fp_hidden = self._fp_hidden
         fp_block = copy.deepcopy(ctx.block)  # the block before any of its linears is quantized
-        fp_modules = find_linears(fp_block)
         stages = ctx.stages() if self.sequential else [list(ctx.linears)]
         for stage in stages:
-            observers = {n: PairedHessianObserver(ctx.in_features(n), ctx.device) for n in stage}
-            fp_seen: dict[str, torch.Tensor] = {}
-            pending: set[str] = set()
-
-            def capture_fp(name):
-                def fn(module, args, out):
-                    fp_seen[name] = args[0].detach()
-                    pending.discard(name)
-                    if not pending:
-                        raise _StopForward
-                return fn
-
-            def observe_q(name):
-                def fn(module, args, out):
-                    observers[name].update(args[0], fp_seen.pop(name))
-                    pending.discard(name)
-                    if not pending:
-                        raise _StopForward
-                return fn
-
-            handles = [fp_modules[n].register_forward_hook(capture_fp(n)) for n in stage]
-            handles += [ctx.modules[n].register_forward_hook(observe_q(n)) for n in stage]
-            try:
-                with torch.no_grad():
-                    for i in range(len(inp.hidden)):
-                        for block, hidden in ((fp_block, fp_hidden[i]), (ctx.block, inp.hidden[i])):
-                            pending.update(stage)
-                            try:
-                                block(hidden, *inp.args[i], **inp.kwargs[i])
-                            except _StopForward:
-                                pass
-            finally:
-                for h in handles:
-                    h.remove()
+            observers = observe_paired(ctx, stage, fp_block, fp_hidden)
             for n in stage:
                 obs = observers.pop(n)
                 W = fp_target_weight(ctx.weight(n), obs.H, obs.D, self.damp, self.fp_targets)

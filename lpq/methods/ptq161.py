@@ -8,6 +8,8 @@ Maths (pure functions, any device; W [N, K] = [out_features, in_features]):
   :func:`closed_init`        the two above: every column rounded on its own (``init=closed``)
   :func:`compensated_init`   the same grids, codes chosen by GPTQ's error feedback on H (``init=gptq``)
   :func:`assemble_weight`    the fake-quantized weight, differentiable in alpha, r1, r2
+  :func:`layer_vectors`      the stored vectors of one linear in training (``learn=extended`` folded in)
+  :func:`layer_weight`       its fake-quantized weight
   :func:`block_loss`         MSE + (-log cosine) against the two full-precision targets
 
 Per decoder block (:meth:`PTQ161.quantize_block`), as the paper's block-wise optimisation does:
@@ -15,22 +17,31 @@ Per decoder block (:meth:`PTQ161.quantize_block`), as the paper's block-wise opt
      model's input X_q (what the driver passes) are both kept; with the block's original weights,
      the targets Y_fp = block(X_fp) and Y_qfp = block(X_q) are computed, and the per-channel activation
      statistic of every linear is observed on X_fp (the paper takes it from the full-precision model);
-     with ``init=gptq`` also each linear's input Hessian H = 2/n X_q^T X_q [K, K], on X_q;
   2. per linear: mask, fixed 4-bit salient columns, signs and mu fixed, alpha from the mean absolute
      deviation, r1 = 1 [N], r2 = 1 [B]. ``init`` chooses the fixed codes: ``closed`` (the paper's)
      rounds every column on its own (:func:`closed_init`); ``gptq`` (the default) keeps the same per-row
-     grids but chooses the signs and 4-bit codes column by column with GPTQ's error feedback on H, so
-     that later columns compensate the error of earlier ones in the layer output (:func:`compensated_init`);
+     grids but chooses the signs and 4-bit codes column by column with GPTQ's error feedback on each
+     linear's input Hessian H = 2/n X_q^T X_q [K, K], so that later columns compensate the error of
+     earlier ones in the layer output (:func:`compensated_init`). With ``sequential`` (default on) the
+     Hessians are taken stage by stage (q/k/v, o, gate/up, down), each stage seeing the earlier ones at
+     their initial quantization; with ``fp_targets`` (default 1 when sequential) each weight is first
+     moved to the least-squares weight for the full-precision block's outputs (gptq.fp_target_weight);
   3. AdamW (lr 5e-4 for alpha, 1e-3 for r1 and r2, no weight decay) for ``epochs`` passes over the
      calibration windows minimises  MSE(Y, Y_fp) + MSE(Y, Y_qfp) - log|cos(Y, Y_fp)| - log|cos(Y, Y_qfp)|
-     with Y = block_q(X_q) (cosine along the hidden size, averaged over tokens);
-  4. pack (alpha * r1, r2, mu rounded to fp16) and write the dequantized weights into the block;
-     Y_fp becomes the next block's X_fp.
+     with Y = block_q(X_q) (cosine along the hidden size, averaged over tokens). ``learn=extended`` (the
+     default) also trains each row's mean mu and its salient 4-bit scale, as dimensionless vectors at
+     lr 1e-3 (mu + alpha * dmu, scale * rs); ``learn=paper`` trains alpha, r1, r2 only;
+  4. pack (salient scale, alpha * r1, r2, mu rounded to fp16) and write the dequantized weights into the
+     block; Y_fp becomes the next block's X_fp.
+  On SmolLM2-135M (H100, full protocol, bench/RESULTS.md) the defaults give 154.7 perplexity at 1.77
+  bits per weight: paper's closed form 417, init=gptq alone 182.2, with learn=extended 163.2.
 Memory: besides the driver's quantized activations [S, L, H], this keeps X_fp, Y_fp and (after the
 first block) Y_qfp, each [S, L, H] in the model's dtype on the work device: three more copies of the
 calibration activations (128 x 2048 x 4096 fp16 = 2 GiB each for a 7B model). Training runs the
 block in float32. ``init=gptq`` adds the block's Hessians, K^2 float32 per linear, during step 2
-(0.8 GiB for a 7B Llama block: six 4096^2 and one 11008^2).
+(0.8 GiB for a 7B Llama block: six 4096^2 and one 11008^2); sequential only keeps one stage's at a
+time, and fp_targets adds a second K^2 matrix per linear of the stage plus an unquantized copy of the
+block.
 
 Optional preprocessing (``preprocess``, in :meth:`PTQ161.prepare`): a restorative LoRA. Every target
 linear is first replaced by its closed-form PTQ1.61 quantization (mask, 4-bit salient part, binarized
@@ -42,6 +53,7 @@ and the merged model is what the block-wise PTQ then quantizes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -55,13 +67,14 @@ from ..formats import QuantizedWeight
 from ..formats.ptq161 import BINARY_ALIGN, SALIENT_ALIGN, SALIENT_BITS, binarized, pack_ptq161, spec_salient
 from ..quant import fit_minmax
 from . import Method, Observer, register_method
-from .gptq import HessianObserver, _inverse_cholesky_upper, error_feedback_sweep
+from .gptq import HessianObserver, _inverse_cholesky_upper, error_feedback_sweep, fp_target_weight, observe_paired
 
 log = logging.getLogger("lpq.ptq161")
 
 ACT_STATS = ("max", "mean", "l2")
 PREPROCESS_MERGE = ("quantized", "original")  # what the restorative LoRA's adapters are merged into
 INITS = ("closed", "gptq")  # how the codes that the block-wise optimisation keeps fixed are chosen
+LEARN = ("paper", "extended")  # what it trains: alpha, r1, r2; or also mu and the salient rows' scales
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -178,6 +191,25 @@ def assemble_weight(mask: torch.Tensor, salient: torch.Tensor, signs: torch.Tens
         w = w.index_copy(1, mask.nonzero().squeeze(1), salient.to(w.dtype))
     binary = binarized(signs, alpha * r1, r2, mu)  # [N, B]
     return w.index_copy(1, (~mask).nonzero().squeeze(1), binary)
+
+
+def layer_vectors(lay: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored vectors of one linear in training (a dict of :meth:`PTQ161.quantize_block`): salient
+    scale and zero [N], binarized row scale alpha * r1 [N], column scale r2 [B], row mean mu [N]; with
+    ``learn=extended`` the salient scale is times rs and mu is moved by alpha * dmu."""
+    scale, mu = lay["scale"], lay["mu"]
+    if "rs" in lay:
+        scale = scale * lay["rs"]
+        mu = mu + lay["alpha"] * lay["dmu"]
+    return {"sscales": scale, "szeros": lay["zero"], "bscale": lay["alpha"] * lay["r1"], "colscale": lay["r2"], "mu": mu}
+
+
+def layer_weight(lay: dict[str, Any]) -> torch.Tensor:
+    """The fake-quantized weight [N, K] of one linear in training, differentiable in its learned vectors."""
+    v = layer_vectors(lay)
+    salient = (lay["codes"].float() - v["szeros"][:, None]) * v["sscales"][:, None]  # [N, S]
+    ones = torch.ones_like(v["bscale"])
+    return assemble_weight(lay["mask"], salient, lay["signs"], v["bscale"], ones, v["colscale"], v["mu"])
 
 
 def cosine_term(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -396,12 +428,16 @@ class PTQ161(Method):
     preprocess_lr (1e-4), preprocess_rank (64), preprocess_merge (quantized | original: what the adapters
     are merged into, see :func:`restorative_lora`), init (gptq | closed: how the fixed codes are chosen,
     the Hessian-compensated :func:`compensated_init`, or the paper's :func:`closed_init`; gptq took
-    SmolLM2-135M from 417 to 182 perplexity, bench/RESULTS.md)."""
+    SmolLM2-135M from 417 to 182 perplexity, bench/RESULTS.md), sequential (True: the init's Hessians
+    stage by stage), fp_targets (1.0 when sequential, else 0: weight of the full-precision-target
+    correction in [0, 1]), learn (extended | paper: also train mu and the salient scales, or not).
+    The paper's method is ``init=closed learn=paper``."""
 
     name = "ptq161"
     needs_calibration = True
     option_names = ("salient_ratio", "epochs", "lr_alpha", "lr_r", "batch_size", "act_stat", "preprocess",
-                    "preprocess_epochs", "preprocess_lr", "preprocess_rank", "preprocess_merge", "init")
+                    "preprocess_epochs", "preprocess_lr", "preprocess_rank", "preprocess_merge", "init",
+                    "sequential", "fp_targets", "learn")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -429,6 +465,16 @@ class PTQ161(Method):
         self.init = str(opt("init", "gptq"))
         if self.init not in INITS:
             raise SpecError(f"ptq161 option init={self.init!r} is not known: choose {', '.join(INITS)}")
+        self.sequential = _flag("sequential", opt("sequential", True))
+        # fp_targets helps only with the sequential Hessians (without them the least-squares weights
+        # of the later stages are fitted to inputs the block will not see): its default follows sequential
+        self.fp_targets = _number("fp_targets", opt("fp_targets", 1.0 if self.sequential else 0.0), float, 0.0, 1.0)
+        if self.fp_targets > 0 and not self.sequential and self.init == "gptq":
+            log.warning("ptq161: fp_targets without sequential fits each stage to inputs the quantized block will "
+                        "not see (SmolLM2 CPU proxy: 237 -> 966 perplexity); add sequential=1 or drop fp_targets")
+        self.learn = str(opt("learn", "extended"))
+        if self.learn not in LEARN:
+            raise SpecError(f"ptq161 option learn={self.learn!r} is not known: choose {', '.join(LEARN)}")
         self._run = None
         self._fp_inputs: list[torch.Tensor] | None = None  # X_fp of the next block
         self._fp_index = 0
@@ -439,7 +485,8 @@ class PTQ161(Method):
     def _record(self) -> dict[str, Any]:
         return {"salient_ratio": self.salient_ratio, "epochs": self.epochs, "lr_alpha": self.lr_alpha,
                 "lr_r": self.lr_r, "batch_size": self.batch_size, "act_stat": self.act_stat,
-                "preprocess": self.preprocess, "init": self.init}
+                "preprocess": self.preprocess, "init": self.init, "sequential": self.sequential,
+                "fp_targets": self.fp_targets, "learn": self.learn}
 
     # -- whole model -------------------------------------------------------------------------------
     def prepare(self, run) -> None:
@@ -471,7 +518,7 @@ class PTQ161(Method):
     # -- one block ---------------------------------------------------------------------------------
     def quantize_block(self, ctx) -> None:
         from ..driver import BlockInputs
-        from ..models.arch import is_conv1d
+        from ..models.arch import is_conv1d, set_linear_weight
 
         if ctx.inputs is None:
             raise LpqError("ptq161 needs calibration data")
@@ -495,33 +542,53 @@ class PTQ161(Method):
         finally:
             ctx.inputs = quant_ctx_inputs
         y_qfp = y_fp if fp_in is q_in else ctx.forward_all().hidden
-        # init=gptq: each linear's input Hessian H [K, K] in the quantized model (X_q, the inputs the
-        # quantized block is trained on), all linears in one pass with the block's original weights (not
-        # true-sequential: the block-wise optimisation then retrains the block's linears together)
-        hessians = {}
-        if self.init == "gptq":
-            hessians = {n: HessianObserver(ctx.in_features(n), ctx.device) for n in ctx.linears}
-            ctx.observe(hessians)
 
-        # 2. initial quantization of every linear
+        # 2. initial quantization of every linear. init=gptq needs each linear's input Hessian
+        # H = 2/n X_q^T X_q [K, K] in the quantized model (X_q: the inputs the quantized block is trained
+        # on). sequential: stage by stage (q/k/v, o, gate/up, down for Llama), each stage's Hessians taken
+        # with the earlier stages already at their initial quantization, as GPTQ's true-sequential mode;
+        # else all linears in one pass on the original weights. fp_targets: each weight is first moved to
+        # the least-squares weight for the full-precision model's outputs (gptq.fp_target_weight), which
+        # needs the paired Hessians of an unquantized copy of the block on X_fp.
+        compensated = self.init == "gptq"
+        stages = ctx.stages() if compensated and self.sequential else [list(ctx.linears)]
+        fp_block = copy.deepcopy(ctx.block) if compensated and self.fp_targets > 0 else None
         layers = {}
-        for n in ctx.linears:
-            spec = ctx.spec(n)
-            w = ctx.weight(n)  # [N, K] float32
-            mask = salient_mask(observers.pop(n).value(), spec_salient(spec))
-            if self.init == "gptq":
-                codes, scale, zero, mu, signs, alpha = compensated_init(w, hessians.pop(n).H, mask)
-            else:
-                codes, scale, zero, mu, signs, alpha = closed_init(w, mask)
-            layers[n] = {
-                "mask": mask, "codes": codes, "scale": scale, "zero": zero, "mu": mu, "signs": signs,
-                "salient": (codes.float() - zero[:, None]) * scale[:, None],
-                "alpha": alpha.clone().requires_grad_(True),
-                "r1": torch.ones_like(alpha).requires_grad_(True),
-                "r2": torch.ones(signs.shape[1], device=w.device).requires_grad_(True),
-                "conv1d": is_conv1d(ctx.modules[n]),
-            }
-        del observers, hessians
+        for stage in stages:
+            hessians = {}
+            if fp_block is not None:
+                hessians = observe_paired(ctx, stage, fp_block, fp_in)
+            elif compensated:
+                hessians = {n: HessianObserver(ctx.in_features(n), ctx.device) for n in stage}
+                ctx.observe(hessians)
+            for n in stage:
+                spec = ctx.spec(n)
+                w = ctx.weight(n)  # [N, K] float32, the original weight
+                mask = salient_mask(observers.pop(n).value(), spec_salient(spec))
+                if compensated:
+                    obs = hessians.pop(n)
+                    if fp_block is not None:
+                        w = fp_target_weight(w, obs.H, obs.D, alpha=self.fp_targets)
+                    codes, scale, zero, mu, signs, alpha = compensated_init(w, obs.H, mask)
+                    del obs
+                else:
+                    codes, scale, zero, mu, signs, alpha = closed_init(w, mask)
+                layers[n] = {
+                    "mask": mask, "codes": codes, "scale": scale, "zero": zero, "mu": mu, "signs": signs,
+                    "alpha": alpha.clone().requires_grad_(True),
+                    "r1": torch.ones_like(alpha).requires_grad_(True),
+                    "r2": torch.ones(signs.shape[1], device=w.device).requires_grad_(True),
+                    "conv1d": is_conv1d(ctx.modules[n]),
+                }
+                if self.learn == "extended":
+                    # dimensionless so one learning rate fits: the salient rows' scale times rs [N], and
+                    # mu + alpha * dmu [N]; both start at the initialisation's values
+                    layers[n]["rs"] = torch.ones_like(alpha).requires_grad_(True)
+                    layers[n]["dmu"] = torch.zeros_like(alpha).requires_grad_(True)
+                if len(stages) > 1:  # the later stages' Hessians see this linear at its initial quantization
+                    with torch.no_grad():
+                        set_linear_weight(ctx.modules[n], layer_weight(layers[n]))
+        del observers, fp_block
 
         # 3. block-wise optimisation of alpha, r1, r2
         record = {"block": ctx.index, "loss": []}
@@ -532,9 +599,9 @@ class PTQ161(Method):
         # 4. pack with the fp16-rounded vectors and write the dequantized weights into the block
         for n, lay in layers.items():
             with torch.no_grad():
-                bscale = (lay["alpha"] * lay["r1"]).detach()
-                qw = pack_ptq161(lay["mask"], lay["signs"], lay["codes"], lay["scale"], lay["zero"], bscale,
-                                 lay["r2"].detach(), lay["mu"], ctx.spec(n), layer=ctx.qualified(n))
+                v = {k: t.detach() for k, t in layer_vectors(lay).items()}
+                qw = pack_ptq161(lay["mask"], lay["signs"], lay["codes"], v["sscales"], v["szeros"], v["bscale"],
+                                 v["colscale"], v["mu"], ctx.spec(n), layer=ctx.qualified(n))
             ctx.set_result(n, qw)
             if self._run is not None and ctx.qualified(n) in self._run.specs:
                 self._run.specs[ctx.qualified(n)] = qw.spec
@@ -561,7 +628,7 @@ class PTQ161(Method):
             def weights():
                 out = {}
                 for n, lay in layers.items():
-                    w = assemble_weight(lay["mask"], lay["salient"], lay["signs"], lay["alpha"], lay["r1"], lay["r2"], lay["mu"])
+                    w = layer_weight(lay)
                     out[f"{n}.weight"] = w.t() if lay["conv1d"] else w
                 return out
 
@@ -569,6 +636,9 @@ class PTQ161(Method):
                 a = _cast_floats(args[i], torch.float32)
                 kw = _cast_floats(kwargs[i], torch.float32)
                 return _output(functional_call(block, ws, (q_in[i].float(), *a), kw))
+
+            def extended(lay):  # learn=extended's dimensionless vectors, at lr_r as r1 and r2
+                return [lay[k] for k in ("rs", "dmu") if k in lay]
 
             @torch.no_grad()
             def mse() -> float:
@@ -579,7 +649,8 @@ class PTQ161(Method):
             record["mse_init"] = mse()
             opt = torch.optim.AdamW(
                 [{"params": [lay["alpha"] for lay in layers.values()], "lr": self.lr_alpha},
-                 {"params": [t for lay in layers.values() for t in (lay["r1"], lay["r2"])], "lr": self.lr_r}],
+                 {"params": [t for lay in layers.values() for t in (lay["r1"], lay["r2"], *extended(lay))],
+                  "lr": self.lr_r}],
                 weight_decay=0.0)
             windows = [q.shape[0] for q in q_in]
             for _ in range(self.epochs):
