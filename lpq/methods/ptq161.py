@@ -33,8 +33,11 @@ Per decoder block (:meth:`PTQ161.quantize_block`), as the paper's block-wise opt
      lr 1e-3 (mu + alpha * dmu, scale * rs); ``learn=paper`` trains alpha, r1, r2 only;
   4. pack (salient scale, alpha * r1, r2, mu rounded to fp16) and write the dequantized weights into the
      block; Y_fp becomes the next block's X_fp.
-  On SmolLM2-135M (H100, full protocol, bench/RESULTS.md) the defaults give 154.7 perplexity at 1.77
-  bits per weight: paper's closed form 417, init=gptq alone 182.2, with learn=extended 163.2.
+  The mask (step 2) ranks channels by ``act_stat``: the paper's max |x|, or (the default) ``error``, the
+  output error that binarizing the channel would add (:func:`salient_score`).
+  On SmolLM2-135M (H100, full protocol, bench/RESULTS.md) the defaults give 144.7 perplexity at 1.77
+  bits per weight: the paper's method 417, init=gptq alone 182.2, with learn=extended 163.2, with the
+  sequential full-precision-target codes 154.7, with act_stat=error 144.7.
 Memory: besides the driver's quantized activations [S, L, H], this keeps X_fp, Y_fp and (after the
 first block) Y_qfp, each [S, L, H] in the model's dtype on the work device: three more copies of the
 calibration activations (128 x 2048 x 4096 fp16 = 2 GiB each for a 7B model). Training runs the
@@ -71,7 +74,7 @@ from .gptq import HessianObserver, _inverse_cholesky_upper, error_feedback_sweep
 
 log = logging.getLogger("lpq.ptq161")
 
-ACT_STATS = ("max", "mean", "l2")
+ACT_STATS = ("max", "mean", "l2", "error")
 PREPROCESS_MERGE = ("quantized", "original")  # what the restorative LoRA's adapters are merged into
 INITS = ("closed", "gptq")  # how the codes that the block-wise optimisation keeps fixed are chosen
 LEARN = ("paper", "extended")  # what it trains: alpha, r1, r2; or also mu and the salient rows' scales
@@ -224,10 +227,23 @@ def block_loss(y: torch.Tensor, y_fp: torch.Tensor, y_qfp: torch.Tensor) -> torc
     return F.mse_loss(y, y_fp) + F.mse_loss(y, y_qfp) + cosine_term(y, y_fp) + cosine_term(y, y_qfp)
 
 
-def closed_form_quantize(weight: torch.Tensor, stat: torch.Tensor, ratio: float) -> torch.Tensor:
+def salient_score(stat: torch.Tensor, w: torch.Tensor, act_stat: str) -> torch.Tensor:
+    """The score the mask ranks input channels by: the activation statistic stat [K] itself (the paper's
+    max |x|, or mean |x|, or the L2 norm), or for "error" the output error that binarizing column k alone
+    would add, E[x_k^2] * sum_n (|w_nk - mu_n| - alpha_n)^2, with mu, alpha [N] the row mean and mean
+    absolute deviation over all columns of w [N, K]."""
+    if act_stat != "error":
+        return stat
+    w = w.float()
+    centred = (w - w.mean(dim=1, keepdim=True)).abs()  # [N, K]
+    cost = (centred - centred.mean(dim=1, keepdim=True)).pow(2).sum(dim=0)  # [K]
+    return stat.to(cost) * cost
+
+
+def closed_form_quantize(weight: torch.Tensor, stat: torch.Tensor, ratio: float, act_stat: str = "max") -> torch.Tensor:
     """PTQ1.61 without block optimisation (r1 = r2 = 1): weight [N, K], stat [K] -> fake-quantized [N, K]."""
     w = weight.float()
-    mask = salient_mask(stat, salient_count(w.shape[1], ratio))
+    mask = salient_mask(salient_score(stat, w, act_stat), salient_count(w.shape[1], ratio))
     codes, scale, zero, mu, signs, alpha = closed_init(w, mask)
     r1 = torch.ones_like(alpha)
     r2 = torch.ones(signs.shape[1], device=w.device)
@@ -254,6 +270,9 @@ class ActStatObserver(Observer):
         self.tokens += x.shape[0]
 
     def value(self) -> torch.Tensor:
+        """[K]; for "error" the mean of x^2 (diag of the Hessian / 2), weighted later by :func:`salient_score`."""
+        if self.stat == "error":
+            return self.acc / max(self.tokens, 1)
         if self.stat == "mean":
             return self.acc / max(self.tokens, 1)
         if self.stat == "l2":
@@ -364,7 +383,7 @@ def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, d
             w = linear_weight(m).detach().float()
             if merge_into == "original":
                 originals[n] = linear_weight(m).detach().clone()
-            set_linear_weight(m, closed_form_quantize(w, stats.pop(n), ratio).to(m.weight.dtype))
+            set_linear_weight(m, closed_form_quantize(w, stats.pop(n), ratio, stat).to(m.weight.dtype))
             a = (torch.randn(rank, k, generator=gen) / math.sqrt(k)).to(device).requires_grad_(True)
             b = torch.zeros(out, rank, device=device, requires_grad=True)
             adapters[n] = (a, b)
@@ -424,14 +443,14 @@ def restorative_lora(model: nn.Module, names: list[str], tokens: torch.Tensor, d
 @register_method
 class PTQ161(Method):
     """Options: salient_ratio (0.2), epochs (20), lr_alpha (5e-4), lr_r (1e-3), batch_size (1 window per
-    optimiser step), act_stat (max | mean | l2), preprocess (False) with preprocess_epochs (1),
+    optimiser step), act_stat (error | max | mean | l2: the mask's ranking, see :func:`salient_score`; the paper's is max), preprocess (False) with preprocess_epochs (1),
     preprocess_lr (1e-4), preprocess_rank (64), preprocess_merge (quantized | original: what the adapters
     are merged into, see :func:`restorative_lora`), init (gptq | closed: how the fixed codes are chosen,
     the Hessian-compensated :func:`compensated_init`, or the paper's :func:`closed_init`; gptq took
     SmolLM2-135M from 417 to 182 perplexity, bench/RESULTS.md), sequential (True: the init's Hessians
     stage by stage), fp_targets (1.0 when sequential, else 0: weight of the full-precision-target
     correction in [0, 1]), learn (extended | paper: also train mu and the salient scales, or not).
-    The paper's method is ``init=closed learn=paper``."""
+    The paper's method is ``init=closed learn=paper act_stat=max``."""
 
     name = "ptq161"
     needs_calibration = True
@@ -451,7 +470,7 @@ class PTQ161(Method):
         self.lr_alpha = _number("lr_alpha", opt("lr_alpha", 5e-4), float, 0.0)
         self.lr_r = _number("lr_r", opt("lr_r", 1e-3), float, 0.0)
         self.batch_size = _number("batch_size", opt("batch_size", 1), int, 1)
-        self.act_stat = str(opt("act_stat", "max"))
+        self.act_stat = str(opt("act_stat", "error"))
         if self.act_stat not in ACT_STATS:
             raise SpecError(f"ptq161 option act_stat={self.act_stat!r} is not known: choose {', '.join(ACT_STATS)}")
         self.preprocess = _flag("preprocess", opt("preprocess", False))
@@ -564,7 +583,7 @@ class PTQ161(Method):
             for n in stage:
                 spec = ctx.spec(n)
                 w = ctx.weight(n)  # [N, K] float32, the original weight
-                mask = salient_mask(observers.pop(n).value(), spec_salient(spec))
+                mask = salient_mask(salient_score(observers.pop(n).value(), w, self.act_stat), spec_salient(spec))
                 if compensated:
                     obs = hessians.pop(n)
                     if fp_block is not None:
