@@ -37,7 +37,7 @@ from ..formats.squeezellm import SQUEEZELLM_BITS, pack_squeezellm
 from ..spec import QuantSpec
 from . import Method, register_method
 from .fisher import FISHER_MODES, check_fisher_mode, fisher_diagonal  # noqa: F401  (fisher_diagonal: public here too)
-from .gptq import HessianObserver, _inverse_cholesky_upper
+from .gptq import HessianObserver, _inverse_cholesky_upper, error_feedback_sweep
 
 log = logging.getLogger("lpq.squeezellm")
 
@@ -223,8 +223,9 @@ def lut_gptq_sweep(
     """Assign weight [N, K] to fixed per-row codebooks lut [N, C] (sorted ascending) column by column,
     in order of decreasing input energy (H_jj), with GPTQ's error feedback on the input Hessian
     H [K, K]: after column j is rounded, its error e / U_jj is subtracted from the later columns through
-    the inverse Cholesky factor U of H (lazy block updates of ``block_size`` columns). Positions in
-    ``keep`` [N, K] bool are stored exactly (fp16) instead: their error is only fp16 rounding.
+    the inverse Cholesky factor U of H (lazy block updates of ``block_size`` columns: the sweep is
+    :func:`lpq.methods.gptq.error_feedback_sweep`, each column rounded to its rows' nearest centroids).
+    Positions in ``keep`` [N, K] bool are stored exactly (fp16) instead: their error is only fp16 rounding.
 
     -> (idx [N, K] int64 into each row's codebook; at ``keep`` the centroid nearest 0, as the format
     stores them, fake [N, K] float32: the weight the squeezellm format dequantizes to, info dict).
@@ -249,29 +250,19 @@ def lut_gptq_sweep(
     U, info = _inverse_cholesky_upper(H, damp)
     del H
     mid = ((lut32[:, 1:] + lut32[:, :-1]) * 0.5).contiguous()  # [N, C-1] decision boundaries
-    WT = W.t().contiguous()  # [K, N]: one contiguous row per column of W
-    KT = keep.t().contiguous()
-    IT = torch.empty(k, n, dtype=torch.int64, device=device)
-    QT = torch.empty(k, n, dtype=torch.float32, device=device)
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    B = max(1, int(block_size))
-    for i1 in range(0, k, B):
-        i2 = min(i1 + B, k)
-        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]
-        E1 = torch.empty(i2 - i1, n, dtype=torch.float32, device=device)
-        for i in range(i2 - i1):
-            j = i1 + i
-            w = W1[i]  # [N]
-            idx = torch.searchsorted(mid, w[:, None]).squeeze(1)  # [N]
-            q = torch.gather(lut32, 1, idx[:, None]).squeeze(1)
-            q = torch.where(KT[j], w.to(torch.float16).float(), q)
-            IT[j], QT[j] = idx, q
-            err = torch.sub(w, q, out=E1[i]).div_(U1[i, i])
-            if i + 1 < i2 - i1:
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
-        loss += E1.square().sum() * 0.5
-        if i2 < k:
-            WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1.0)
+    KT = keep.t().contiguous()  # [K, N] in sweep order, as the swept W^T
+    IT = torch.empty(k, n, dtype=torch.int64, device=device)  # [K, N] codebook indices, sweep order
+    QT = torch.empty(k, n, dtype=torch.float32, device=device)  # [K, N] stored values, sweep order
+
+    def quantize_column(j: int, w: torch.Tensor) -> torch.Tensor:  # w [N]: column j, corrected so far
+        idx = torch.searchsorted(mid, w[:, None]).squeeze(1)  # [N] nearest centroid of each row
+        q = torch.gather(lut32, 1, idx[:, None]).squeeze(1)
+        q = torch.where(KT[j], w.to(torch.float16).float(), q)  # kept: stored exactly, fp16 rounding only
+        IT[j], QT[j] = idx, q
+        return q
+
+    # on W^T [K, N]: one contiguous row per column of W
+    loss = error_feedback_sweep(W.t().contiguous(), U, quantize_column, max(1, int(block_size)))
     inv = torch.argsort(perm)
     idx = IT.t()[:, inv].contiguous()
     fake = QT.t()[:, inv].contiguous()
@@ -279,7 +270,7 @@ def lut_gptq_sweep(
     if bool(keep.any()):
         nearest_zero = lut32.abs().argmin(dim=1, keepdim=True).expand_as(idx)
         idx = torch.where(keep, nearest_zero, idx)
-    info.update(loss=float(loss), dead_columns=int(dead.sum()))
+    info.update(loss=loss, dead_columns=int(dead.sum()))
     return idx, fake, info
 
 
