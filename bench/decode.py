@@ -153,6 +153,16 @@ def quantize_copy(master, fmt: Format, device: str):
 
 # -- measuring -----------------------------------------------------------------------------------------
 
+def fuse_model(model) -> None:
+    """q/k/v and gate/up of every block joined (lpq.fuse_siblings); every block must have both groups."""
+    from lpq.fuse import fuse_siblings
+
+    fused = fuse_siblings(model)
+    blocks = model.config.num_hidden_layers
+    if len(fused) != 2 * blocks:
+        raise LpqError(f"--fuse joined {len(fused)} sibling groups, expected {2 * blocks} (q/k/v and gate/up a block)")
+
+
 def model_bytes(model, device: torch.device | None = None) -> int:
     """Bytes of the model's parameters and buffers (each storage once: tied weights count once), only those
     on ``device`` if given (a QuantizedLinear whose kernel holds the weights keeps its canonical buffers in
@@ -498,6 +508,8 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). "
         + (f"LPQ_PDL={int(_pdl_on())} ({'the fused kernels launch with programmatic dependent launch' if _pdl_on() else 'plain launches'}). "
            if cuda else "")
+        + ("--fuse: in every format, fp16 included, each block's q/k/v and gate/up projections run as one linear each "
+           "(lpq.fuse_siblings: 4 linears a block instead of 7). " if args.fuse else "")
         + "Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
@@ -543,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="float16 / bfloat16 / float32; auto: float16 on CUDA, float32 on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2 blocks, hidden 256, MLP 512, 4 heads, vocabulary 1000")
+    ap.add_argument("--fuse", action="store_true",
+                    help="join each block's q/k/v and gate/up projections into one linear each (lpq.fuse_siblings), "
+                         "for every format, fp16 included")
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
@@ -598,21 +613,29 @@ def run(args, argv) -> int:
         if rec["format"] == "fp16":
             fp16_tps = rec["tokens_per_s"]
         rec["speedup_vs_fp16"] = (rec["tokens_per_s"] / fp16_tps) if fp16_tps and rec["tokens_per_s"] else None
-        rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date})
+        rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse)})
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
+    quantized = [f for f in formats if f.quantized]
+    master = None
+    if args.fuse and quantized and formats[0].name == "fp16":
+        master = copy.deepcopy(base).to("cpu")  # the formats quantize the unfused weights
     if formats[0].name == "fp16":
+        if args.fuse:
+            fuse_model(base)
         rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode)
         rec["quantize_s"] = None
         finish(rec)
-    quantized = [f for f in formats if f.quantized]
     if quantized:
-        master = base.to("cpu")  # in place: the fp16 copy leaves the GPU; each format quantizes a CPU copy
+        if master is None:
+            master = base.to("cpu")  # in place: the fp16 copy leaves the GPU; each format quantizes a CPU copy
         del base
         free_device(device, mode)
         for fmt in quantized:
             model, qs = quantize_copy(master, fmt, str(device))
+            if args.fuse:
+                fuse_model(model)
             model.to(device)
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)
             rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode)

@@ -349,11 +349,19 @@ def _mixed_plan(model, spec: QuantSpec, tokens, dev, work_dir, resume, seconds, 
     return plan, spec, {**dict(overrides or {}), **plan.overrides()}
 
 
-def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto"):
-    """Load a packed lpq (or GPTQ) directory as a transformers model that runs ``generate()``."""
+def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto", fuse: bool = False):
+    """Load a packed lpq (or GPTQ) directory as a transformers model that runs ``generate()``.
+
+    fuse: join each block's q/k/v and gate/up projections into one linear each (:func:`lpq.fuse_siblings`):
+    fewer, wider kernel calls per token, the same outputs; for running the model, not for saving it."""
     disable_transformers_progress()
     dev = resolve_device(device)
-    return load_quantized(path, dev, resolve_dtype(dtype, dev))
+    model = load_quantized(path, dev, resolve_dtype(dtype, dev))
+    if fuse:
+        from .fuse import fuse_siblings
+
+        fuse_siblings(model)
+    return model
 
 
 def load_any(name: str, device: str = "auto", dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False):

@@ -131,6 +131,19 @@ def test_script_end_to_end(capsys):
     assert "| format | weights GB |" in out and "| w3g128 |" in out
 
 
+def test_script_fused(capsys):
+    """--fuse: fp16 and the packed format both run with joined q/k/v and gate/up, and still decode exactly
+    generate's tokens (the check of a CPU run is enforced)."""
+    rc = decode.main(["--tiny", "--device", "cpu", "--formats", "fp16,w4g128", "--prompt-len", "12",
+                      "--new-tokens", "4", "--repeats", "1", "--no-write", "--fuse"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["format"], r["fused"]) for r in recs] == [("fp16", True), ("w4g128", True)]
+    assert all(r["check"].startswith("== generate") for r in recs)
+    assert "--fuse: in every format" in out
+
+
 def test_script_refuses_bad_input(capsys):
     assert decode.main(["--tiny", "--device", "cpu", "--mode", "graph", "--no-write"]) == 2
     assert "needs CUDA" in capsys.readouterr().err

@@ -34,6 +34,11 @@ class PackedFormat(ABC):
     def dequantize(self, tensors: dict[str, torch.Tensor], spec: QuantSpec, in_features: int, out_features: int) -> torch.Tensor:
         """The stored tensors -> weight [out_features, in_features] in float32."""
 
+    def concat_outputs(self, weights: list["QuantizedWeight"]) -> "QuantizedWeight | None":
+        """One layer whose outputs are those of ``weights`` one after another (the same input features and
+        spec), exactly, or None where this format cannot join them (then they stay apart)."""
+        return None
+
     def empty(self, in_features: int, out_features: int, spec: QuantSpec, device=None) -> dict[str, torch.Tensor]:
         return {
             name: torch.zeros(shape, dtype=dtype, device=device)

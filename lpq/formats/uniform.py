@@ -62,6 +62,19 @@ class UniformFormat(PackedFormat):
         codes, scales, zeros, g_idx = self.unpack(tensors, spec, in_features, out_features)
         return dequantize_codes(codes, scales, zeros, g_idx)
 
+    def concat_outputs(self, weights):
+        """Codes, scales and zeros joined along the outputs and packed again (the zeros are packed along N,
+        so their words are not simply concatenated). Act-order layers join only with one shared g_idx."""
+        first = weights[0]
+        if any(w.spec != first.spec or w.in_features != first.in_features for w in weights):
+            return None
+        parts = [self.unpack(w.tensors, w.spec, w.in_features, w.out_features) for w in weights]
+        if first.spec.act_order and any(not torch.equal(p[3], parts[0][3]) for p in parts[1:]):
+            return None
+        return pack_uniform(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
+                            torch.cat([p[2] for p in parts], dim=1), first.spec,
+                            g_idx=parts[0][3] if first.spec.act_order else None)
+
 
 UNIFORM = register_format(UniformFormat())
 
