@@ -292,6 +292,10 @@ def test_default_variant_rule():
     assert (pick(st_of(2, 8192, 28672), 1), uniform_cuda.default_warps(st_of(2, 8192, 28672), 1, 4)) == (4, 4)
     assert (pick(st_of(4, 8192, 28672), 1), uniform_cuda.default_warps(st_of(4, 8192, 28672), 1, 5)) == (5, 4)
     assert pick(st_of(3, 28672, 8192), 8) == 3 and pick(st_of(4, 28672, 8192), 8) == 4
+    # wider than tall but K < 3 N (4096x11008): 8 warps for 2-/3-bit codes, 4 for 4-bit (measured 2026-11-24)
+    for bits, warps in ((2, 8), (3, 8), (4, 4)):
+        st = st_of(bits, 4096, 11008)
+        assert (pick(st, 1), uniform_cuda.default_warps(st, 1, 5)) == (5, warps)
 
 
 def test_unknown_variant_is_refused_before_the_op():

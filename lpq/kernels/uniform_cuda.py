@@ -168,7 +168,8 @@ M1_WIDE_K = 3  # K >= M1_WIDE_K * N: at m = 1, 2-/3-bit codes keep two n-tiles (
 
 def default_warps(st: dict, m: int, variant: int = 0) -> int:
     """Warps per block of the fused kernel, fitted to the H100 timings (bench/NOTES-kernels.md rounds 4
-    and 5). Variant 5 at m = 1: 8 warps when the layer is taller than wide (N > K), else 4. Variant 4:
+    and 5). Variant 5 at m = 1: 8 warps when the layer is taller than wide (N > K), or for 2-/3-bit codes wider
+    than tall (K > N), else 4. Variant 4:
     4 warps from 129 blocks of two n-tiles up, 8 below (4096x11008, 4096x4096). Variants 0 and 3 (round
     4): with few blocks (< 340) each must keep more chunks in flight, so 8 warps; with many, 4; one
     n-tile per block also 8 when K is short (<= 32 chunks of 128); two n-tiles between 128 and 340
@@ -176,7 +177,10 @@ def default_warps(st: dict, m: int, variant: int = 0) -> int:
     small_m = m <= 8
     n, k = st["n"], st["k"]
     if small_m and variant == 5:
-        return 8 if n > k else 4
+        # 2-/3-bit layers wider than tall (N < K < 3 N) also take 8 (4096x11008 at m = 1, H100, three runs: W3
+        # 9.7-10.0 us against 10.2-10.6 with 4; two runs: W2 8.4-9.0 against 9.2-9.6); 4-bit ones keep 4 (11.5-11.6
+        # against 11.7-12.0)
+        return 8 if n > k or (st["bits"] in (2, 3) and k > n) else 4
     two_tiles = not small_m or variant in (3, 4)  # the m > 8 kernels always take two n-tiles per block
     blocks = st["sc"].shape[1] // (2 if two_tiles else 1)
     if small_m and variant == 4:
