@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="")
     ap.add_argument("--sweep", action="store_true", help="also time 2/4/8 warps per block at m = 1 (printed)")
     ap.add_argument("--variants", default="ring,first", help="fused kernels to time (LPQ_LUT_VARIANT names)")
+    ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
+    ap.add_argument("--records", default="kernels-lut", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
@@ -174,12 +176,12 @@ def main() -> None:
         print(f"done {n}x{k}", flush=True)
 
     body = render(records, gpu, " ".join(sys.argv[1:]))
-    print(f"## {SECTION}\n\n{body}")
+    print(f"## {args.section}\n\n{body}")
     for s in sweeps:
         print("sweep:", s)
     if not args.no_write:
-        write_section(SECTION, body)
-        write_records("kernels-lut", records)
+        write_section(args.section, body)
+        write_records(args.records, records)
 
 
 def render(records, gpu, argv: str = "") -> str:

@@ -198,6 +198,14 @@ def test_variant_and_warps_choice(monkeypatch):
     assert squeezellm_cuda.default_warps(many, 1, 0) == 8
     assert squeezellm_cuda.default_warps(many, 1, 1) == 4
     assert squeezellm_cuda.default_warps({"k": 4096, "n_tiles": 256}, 1, 1) == 8
+    # the ring kernel at m = 1: 4 warps on dense layers with <= 512 tiles and K <= 64 chunks (8192x8192, 4096x4096)
+    square = {"k": 8192, "n_tiles": 512, "sp_ptr": None}
+    assert squeezellm_cuda.default_warps(square, 1, 0) == 4
+    assert squeezellm_cuda.default_warps({**square, "k": 4096, "n_tiles": 256}, 1, 0) == 4
+    assert squeezellm_cuda.default_warps(square, 4, 0) == 8  # measured at m = 1 only
+    assert squeezellm_cuda.default_warps({**square, "sp_ptr": torch.zeros(1)}, 1, 0) == 8  # a sparse part
+    assert squeezellm_cuda.default_warps({**square, "k": 11008, "n_tiles": 256}, 1, 0) == 8  # long K
+    assert squeezellm_cuda.default_warps({**square, "k": 4096, "n_tiles": 688}, 1, 0) == 8  # many tiles
     monkeypatch.setenv("LPQ_LUT_WARPS", "2")
     assert squeezellm_cuda.default_warps(many, 1, 0) == 2
 

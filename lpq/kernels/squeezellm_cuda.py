@@ -196,15 +196,20 @@ def _fused_max_m() -> int:
 
 
 def default_warps(st: dict, m: int, variant: int = 0) -> int:
-    """Warps per block (one 16-row tile each, splitting K). The ring kernel: 8. The first kernel: 8 when
-    the tiles are few, so that each SM has enough loads in flight; 4 when there are many tiles and K is
-    short. LPQ_LUT_WARPS forces one."""
+    """Warps per block (one 16-row tile each, splitting K). The ring kernel: 8, but 4 at m = 1 on a dense-only
+    layer with few tiles and a short K (<= 512 tiles, <= 64 chunks of 128: 4096x4096, 8192x8192). The first
+    kernel: 8 when the tiles are few, so that each SM has enough loads in flight; 4 when there are many tiles
+    and K is short. LPQ_LUT_WARPS forces one."""
     forced = os.environ.get("LPQ_LUT_WARPS")
     if forced and forced.isdigit() and 1 <= int(forced) <= 8:
         return int(forced)
-    if variant == 0:
-        return 8
     chunks = -(-st["k"] // 128)
+    if variant == 0:
+        # two H100 sweeps (round 9 and 2026-11-24): dense 8192x8192 3-bit 13.5 us with 4 warps against 14.4 with
+        # 8, 4-bit 18.8-18.9 against 19.9-20.3; 4096x4096 4-bit 7.05 against 7.33; every other shape, and every
+        # layer with a sparse part, ties or wants 8
+        dense = st.get("sp_ptr") is None
+        return 4 if m == 1 and dense and st["n_tiles"] <= 512 and chunks <= 64 else 8
     return 4 if st["n_tiles"] >= 1024 and chunks <= 64 else 8
 
 
