@@ -22,7 +22,7 @@ from torch import nn
 
 from .nn import QuantizedLinear
 
-# names of sibling linears that read the same input, per block (LLaMA, Mistral, Qwen2, Gemma, Phi-3's MLP, ...)
+# names of sibling linears that read the same input, per block (LLaMA, Mistral, Qwen2, Gemma, ...)
 SIBLING_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
