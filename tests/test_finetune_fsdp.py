@@ -81,6 +81,12 @@ finally:
     report.mkdir(parents=True, exist_ok=True)
     (report / f"rank{record['rank']}.json").write_text(json.dumps(record))
     end_distributed()  # as the CLI does: no process group left to interpreter shutdown
+# Reached only when finetune returned (an exception has propagated out of the finally above). The report is
+# written; leave without interpreter teardown, where a C++ worker thread still alive on this 2-process CPU run
+# has now and then aborted a finished process ("terminate called without an active exception", exit -6).
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 '''
 
 
