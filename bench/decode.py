@@ -127,6 +127,56 @@ def make_config(tiny: bool = False, layers: int | None = None):
                        eos_token_id=None, pad_token_id=None, **shape)
 
 
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def parse_attention(spec: str) -> tuple[str, str | None]:
+    """``sdpa``, ``eager``, ``flex_attention`` (a transformers attention implementation), ``lpq`` (lpq's decode
+    kernel, SDPA otherwise: lpq.attention), or ``sdpa:B``: SDPA held to torch's backend B (cudnn, flash,
+    efficient, math). Returns (implementation, backend or None)."""
+    impl, _, backend = spec.strip().partition(":")
+    if not impl:
+        raise LpqError(f"--attn {spec!r}: name an attention implementation, e.g. sdpa or sdpa:efficient")
+    if backend:
+        if impl != "sdpa":
+            raise LpqError(f"--attn {spec}: only sdpa takes a backend (sdpa:{'|'.join(SDPA_BACKENDS)})")
+        if backend not in SDPA_BACKENDS:
+            raise LpqError(f"--attn {spec}: {backend!r} is not an SDPA backend; choose one of {', '.join(SDPA_BACKENDS)}")
+    return impl, backend or None
+
+
+@contextlib.contextmanager
+def attention(model, spec: str):
+    """Run the model with the attention ``spec`` (parse_attention). A backend is chosen through torch's global
+    SDPA switches, which SDPA reads when it dispatches (and torch.compile when it traces): only that backend
+    is on inside the block, so a call it cannot serve fails loudly instead of falling back. The switches are
+    restored on the way out; the model keeps its implementation."""
+    impl, backend = parse_attention(spec)
+    try:
+        if impl == "lpq":  # lpq's decode kernel (lpq.attention): registered, built and its counters allocated
+            import lpq
+
+            print(lpq.attention.enable(model), flush=True)
+        else:
+            model.set_attn_implementation(impl)
+    except Exception as e:  # an implementation this transformers or machine does not have
+        raise LpqError(f"--attn {spec}: transformers refused it ({str(e).splitlines()[0][:160]})") from e
+    cuda = torch.backends.cuda
+    switches = {"cudnn": (cuda.cudnn_sdp_enabled, cuda.enable_cudnn_sdp),
+                "flash": (cuda.flash_sdp_enabled, cuda.enable_flash_sdp),
+                "efficient": (cuda.mem_efficient_sdp_enabled, cuda.enable_mem_efficient_sdp),
+                "math": (cuda.math_sdp_enabled, cuda.enable_math_sdp)}
+    before = {k: get() for k, (get, _) in switches.items()}
+    try:
+        if backend is not None:
+            for k, (_, set_) in switches.items():
+                set_(k == backend)
+        yield
+    finally:
+        for k, (_, set_) in switches.items():
+            set_(before[k])
+
+
 def build_model(cfg, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
     """A LlamaForCausalLM with random weights (transformers' own init, seeded), built on ``device``."""
     from transformers import AutoModelForCausalLM
@@ -395,8 +445,17 @@ def time_decode(dec: Decoder, steps: int, repeats: int) -> list[float]:
     return out
 
 
-def measure(model, fmt: Format, prompt: torch.Tensor, steps: int, repeats: int, mode: str) -> dict:
-    """Check, then time the decode of one model; returns its record (without the fp16 ratio)."""
+def measure(model, fmt: Format, prompt: torch.Tensor, steps: int, repeats: int, mode: str,
+            attn: str = "sdpa") -> dict:
+    """Check, then time the decode of one model with attention ``attn`` (parse_attention); returns its record
+    (without the fp16 ratio)."""
+    with attention(model, attn):
+        record = _measure(model, fmt, prompt, steps, repeats, mode)
+    record["attn"] = attn
+    return record
+
+
+def _measure(model, fmt: Format, prompt: torch.Tensor, steps: int, repeats: int, mode: str) -> dict:
     graphs_before = compiled_graphs()
     dec = Decoder(model, prompt, max(steps, CHECK_STEPS), mode)
     dec.prefill()  # also selects the QuantizedLinears' kernels
@@ -498,7 +557,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         f"(seed {args.seed}), {args.dtype}; each lpq format is RTN of the same weights (wXgY = X bits, groups of Y, "
         "asymmetric, lpq's uniform format) over the decoder linears, embeddings and lm_head left as they are. "
         f"Batch 1: a random prompt of {plen} tokens prefilled, then {steps} greedy decode steps through transformers "
-        f"(StaticCache of {plen + steps}, attention {records[0]['attn_implementation'] if records else '-'}); "
+        f"(StaticCache of {plen + steps}, attention {records[0]['attn'] if records else '-'}); "
         f"{how}, the same for every format. Timed: the decode steps only "
         f"({'CUDA events' if cuda else 'wall clock'}), median of {args.repeats} repeats, each after a fresh prefill. "
         f"Checked before timing: {checked}. "
@@ -551,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mode", choices=("auto", "graph", "compile", "eager"), default="auto",
                     help="auto: graph on CUDA, eager on the CPU")
+    ap.add_argument("--attn", default="sdpa",
+                    help="attention, the same for every format: sdpa, eager, flex_attention (transformers' names), "
+                         "lpq (lpq's decode kernel, SDPA otherwise), or sdpa:cudnn|flash|efficient|math (SDPA held to "
+                         "one of torch's backends)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="auto", help="float16 / bfloat16 / float32; auto: float16 on CUDA, float32 on CPU")
     ap.add_argument("--seed", type=int, default=0)
@@ -571,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, argv) -> int:
     formats = parse_formats(args.formats)
+    parse_attention(args.attn)  # a bad --attn is refused before anything is built
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LpqError("--device cuda was asked for, but no CUDA GPU is available: use --device cpu (with --tiny)")
@@ -624,7 +688,7 @@ def run(args, argv) -> int:
     if formats[0].name == "fp16":
         if args.fuse:
             fuse_model(base)
-        rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode)
+        rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode, args.attn)
         rec["quantize_s"] = None
         finish(rec)
     if quantized:
@@ -638,7 +702,7 @@ def run(args, argv) -> int:
                 fuse_model(model)
             model.to(device)
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)
-            rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode)
+            rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode, args.attn)
             rec["quantize_s"] = qs
             finish(rec)
             del model

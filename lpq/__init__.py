@@ -7,6 +7,7 @@ Python API (the ``lpq`` command line is a thin layer over these):
     lpq.fuse_siblings(model)               -> fuse a loaded model's sibling projections in place
     lpq.evaluate.perplexity(model, tok, text)  /  lpq.evaluate.kl_divergence(...)
     lpq.inspect(directory)                 -> per-layer bits, bytes and the average bits per weight
+    lpq.attention.enable(model)            -> attention "lpq": a split-key CUDA kernel for decode steps, SDPA otherwise
 """
 
 __version__ = "0.1.0"
@@ -14,11 +15,11 @@ __version__ = "0.1.0"
 from .errors import LpqError  # noqa: E402
 from .spec import QuantSpec  # noqa: E402
 from .api import load, quantize
-from . import evaluate
+from . import attention, evaluate
 from .inspect import inspect
 from .fuse import fuse_siblings
 from .hf_integration import register as _register_with_transformers
 
 _register_with_transformers()
 
-__all__ = ["LpqError", "QuantSpec", "__version__", "evaluate", "fuse_siblings", "inspect", "load", "quantize"]
+__all__ = ["LpqError", "QuantSpec", "__version__", "attention", "evaluate", "fuse_siblings", "inspect", "load", "quantize"]

@@ -149,3 +149,40 @@ def test_script_refuses_bad_input(capsys):
     assert "needs CUDA" in capsys.readouterr().err
     assert decode.main(["--tiny", "--device", "cpu", "--formats", "q4", "--no-write"]) == 2
     assert "not a format" in capsys.readouterr().err
+    assert decode.main(["--tiny", "--device", "cpu", "--attn", "sdpa:fast", "--no-write"]) == 2
+    assert "not an SDPA backend" in capsys.readouterr().err
+    assert decode.main(["--tiny", "--device", "cpu", "--attn", "eager:math", "--no-write"]) == 2
+    assert "only sdpa takes a backend" in capsys.readouterr().err
+
+
+def test_attention_switches_and_restores(fp16_model, prompt):
+    """--attn: the model runs with the named implementation (lpq: lpq.attention, SDPA on the CPU, the same
+    tokens), SDPA backend switches are on only inside the block and restored after it."""
+    assert decode.parse_attention("sdpa") == ("sdpa", None)
+    assert decode.parse_attention("sdpa:math") == ("sdpa", "math")
+    assert decode.parse_attention("lpq") == ("lpq", None)
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    with decode.attention(fp16_model, "sdpa:math"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        assert fp16_model.config._attn_implementation == "sdpa"
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == before
+    dec = decode.Decoder(fp16_model, prompt, STEPS, "eager")
+    want = decode.check_against_generate(dec, STEPS)
+    try:
+        with decode.attention(fp16_model, "lpq"):
+            assert fp16_model.config._attn_implementation == "lpq"
+            assert decode.check_against_generate(decode.Decoder(fp16_model, prompt, STEPS, "eager"), STEPS) == want
+    finally:
+        fp16_model.set_attn_implementation("sdpa")
+
+
+def test_profile_kernel_kinds():
+    """bench/profile_decode.py sorts kernels by kind from their names; inductor's kernels named after lpq's op
+    they were fused around are still Triton kernels."""
+    profile = load_bench_script("profile_decode")
+    assert profile.kernel_kind("void lpq::uniform_gemm_kc_kernel<4, __half, 128, 1, 2, 2, 1>(lpq::GemmArgs)") == "lpq"
+    assert profile.kernel_kind("triton_poi_fused_mul_silu_slice_uniform_gemm_view_6") == "triton"
+    assert profile.kernel_kind("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == "attention"
+    assert profile.kernel_kind("void lpq::attn::decode_attention_kernel<__half, 128>(lpq::attn::DecodeArgs)") == "attention"
+    assert profile.kernel_kind("nvjet_sm90_hsh_256x8_64x6_4x1_v_bz_TNT") == "cuBLAS"
+    assert profile.kernel_kind("void at::native::elementwise_kernel<128, 4>") == "other"

@@ -1,0 +1,266 @@
+// lpq: attention of one query token over a key/value cache (decode), split along the keys.
+//
+// Why: at batch 1 a decode step attends 1 query per head over L cached keys. A kernel that gives each
+// head one block (the cuDNN and memory-efficient SDPA kernels at q_len = 1) reads a head's 2 x L x D
+// values through one SM: 8.4 us a layer for a 7B-shaped model (32 heads, D = 128, L = 384; 6.3 MB that
+// the GPU's bandwidth reads in about 2 us; bench/profile_decode.py). Here each (batch, head) is split
+// into `splits` runs of keys, one block each, so that the grid covers the GPU, and the last block of a
+// (batch, head) to finish (a counter, as in the ptq161 kernels) merges the runs' partial softmax sums in
+// split order. One launch.
+//
+// Grid (splits, H, B), 128 threads. A key's row of D elements is read by D / 8 lanes, 16 bytes each,
+// so a warp reads 32 / (D / 8) consecutive rows at once and a block 4x that; a round is kKeysPerThread
+// such reads of keys and of values issued back to back before any is used (loads in flight). Each warp
+// keeps its own running softmax (online: max, sum, weighted values) over its rows, so the loop has no
+// block barrier; the four warps are merged once at the end, then the runs by the last block.
+// Scores are in natural units (scale x q.k + an additive mask), as torch computes them; the weights are
+// exp2((s - max) x log2(e)).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+
+#include "decode_attention.h"
+
+namespace lpq {
+namespace attn {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void put(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void put(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// 8 elements of a 16-byte piece as floats
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8], __half) {
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8], __nv_bfloat16) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float mask_term(const DecodeArgs& a, const char* mrow, int j) {
+  switch (a.mask_kind) {
+    case kBoolMask: return mrow[j] ? 0.f : -CUDART_INF_F;
+    case kAddSame: return to_f(reinterpret_cast<const T*>(mrow)[j]);
+    case kAddF32: return reinterpret_cast<const float*>(mrow)[j];
+    default: return 0.f;
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a) {
+  constexpr int LPK = D / 8;                  // lanes a key row
+  constexpr int KPW = 32 / LPK;               // rows a warp reads at once
+  constexpr int KPB = (kThreads / 32) * KPW;  // rows a block reads at once
+  constexpr int KT = kKeysPerThread;
+  constexpr int RK = KPB * KT;                // rows a round
+  constexpr int NW = kThreads / 32;
+  __shared__ float red[NW][D];                // the warps' partial outputs
+  __shared__ float wstat[NW][2];              // the warps' (max, sum)
+  __shared__ int last_block;
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int grp = h / (a.H / a.Hkv);  // the key/value head of this query head
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane % LPK;                  // this lane's 16-byte piece of a row: elements sub*8 .. +7
+  const int kin = warp * KPW + lane / LPK;     // this lane's row inside a block-wide read
+  const int j0 = split * a.keys_per_split;
+  const int n = max(0, min(a.L, j0 + a.keys_per_split) - j0);  // keys of this run
+
+  float qf[8];
+  {
+    const T* q = reinterpret_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + sub * 8;
+    unpack8(*reinterpret_cast<const uint4*>(q), qf, T());
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qf[e] *= a.scale;
+  }
+  const T* kb = reinterpret_cast<const T*>(a.k) + b * a.kv_sb + grp * a.kv_sh + (int64_t)j0 * a.kv_sl + sub * 8;
+  const T* vb = reinterpret_cast<const T*>(a.v) + b * a.v_sb + grp * a.v_sh + (int64_t)j0 * a.v_sl + sub * 8;
+  const int msz = a.mask_kind == kBoolMask ? 1 : a.mask_kind == kAddF32 ? 4 : (int)sizeof(T);
+  const char* mrow = a.mask_kind == kNoMask ? nullptr
+                     : reinterpret_cast<const char*>(a.mask) + (b * a.m_sb + h * a.m_sh + j0) * msz;
+
+  // One pass over the run, a round at a time: every lane issues its KT key and KT value rows at once, then
+  // the warp folds them into its own running softmax (max mx, sum l and the weighted values acc, each
+  // relative to mx) without a block barrier; the four warps are merged once at the end.
+  float mx = -CUDART_INF_F, l = 0.f;
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+  for (int r0 = 0; r0 < n; r0 += RK) {
+    uint4 kr[KT], vr[KT];
+#pragma unroll
+    for (int t = 0; t < KT; ++t) {
+      const int j = r0 + t * KPB + kin;
+      const bool in = j < n;
+      kr[t] = in ? __ldg(reinterpret_cast<const uint4*>(kb + (int64_t)j * a.kv_sl)) : make_uint4(0, 0, 0, 0);
+      vr[t] = in ? __ldg(reinterpret_cast<const uint4*>(vb + (int64_t)j * a.v_sl)) : make_uint4(0, 0, 0, 0);
+    }
+    float s[KT];
+    float rmax = -CUDART_INF_F;
+#pragma unroll
+    for (int t = 0; t < KT; ++t) {
+      float kf[8];
+      unpack8(kr[t], kf, T());
+      float d = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d = fmaf(qf[e], kf[e], d);
+#pragma unroll
+      for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      const int j = r0 + t * KPB + kin;
+      // natural units (scale x q.k + mask): a mask of float32's lowest stays finite here, as in torch
+      s[t] = j < n ? d + (mrow ? mask_term<T>(a, mrow, j) : 0.f) : -CUDART_INF_F;
+      rmax = fmaxf(rmax, s[t]);
+    }
+#pragma unroll
+    for (int o = 16; o >= LPK; o >>= 1) rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, o));
+    const float mnew = fmaxf(mx, rmax);
+    if (mnew == -CUDART_INF_F) continue;  // nothing attended yet (warp-uniform)
+    const float f = exp2f((mx - mnew) * kLog2e);  // 0 while mx is -inf
+    l *= f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= f;
+#pragma unroll
+    for (int t = 0; t < KT; ++t) {
+      const float p = exp2f((s[t] - mnew) * kLog2e);  // 0 for keys past the run or masked out
+      l += p;
+      float vf[8];
+      unpack8(vr[t], vf, T());
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
+    }
+    mx = mnew;
+  }
+  // the warp's lanes holding the same columns (same sub) are LPK apart: their sums are the warp's
+#pragma unroll
+  for (int o = LPK; o < 32; o <<= 1) {
+    l += __shfl_xor_sync(0xffffffffu, l, o);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+  }
+  if (lane < LPK) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) red[warp][sub * 8 + e] = acc[e];
+  }
+  if (lane == 0) {
+    wstat[warp][0] = mx;
+    wstat[warp][1] = l;
+  }
+  __syncthreads();
+  // merge the warps: the block's max, sum, and each column's weighted values relative to that max
+  float bmx = -CUDART_INF_F;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) bmx = fmaxf(bmx, wstat[w][0]);
+  float wf[NW], bl = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) {
+    wf[w] = wstat[w][0] == -CUDART_INF_F ? 0.f : exp2f((wstat[w][0] - bmx) * kLog2e);
+    bl = fmaf(wstat[w][1], wf[w], bl);
+  }
+
+  const int bh = b * a.H + h;
+  T* out = reinterpret_cast<T*>(a.out) + (int64_t)bh * D;  // [B, 1, H, D] contiguous: row (b, h)
+  if (a.splits == 1) {
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < NW; ++w) o = fmaf(red[w][d], wf[w], o);
+      put(out + d, bl > 0.f ? o / bl : 0.f);
+    }
+    return;
+  }
+  float* part = a.partial + ((int64_t)bh * a.splits + split) * D;
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) o = fmaf(red[w][d], wf[w], o);
+    part[d] = o;
+  }
+  if (threadIdx.x == 0) {
+    a.stats[((int64_t)bh * a.splits + split) * 2] = bmx;
+    a.stats[((int64_t)bh * a.splits + split) * 2 + 1] = bl;
+  }
+  // publish this run (one release after the barrier), then the last run to arrive merges them all
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int prev;
+    int* counter = a.counters + bh;
+    asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+    const bool last = prev == a.splits - 1;
+    if (last) {
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
+      *counter = 0;  // ready for the next call
+    }
+    last_block = last;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  // The merge: every run's (max, sum) into shared memory at once, then each column's partials in loads of
+  // 8 in flight (the runs' order fixed: the result does not depend on the order they finished in).
+  __shared__ float run_w[kMaxSplits];  // a run's weight exp2((max - M) log2 e), 0 for a run wholly masked
+  __shared__ float run_l[kMaxSplits];
+  const float* st = a.stats + (int64_t)bh * a.splits * 2;
+  for (int s = threadIdx.x; s < a.splits; s += kThreads) {
+    const float2 v = __ldcg(reinterpret_cast<const float2*>(st) + s);
+    run_w[s] = v.x;
+    run_l[s] = v.y;
+  }
+  __syncthreads();
+  float M = -CUDART_INF_F;
+  for (int s = 0; s < a.splits; ++s) M = fmaxf(M, run_w[s]);
+  __syncthreads();  // every thread has read the maxima before they are replaced by weights
+  for (int s = threadIdx.x; s < a.splits; s += kThreads)
+    run_w[s] = run_w[s] == -CUDART_INF_F ? 0.f : exp2f((run_w[s] - M) * kLog2e);
+  __syncthreads();
+  float lsum = 0.f;
+  for (int s = 0; s < a.splits; ++s) lsum = fmaf(run_l[s], run_w[s], lsum);
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    const float* src = a.partial + (int64_t)bh * a.splits * D + d;
+    float o = 0.f;
+    for (int s0 = 0; s0 < a.splits; s0 += 8) {
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = s0 + i < a.splits ? __ldcg(src + (int64_t)(s0 + i) * D) : 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (s0 + i < a.splits) o = fmaf(v[i], run_w[s0 + i], o);
+    }
+    put(out + d, lsum > 0.f ? o / lsum : 0.f);
+  }
+}
+
+template <typename T>
+cudaError_t launch_t(const DecodeArgs& a, cudaStream_t stream) {
+  const dim3 grid(a.splits, a.H, a.B);
+  switch (a.D) {
+    case 64: decode_attention_kernel<T, 64><<<grid, kThreads, 0, stream>>>(a); break;
+    case 128: decode_attention_kernel<T, 128><<<grid, kThreads, 0, stream>>>(a); break;
+    case 256: decode_attention_kernel<T, 256><<<grid, kThreads, 0, stream>>>(a); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, cudaStream_t stream) {
+  return bf16 ? launch_t<__nv_bfloat16>(a, stream) : launch_t<__half>(a, stream);
+}
+
+}  // namespace attn
+}  // namespace lpq
