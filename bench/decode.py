@@ -203,12 +203,25 @@ def quantize_copy(master, fmt: Format, device: str):
 
 # -- measuring -----------------------------------------------------------------------------------------
 
-def fuse_model(model) -> None:
-    """q/k/v and gate/up of every block joined (lpq.fuse_siblings); every block must have both groups."""
-    from lpq.fuse import fuse_siblings
+FOLD_NORMS = {"all": ("input_layernorm", "post_attention_layernorm"), "mlp": ("post_attention_layernorm",), "none": ()}
 
-    fused = fuse_siblings(model)
+
+def fuse_model(model, epilogues: bool = False, fold: str = "none") -> None:
+    """q/k/v and gate/up of every block joined (lpq.fuse_siblings); every block must have both groups. With
+    epilogues: lpq.fuse_for_decode (gated MLPs with silu(gate) * up in the joint linear, q/k/v joined, both
+    RMSNorms of every block folded into the projections that read them); every block must take all three."""
+    from lpq.fuse import fuse_for_decode, fuse_siblings
+
     blocks = model.config.num_hidden_layers
+    if epilogues:
+        report = fuse_for_decode(model, FOLD_NORMS[fold])
+        counts = {k: len(v) for k, v in report.items()}
+        want = len(FOLD_NORMS[fold]) * blocks
+        if counts != {"gated_mlp": blocks, "siblings": blocks, "norms": want}:
+            raise LpqError(f"--epilogues changed {counts}, expected {blocks} gated MLPs, {blocks} q/k/v groups and "
+                           f"{want} norms")
+        return
+    fused = fuse_siblings(model)
     if len(fused) != 2 * blocks:
         raise LpqError(f"--fuse joined {len(fused)} sibling groups, expected {2 * blocks} (q/k/v and gate/up a block)")
 
@@ -568,7 +581,12 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         + (f"LPQ_PDL={int(_pdl_on())} ({'the fused kernels launch with programmatic dependent launch' if _pdl_on() else 'plain launches'}). "
            if cuda else "")
         + ("--fuse: in every format, fp16 included, each block's q/k/v and gate/up projections run as one linear each "
-           "(lpq.fuse_siblings: 4 linears a block instead of 7). " if args.fuse else "")
+           "(lpq.fuse_siblings: 4 linears a block instead of 7). " if args.fuse and not args.epilogues else "")
+        + ("--epilogues: in every format, fp16 included, lpq.fuse_for_decode: q/k/v joined, gate/up joined with "
+           "silu(gate) * up computed by the joint linear, "
+           + {"all": "both RMSNorms of a block", "mlp": "the RMSNorm before the MLP", "none": "no RMSNorm"}[args.fold_norms]
+           + " folded into the projections that read them (lpq.epilogue; lpq's uniform kernel computes the epilogues "
+           "in its own epilogue, fp16 runs them in torch). " if args.epilogues else "")
         + "Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
@@ -621,10 +639,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", action="store_true",
                     help="join each block's q/k/v and gate/up projections into one linear each (lpq.fuse_siblings), "
                          "for every format, fp16 included")
+    ap.add_argument("--epilogues", action="store_true",
+                    help="--fuse, and also fold each block's RMSNorms and the MLP's silu(gate) * up into the linears "
+                         "(lpq.fuse_for_decode), for every format, fp16 included")
+    ap.add_argument("--fold-norms", choices=tuple(FOLD_NORMS), default="none",
+                    help="with --epilogues: which RMSNorms of a block fold into their projections (mlp: only the one "
+                         "before the MLP)")
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    args.fuse = args.fuse or args.epilogues
     try:
         return run(args, argv)
     except LpqError as e:
@@ -677,7 +702,8 @@ def run(args, argv) -> int:
         if rec["format"] == "fp16":
             fp16_tps = rec["tokens_per_s"]
         rec["speedup_vs_fp16"] = (rec["tokens_per_s"] / fp16_tps) if fp16_tps and rec["tokens_per_s"] else None
-        rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse)})
+        rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse),
+                    "epilogues": bool(args.epilogues), "fold_norms": args.fold_norms if args.epilogues else None})
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
@@ -687,7 +713,7 @@ def run(args, argv) -> int:
         master = copy.deepcopy(base).to("cpu")  # the formats quantize the unfused weights
     if formats[0].name == "fp16":
         if args.fuse:
-            fuse_model(base)
+            fuse_model(base, args.epilogues, args.fold_norms)
         rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode, args.attn)
         rec["quantize_s"] = None
         finish(rec)
@@ -698,9 +724,9 @@ def run(args, argv) -> int:
         free_device(device, mode)
         for fmt in quantized:
             model, qs = quantize_copy(master, fmt, str(device))
-            if args.fuse:
-                fuse_model(model)
             model.to(device)
+            if args.fuse:  # on the device: joining repacks the codes, faster there
+                fuse_model(model, args.epilogues, args.fold_norms)
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)
             rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode, args.attn)
             rec["quantize_s"] = qs

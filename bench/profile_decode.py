@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: the kernels of one compiled batch-1 step, by kind, per format.
 
-    python bench/profile_decode.py [--formats fp16,w4g128] [--fuse] [--attn sdpa,eager] [--steps 16]
+    python bench/profile_decode.py [--formats fp16,w4g128] [--fuse | --epilogues] [--attn sdpa,eager] [--steps 16]
     python bench/profile_decode.py --tiny --device cpu --no-write      # CPU smoke run (no kernel times)
 
 Builds the model of bench/decode.py (LLaMA-7B-shaped, random weights; --tiny for a small one), quantizes each
@@ -102,7 +102,8 @@ def measure(model, fmt: decode.Format, prompt, args, attn: str) -> dict:
     dec = decode.Decoder(model, prompt, max(args.steps, args.time_steps) + 4, "compile")
     dec.prefill()
     ms = graph_ms_per_token(dec, args.time_steps) if cuda else None
-    rec = {"format": fmt.name, "attn": attn, "fused": bool(args.fuse), "ms_per_token": ms}
+    rec = {"format": fmt.name, "attn": attn, "fused": bool(args.fuse), "epilogues": bool(args.epilogues),
+           "ms_per_token": ms}
     if cuda:
         kinds, names, count = profile_steps(dec, args.steps)
         total = sum(kinds.values())
@@ -129,7 +130,8 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         f"{gpu}; {versions()}; date {date}.",
         f"Command: `{command}`. Model as in bench/decode.py ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, "
         f"MLP {cfg.intermediate_size}, random weights, float16, RTN formats), prompt {args.prompt_len}, "
-        + ("projections fused (--fuse). " if args.fuse else "projections unfused. ")
+        + ("fused for decode (--epilogues: lpq.fuse_for_decode, norms and silu(gate) * up folded into the linears). "
+           if args.epilogues else "projections fused (--fuse). " if args.fuse else "projections unfused. ")
         + f"ms/token: the compiled step replayed from a CUDA graph, median of 3 runs of {args.time_steps} steps. "
         f"Kernels: device time of every kernel over {args.steps} compiled steps called from Python outside the graph "
         "(torch.profiler), per step. idle = ms/token - kernel time: the graph's launch gaps and tails.",
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="sdpa",
                     help="attention variants, comma-separated: sdpa, eager, flex_attention, lpq, sdpa:cudnn|flash|efficient|math")
     ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each, in every format")
+    ap.add_argument("--epilogues", action="store_true",
+                    help="--fuse and the norms and silu(gate) * up folded into the linears (lpq.fuse_for_decode)")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=16, help="steps profiled")
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", default="decode-profile-h100")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    args.fuse = args.fuse or args.epilogues
     try:
         return run(args, argv)
     except LpqError as e:
@@ -210,9 +215,9 @@ def run(args, argv) -> int:
             model, _ = decode.quantize_copy(master, fmt, str(device))
         else:
             model = copy.deepcopy(master)
-        if args.fuse:
-            decode.fuse_model(model)
         model.to(device)
+        if args.fuse:  # on the device, as decode.py does
+            decode.fuse_model(model, args.epilogues)
         for attn in attns:
             try:
                 with decode.attention(model, attn):

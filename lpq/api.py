@@ -349,15 +349,22 @@ def _mixed_plan(model, spec: QuantSpec, tokens, dev, work_dir, resume, seconds, 
     return plan, spec, {**dict(overrides or {}), **plan.overrides()}
 
 
-def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto", fuse: bool = False):
+def load(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto", fuse: bool | str = False):
     """Load a packed lpq (or GPTQ) directory as a transformers model that runs ``generate()``.
 
-    fuse: join each block's q/k/v and gate/up projections into one linear each (:func:`lpq.fuse_siblings`):
-    fewer, wider kernel calls per token, the same outputs; for running the model, not for saving it."""
+    fuse: True joins each block's q/k/v and gate/up projections into one linear each (:func:`lpq.fuse_siblings`):
+    fewer, wider kernel calls per token, the same outputs. "decode" also computes a gated MLP's silu(gate) * up in
+    its joint linear (:func:`lpq.fuse_for_decode`). For running the model, not for saving it."""
+    if fuse not in (False, True, "decode"):
+        raise LpqError(f"fuse={fuse!r}: choose False, True or 'decode'")
     disable_transformers_progress()
     dev = resolve_device(device)
     model = load_quantized(path, dev, resolve_dtype(dtype, dev))
-    if fuse:
+    if fuse == "decode":
+        from .fuse import fuse_for_decode
+
+        fuse_for_decode(model)
+    elif fuse:
         from .fuse import fuse_siblings
 
         fuse_siblings(model)

@@ -13,6 +13,18 @@ computes the joint output again, so results never depend on the order of the cal
 This changes the module tree (the siblings' weights now live in the fused layer), so fuse a model only to run
 it: save or re-quantize the unfused model. ``torch.compile`` traces it as one graph (the cache is plain Python
 state between the sibling calls).
+
+Two further steps fold the small kernels between a block's linears into them (lpq.epilogue), for decoder blocks
+whose code is known (``GATED_MLPS``, ``PRE_NORM_BLOCKS``):
+
+- ``fuse_gated_mlp(model)``: each gated SiLU MLP becomes a ``GatedMLP``: gate and up joined with their rows
+  interleaved, so that the joint linear gives silu(gate) * up itself (in lpq's uniform CUDA kernel: in its
+  epilogue; elsewhere in torch), then down. Run it before ``fuse_siblings``.
+- ``fold_norms(model)``: each block's two RMSNorms become ``DeferredRMSNorm``s that hand w * h to the projection
+  reading them, which scales by the rms of h itself. Run it after ``fuse_siblings`` and ``fuse_gated_mlp``: the
+  q/k/v of a block must be one fused linear, and its MLP a GatedMLP or a fused gate/up.
+
+``fuse_for_decode(model)`` runs the first two, and fold_norms when asked (it measured no faster on the H100).
 """
 
 from __future__ import annotations
@@ -20,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .epilogue import linear_forward, swiglu_row_order
+from .errors import LpqError
 from .nn import QuantizedLinear
 
 # names of sibling linears that read the same input, per block (LLaMA, Mistral, Qwen2, Gemma, ...)
@@ -38,13 +52,17 @@ class SharedProjection(nn.Module):
         self._version = -1
         self._y: torch.Tensor | None = None
         self._served = 0
+        object.__setattr__(self, "norm", None)  # a DeferredRMSNorm feeding this projection (fold_norms); not a submodule
 
     def output_for(self, x: torch.Tensor) -> torch.Tensor:
         stale = self._x is not x
         if not stale and not torch.compiler.is_compiling():
             stale = self._version != x._version  # modified in place since (eager only)
         if stale:
-            self._y = self.fused(x)
+            if self.norm is not None:
+                self._y = linear_forward(self.fused, x, norm_of=self.norm.take(x), norm_eps=self.norm.eps)
+            else:
+                self._y = self.fused(x)
             self._x, self._served = x, 0
             if not torch.compiler.is_compiling():
                 self._version = x._version
@@ -128,3 +146,176 @@ def fuse_siblings(model: nn.Module, groups: tuple[tuple[str, ...], ...] = SIBLIN
                 start += width
             fused.append(f"{parent_name}.{'+'.join(names)}" if parent_name else "+".join(names))
     return fused
+
+
+# Modules whose forward is known to be the one fuse_gated_mlp / fold_norms replace: a gated MLP
+# down(act(gate(x)) * up(x)); a pre-norm decoder block whose input_layernorm output is read only by self_attn's
+# q/k/v projections and post_attention_layernorm's only by the mlp; an RMSNorm weight * (h * rsqrt(mean(h^2) + eps)).
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+PRE_NORM_BLOCKS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")
+
+
+class DeferredRMSNorm(nn.Module):
+    """Stands where a block's RMSNorm was: returns x = w * h and leaves the rms scale to the one projection that
+    reads x, which asks for h with ``take(x)`` (lpq.epilogue). The weight is the norm's own parameter."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        self._x: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = (self.weight * h).to(h.dtype)
+        self._x, self._h = x, h
+        return x
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """h for the x this norm returned last (then forgotten). Any other tensor means the block's code did not
+        hand the norm's output straight to the projection, where the rms scale would be lost: an error."""
+        if self._x is None or self._x is not x:
+            raise LpqError("fold_norms: a folded RMSNorm's output reached its projection as another tensor (a hook "
+                           "or a block whose code differs); load the model again without folded norms")
+        h = self._h
+        self._x = self._h = None
+        return h
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, scale folded into the next projection"
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up joined into ``gate_up``, rows interleaved by
+    lpq.epilogue.swiglu_row_order, whose kernel gives silu(gate) * up directly (swiglu epilogue)."""
+
+    def __init__(self, gate_up: nn.Module, down_proj: nn.Module, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down_proj = down_proj
+        self.intermediate_size = intermediate_size
+        object.__setattr__(self, "norm", None)  # a DeferredRMSNorm feeding this MLP (fold_norms); not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            a = linear_forward(self.gate_up, x, norm_of=self.norm.take(x), norm_eps=self.norm.eps, swiglu=True)
+        else:
+            a = linear_forward(self.gate_up, x, swiglu=True)
+        return self.down_proj(a)
+
+    def extra_repr(self) -> str:
+        return f"intermediate_size={self.intermediate_size}, gate/up interleaved, silu(gate) * up in the linear"
+
+
+def permute_outputs(layer: nn.Module, order: torch.Tensor) -> nn.Module | None:
+    """A copy of ``layer`` (nn.Linear or QuantizedLinear) whose output j is its output order[j], or None where its
+    packed format cannot reorder rows."""
+    if type(layer) is nn.Linear:
+        order = order.to(layer.weight.device)
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        dtype=layer.weight.dtype, device=layer.weight.device)
+        with torch.no_grad():
+            out.weight.copy_(layer.weight[order])
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias[order])
+        return out.requires_grad_(False)
+    if type(layer) is QuantizedLinear:
+        qw = layer.quantized_weight()
+        moved = qw.format.permute_outputs(qw, order)
+        if moved is None:
+            return None
+        bias = layer.bias[order.to(layer.bias.device)] if layer.bias is not None else None
+        dtype = layer.bias.dtype if layer.bias is not None else torch.float16
+        home = layer.canonical_home or layer.qweight.device
+        return QuantizedLinear.from_quantized(moved.to(home), bias.to(home) if bias is not None else None, dtype)
+    return None
+
+
+def fuse_gated_mlp(model: nn.Module) -> list[str]:
+    """Replace every gated SiLU MLP of a known class (GATED_MLPS) by a GatedMLP (in place); -> their names. An MLP
+    whose gate and up cannot be joined and reordered, or whose width is not a multiple of 8, stays as it was."""
+    from .epilogue import SWIGLU_TILE
+
+    done = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, mlp in list(parent.named_children()):
+            if type(mlp).__name__ not in GATED_MLPS or type(getattr(mlp, "act_fn", None)).__name__ not in SILU_ACTIVATIONS:
+                continue
+            gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+            if any(not isinstance(layer, (nn.Linear, QuantizedLinear)) for layer in (gate, up, down)):
+                continue  # e.g. siblings already fused: fuse_gated_mlp runs first
+            width = gate.out_features
+            if width % SWIGLU_TILE or up.out_features != width:
+                continue
+            joined = join_linears([gate, up])
+            if joined is None:
+                continue
+            joined = permute_outputs(joined, swiglu_row_order(width))
+            if joined is None:
+                continue
+            setattr(parent, child_name, GatedMLP(joined, down, width))
+            done.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return done
+
+
+def _qkv_projection(attn: nn.Module) -> SharedProjection | None:
+    """The SharedProjection computing all of attn's q/k/v, if fuse_siblings joined them."""
+    slices = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(s, SiblingSlice) for s in slices):
+        return None
+    shared = slices[0].shared
+    return shared if all(s.shared is shared for s in slices) and len(shared.names) == 3 else None
+
+
+def _mlp_consumer(mlp: nn.Module) -> nn.Module | None:
+    """What reads the MLP's input: a GatedMLP itself, or the SharedProjection of a fused gate/up."""
+    if isinstance(mlp, GatedMLP):
+        return mlp
+    if type(mlp).__name__ not in GATED_MLPS:
+        return None
+    slices = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+    if all(isinstance(s, SiblingSlice) for s in slices) and slices[0].shared is slices[1].shared \
+            and len(slices[0].shared.names) == 2:
+        return slices[0].shared
+    return None
+
+
+BLOCK_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def fold_norms(model: nn.Module, which: tuple[str, ...] = BLOCK_NORMS) -> list[str]:
+    """In every pre-norm decoder block of a known class (PRE_NORM_BLOCKS, RMS_NORMS), put a DeferredRMSNorm in
+    place of input_layernorm (read by the fused q/k/v) and of post_attention_layernorm (read by a GatedMLP or a
+    fused gate/up): their projections scale by the rms themselves. ``which`` limits it to some of the two.
+    -> the names of the folded norms.
+
+    Caution in float16: the projection's input w * h is formed before normalising, so a hidden state with
+    |w * h| > 65504 overflows where RMSNorm itself would not (bfloat16 has no such limit)."""
+    done = []
+    for name, block in model.named_modules():
+        if type(block).__name__ not in PRE_NORM_BLOCKS:
+            continue
+        pairs = (("input_layernorm", _qkv_projection(getattr(block, "self_attn", nn.Module()))),
+                 ("post_attention_layernorm", _mlp_consumer(getattr(block, "mlp", nn.Module()))))
+        for norm_name, consumer in pairs:
+            norm = getattr(block, norm_name, None)
+            if norm_name not in which or consumer is None or type(norm).__name__ not in RMS_NORMS:
+                continue
+            deferred = DeferredRMSNorm(norm)
+            setattr(block, norm_name, deferred)
+            object.__setattr__(consumer, "norm", deferred)
+            done.append(f"{name}.{norm_name}" if name else norm_name)
+    return done
+
+
+def fuse_for_decode(model: nn.Module, norms: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """fuse_gated_mlp, fuse_siblings and fold_norms (of ``norms``, none by default), in that order (in place) -> what
+    each changed. Folding the norms is off by default: on the H100 it did not make the 7B-shaped decode step
+    faster (bench/RESULTS.md, the A/B runs of 2026-11-24: W4 2.34 ms/token with the MLP's norm folded, 2.36 with both,
+    2.33 with none), because summing the squares inside the projection costs about what the norm kernel did."""
+    mlps = fuse_gated_mlp(model)
+    siblings = fuse_siblings(model)
+    norms = fold_norms(model, norms)
+    return {"gated_mlp": mlps, "siblings": siblings, "norms": norms}

@@ -73,7 +73,12 @@ class QuantizedLinear(nn.Module):
     def kernel(self) -> Kernel | None:
         return self._kernel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, norm_eps: float = 0.0,
+                swiglu: bool = False) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]. With the epilogues of lpq.epilogue: ``norm_of`` h [..., in]
+        gives W @ (x * rsqrt(mean(h^2) + norm_eps)) (x = w * h: RMSNorm folded in); ``swiglu`` gives silu(gate) * up
+        [..., out_features / 2] of rows interleaved by lpq.epilogue.swiglu_row_order. The kernel computes them
+        where it can, else they run in torch around it."""
         key = (x.device, x.dtype)
         if self._kernel is None or self._kernel_key != key:
             self._kernel = select_kernel(self, x)
@@ -83,7 +88,9 @@ class QuantizedLinear(nn.Module):
             self._kernel.prepare(self)
             if self._kernel.holds_weights and _host_copy_helps(x.device) and not os.environ.get("LPQ_KEEP_CANONICAL"):
                 self._release_canonical(x.device)
-        return self._kernel.forward(self, x)
+        if norm_of is None and not swiglu:
+            return self._kernel.forward(self, x)
+        return self._kernel.forward_epilogue(self, x, norm_of, norm_eps, swiglu)
 
     def _release_canonical(self, device: torch.device) -> None:
         for n in self._canonical_names():

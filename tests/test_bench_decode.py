@@ -144,6 +144,20 @@ def test_script_fused(capsys):
     assert "--fuse: in every format" in out
 
 
+def test_script_epilogues(capsys):
+    """--epilogues: every format runs fuse_for_decode (norms and silu(gate) * up folded into the linears) and still
+    decodes generate's tokens; the section says so (whether the fused model equals the unfused one:
+    tests/test_epilogue.py)."""
+    rc = decode.main(["--tiny", "--device", "cpu", "--formats", "fp16,w4g128", "--prompt-len", "12",
+                      "--new-tokens", "4", "--repeats", "1", "--no-write", "--epilogues"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["format"], r["fused"], r["epilogues"]) for r in recs] == [("fp16", True, True), ("w4g128", True, True)]
+    assert all(r["check"].startswith("== generate") for r in recs)
+    assert "--epilogues: in every format" in out and "--fuse: in every format" not in out
+
+
 def test_script_refuses_bad_input(capsys):
     assert decode.main(["--tiny", "--device", "cpu", "--mode", "graph", "--no-write"]) == 2
     assert "needs CUDA" in capsys.readouterr().err

@@ -39,6 +39,11 @@ class PackedFormat(ABC):
         spec), exactly, or None where this format cannot join them (then they stay apart)."""
         return None
 
+    def permute_outputs(self, weight: "QuantizedWeight", order: torch.Tensor) -> "QuantizedWeight | None":
+        """The layer whose output j is output ``order[j]`` of ``weight`` (order: a permutation of
+        range(out_features)), exactly, or None where this format cannot reorder its rows."""
+        return None
+
     def empty(self, in_features: int, out_features: int, spec: QuantSpec, device=None) -> dict[str, torch.Tensor]:
         return {
             name: torch.zeros(shape, dtype=dtype, device=device)

@@ -75,6 +75,16 @@ class UniformFormat(PackedFormat):
                             torch.cat([p[2] for p in parts], dim=1), first.spec,
                             g_idx=parts[0][3] if first.spec.act_order else None)
 
+    def permute_outputs(self, weight, order):
+        """Rows (codes, and the scales and zeros of every group) taken in ``order`` and packed again."""
+        codes, scales, zeros, g_idx = self.unpack(weight.tensors, weight.spec, weight.in_features, weight.out_features)
+        order = order.to(codes.device).long()
+        if order.numel() != weight.out_features or not torch.equal(
+                torch.sort(order).values, torch.arange(weight.out_features, device=order.device)):
+            raise ValueError(f"permute_outputs: order must be a permutation of range({weight.out_features})")
+        return pack_uniform(codes[order], scales[:, order], zeros[:, order], weight.spec,
+                            g_idx=g_idx if weight.spec.act_order else None)
+
 
 UNIFORM = register_format(UniformFormat())
 

@@ -44,6 +44,14 @@ class Kernel:
     def forward(self, layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_epilogue(self, layer: "QuantizedLinear", x: torch.Tensor, norm_of: torch.Tensor | None,
+                         norm_eps: float, swiglu: bool) -> torch.Tensor:
+        """``forward`` with the epilogues of lpq.epilogue (RMSNorm folded in, swiglu of interleaved rows). This
+        generic form applies them in torch around ``forward``; a kernel that computes them itself overrides it."""
+        from ..epilogue import generic_forward
+
+        return generic_forward(lambda t: self.forward(layer, t), x, norm_of, norm_eps, swiglu)
+
 
 def cuda_input_problem(x: torch.Tensor) -> str | None:
     """Why lpq's CUDA kernels cannot take input ``x`` (not on a GPU, not fp16/bf16, a GPU older than sm_80), or None."""

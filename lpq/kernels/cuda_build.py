@@ -89,8 +89,8 @@ def unavailable_reason() -> str | None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("lpq_cuda::uniform_gemm")
-    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant=0):
-        return x.new_empty((x.shape[0], n))
+    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant=0, norm_x=None, norm_eps=0.0, swiglu=False):
+        return x.new_empty((x.shape[0], n // 2 if swiglu else n))
 
     @torch.library.register_fake("lpq_cuda::uniform_dequant")
     def _dequant_fake(qw, sc, zp, bits, fold, gs, n, k, bf16):

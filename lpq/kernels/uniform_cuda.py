@@ -209,7 +209,11 @@ def default_variant(st: dict, m: int) -> int:
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
-         variant: int | None = None) -> torch.Tensor:
+         variant: int | None = None, norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
+         swiglu: bool = False) -> torch.Tensor:
+    """x2 [m, k] -> [m, n] through the fused kernel; with the epilogues of lpq.epilogue: norm_x [m, k] scales
+    every output of token row i by rsqrt(mean(norm_x[i]^2) + norm_eps) (before the bias), swiglu gives
+    silu(gate) * up [m, n / 2] of rows interleaved by lpq.epilogue.swiglu_row_order (n % 16 == 0)."""
     if variant is not None and not _valid_variant(variant):  # here: a failing check inside the op ends the process
         raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS} (4 and 5 optionally "
                          f"| {PDL_FLAG}), got {variant}")
@@ -226,8 +230,12 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
             variant |= PDL_FLAG
     if warps is None:
         warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
+    if norm_x is not None and (norm_x.dim() != 2 or norm_x.shape != x2.shape):
+        raise ValueError(f"lpq uniform_gemm: norm_x must be shaped as x {list(x2.shape)}, got {list(norm_x.shape)}")
+    if swiglu and st["n"] % 16:
+        raise ValueError(f"lpq uniform_gemm: swiglu needs out_features a multiple of 16, got {st['n']}")
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
-                                           st["n"], st["k"], warps, variant)
+                                           st["n"], st["k"], warps, variant, norm_x, float(norm_eps), bool(swiglu))
 
 
 def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -277,25 +285,41 @@ class UniformCudaKernel(Kernel):
             with torch.no_grad():
                 layer.kernel_state[STATE_KEY] = repack(layer.tensors(), layer.spec, layer.in_features, layer.out_features)
 
-    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def _state(self, layer) -> dict:
         st = layer.kernel_state.get(STATE_KEY)
         if st is None:
             self.prepare(layer)
             st = layer.kernel_state[STATE_KEY]
+        return st
+
+    def _fused(self, m: int) -> bool:
+        return self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m())
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self._run(layer, x, None, 0.0, False)
+
+    def forward_epilogue(self, layer, x, norm_of, norm_eps, swiglu):
+        if not self._fused(x.numel() // layer.in_features):  # dequantize + cuBLAS: the epilogues in torch
+            return super().forward_epilogue(layer, x, norm_of, norm_eps, swiglu)
+        return self._run(layer, x, norm_of, norm_eps, swiglu)
+
+    def _run(self, layer, x: torch.Tensor, norm_of, norm_eps: float, swiglu: bool) -> torch.Tensor:
+        st = self._state(layer)
         k, n = st["k"], st["n"]
         x2 = x.reshape(-1, k)
         if st["perm"] is not None:
-            x2 = x2.index_select(1, st["perm"])
+            x2 = x2.index_select(1, st["perm"])  # the rms of norm_of needs no reordering
         # no alignment fix-up here: the op copies an unaligned x itself (data_ptr() would break torch.compile)
         bias = layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         m = x2.shape[0]
-        if self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m()):
-            y = gemm(st, x2, bias)
+        if self._fused(m):
+            norm_x = norm_of.reshape(-1, k) if norm_of is not None else None
+            y = gemm(st, x2, bias, norm_x=norm_x, norm_eps=norm_eps, swiglu=swiglu)
         else:
             y = F.linear(x2, dequant(st, x.dtype), bias)
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class UniformCudaFusedKernel(UniformCudaKernel):

@@ -28,7 +28,8 @@ static void check_packed(const at::Tensor& qw, const at::Tensor& sc, const at::T
 
 at::Tensor uniform_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tensor& sc, const at::Tensor& zp,
                         const c10::optional<at::Tensor>& bias, int64_t bits, int64_t fold, int64_t gs, int64_t n,
-                        int64_t k, int64_t warps, int64_t variant) {
+                        int64_t k, int64_t warps, int64_t variant, const c10::optional<at::Tensor>& norm_x_in,
+                        double norm_eps, bool swiglu) {
   int64_t chunks, n_tiles;
   check_packed(qw, sc, zp, bits, fold, n, k, chunks, n_tiles);
   TORCH_CHECK(x_in.is_cuda() && x_in.get_device() == qw.get_device(), "lpq uniform_gemm: x must be on the weights' CUDA device");
@@ -49,13 +50,26 @@ at::Tensor uniform_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::
                 "lpq uniform_gemm: bias must be a contiguous [", n, "] tensor of the activations' dtype");
     bptr = bias->data_ptr();
   }
+  // fused epilogues (uniform_launch.h): the rms scale of norm_x's rows, silu(gate) * up of interleaved rows
+  at::Tensor norm_x;
+  if (norm_x_in.has_value() && norm_x_in->defined()) {
+    TORCH_CHECK(norm_x_in->is_cuda() && norm_x_in->get_device() == x.get_device() && norm_x_in->scalar_type() == x.scalar_type()
+                    && norm_x_in->dim() == 2 && norm_x_in->size(0) == x.size(0) && norm_x_in->size(1) == k,
+                "lpq uniform_gemm: norm_x must be [", x.size(0), ", ", k, "] of x's dtype on x's device, got ",
+                norm_x_in->sizes());
+    norm_x = norm_x_in->contiguous();
+    if (reinterpret_cast<uintptr_t>(norm_x.data_ptr()) % 16 != 0) norm_x = norm_x.clone();
+    TORCH_CHECK(norm_eps >= 0.0, "lpq uniform_gemm: norm_eps must be >= 0, got ", norm_eps);
+  }
+  TORCH_CHECK(!swiglu || n % 16 == 0, "lpq uniform_gemm: swiglu needs out_features a multiple of 16 (8 gate and 8 up "
+              "rows a tile), got ", n);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
-  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor y = at::empty({m, swiglu ? n / 2 : n}, x.options());
   if (m == 0) return y;
   GemmArgs a{x.data_ptr(), reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(sc.data_ptr()),
              reinterpret_cast<const uint16_t*>(zp.data_ptr()), bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks,
-             (int)n_tiles, (int)gs};
+             (int)n_tiles, (int)gs, norm_x.defined() ? norm_x.data_ptr() : nullptr, (float)norm_eps, swiglu ? 1 : 0};
   cudaError_t err = launch_uniform_gemm((int)bits, x.scalar_type() == at::kBFloat16, (int)fold, a, (int)warps, (int)variant,
                                         c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq uniform_gemm launch failed: ", cudaGetErrorString(err));
@@ -80,7 +94,7 @@ at::Tensor uniform_dequant(const at::Tensor& qw, const at::Tensor& sc, const at:
 }  // namespace lpq
 
 TORCH_LIBRARY(lpq_cuda, m) {
-  m.def("uniform_gemm(Tensor x, Tensor qw, Tensor sc, Tensor zp, Tensor? bias, int bits, int fold, int gs, int n, int k, int warps, int variant=0) -> Tensor");
+  m.def("uniform_gemm(Tensor x, Tensor qw, Tensor sc, Tensor zp, Tensor? bias, int bits, int fold, int gs, int n, int k, int warps, int variant=0, Tensor? norm_x=None, float norm_eps=0.0, bool swiglu=False) -> Tensor");
   m.def("uniform_dequant(Tensor qw, Tensor sc, Tensor zp, int bits, int fold, int gs, int n, int k, bool bf16) -> Tensor");
 }
 

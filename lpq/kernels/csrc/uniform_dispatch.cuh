@@ -10,7 +10,7 @@ template <int BITS> constexpr int steps_chunks() { return BITS == 2 ? 4 : (BITS 
 template <int BITS, typename T, int S, int MT, int NT, int CPS>
 cudaError_t launch_gemm_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) {
   dim3 grid(a.n_tiles / NT, (a.M + MT * 8 - 1) / (MT * 8));
-  size_t smem = (size_t)nwarps * NT * MT * 4 * 32 * sizeof(float);
+  size_t smem = (size_t)nwarps * NT * MT * 4 * 32 * sizeof(float) + norm_partial_bytes(a, nwarps);
   uniform_gemm_kernel<BITS, T, S, MT, NT, CPS><<<grid, nwarps * 32, smem, stream>>>(a);
   return cudaGetLastError();
 }
@@ -27,6 +27,7 @@ cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t strea
   size_t smem = (size_t)nwarps * STAGES * stage_bytes;
   const size_t red = (size_t)nwarps * NT * MT * 4 * 32 * sizeof(float);
   if (red > smem) smem = red;
+  smem += norm_partial_bytes(a, nwarps);  // after the ring and the reduction buffer (uniform_gemm_cp_kernel)
   auto kern = uniform_gemm_cp_kernel<BITS, T, S, MT, NT, STAGES>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -77,6 +78,8 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
   size_t smem = (size_t)nwarps * slots * stage_bytes;
   const size_t red = (size_t)nwarps * NT * 4 * 32 * sizeof(float);
   if (red > smem) smem = red;
+  smem += norm_partial_bytes(a, nwarps);  // after the ring and the reduction buffer (uniform_gemm_kc_kernel)
+  if (XR == 1 && a.norm_x) smem += (size_t)a.K * 2;  // then the token's row of norm_x (K % 8 == 0: 16-byte pieces)
   auto kern = uniform_gemm_kc_kernel<BITS, T, S, NT, KC, STAGES, XR>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -290,6 +290,99 @@ __device__ __forceinline__ void tile_a_fast(const uint32_t (&w)[2 * BITS], const
 
 // Small-m fused kernel.  Block: `nwarps` warps (dynamic), NT n-tiles, MT token tiles of 8.
 // The warps of a block split the chunks of K; CPS consecutive chunks form one pipeline step.
+// ---------------------------------------------------------------------------------------------
+// Fused epilogues (GemmArgs::norm_x, GemmArgs::swiglu), shared by the three fused kernels.
+//
+// RMSNorm folded into the layer: RMSNorm(h) = w * h * r with r = rsqrt(mean(h^2) + eps) one scalar per token,
+// so W @ RMSNorm(h) = r * (W @ (w * h)). The caller passes x = w * h (elementwise, fused by the compiler into the
+// kernel that produced h) and norm_x = h; each block sums the squares of its token rows of h once (these L2 reads
+// overlap the block's first weight copies) and scales its outputs by r. The reduction that would otherwise be a
+// kernel of its own between two linears disappears.
+
+// Sums of squares of token rows tok0 .. tok0 + rows - 1 of norm_x, one partial per warp and row:
+// part[warp * kNormRows + r]. R rows at a time (1 for the one-token kernel, else 8), the thread's 16-byte loads of
+// those rows in flight together.
+template <typename T, int R>
+__device__ __forceinline__ void norm_partials(const GemmArgs& p, int tok0, int rows, float* part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* __restrict__ h = reinterpret_cast<const T*>(p.norm_x);
+  for (int r0 = 0; r0 < rows; r0 += R) {
+    float s[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) s[i] = 0.f;
+    for (int k = threadIdx.x * 8; k < p.K; k += blockDim.x * 8) {
+      uint4 v[R];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+        v[i] = r0 + i < rows ? __ldg(reinterpret_cast<const uint4*>(h + (size_t)(tok0 + r0 + i) * p.K + k))
+                             : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float f = to_float(e[j]);
+          s[i] = fmaf(f, f, s[i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      float q = s[i];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0 && r0 + i < rows) part[warp * kNormRows + r0 + i] = q;
+    }
+  }
+}
+
+// The block's outputs from the warps' partial sums red[(warp * V + v) * 32 + lane], V = NT * MT * 4 values a lane
+// in the mma C-fragment order: value v = (a * MT + b) * 4 + e of lane ln is output row (nt0 + a) * 16 + ln / 4 +
+// 8 * (e / 2) of token tok0 + 8 * b + 2 * (ln % 4) + e % 2. Each output is the sum over warps, times the rms scale of
+// its token row (norm_x), plus the bias; with swiglu, rows r and r + 8 of a tile (gate, up), each rounded to T as the
+// unfused layer's output would be, give silu(gate) * up at column 8 * tile + r of y [M, N / 2].
+template <typename T, int NT, int MT>
+__device__ __forceinline__ void write_block_output(const GemmArgs& p, const float* red, const float* part, int nwarps,
+                                                   int nt0, int tok0) {
+  constexpr int V = NT * MT * 4;
+  T* __restrict__ y = reinterpret_cast<T*>(p.y);
+  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  auto value = [&](int v, int ln, int n, int tok) {
+    float s = 0.f;
+    for (int w = 0; w < nwarps; ++w) s += red[(w * V + v) * 32 + ln];
+    if (p.norm_x) {
+      float q = 0.f;
+      for (int w = 0; w < nwarps; ++w) q += part[w * kNormRows + (tok - tok0)];
+      s *= rsqrtf(q / (float)p.K + p.norm_eps);
+    }
+    if (bias) s += to_float(bias[n]);
+    return s;
+  };
+  if (!p.swiglu) {
+    for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
+      const int ln = i & 31, v = i >> 5;
+      const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
+      const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
+      const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
+      if (n < p.N && tok < p.M) y[(size_t)tok * p.N + n] = from_float<T>(value(v, ln, n, tok));
+    }
+  } else {
+    const int nh = p.N >> 1;
+    for (int i = threadIdx.x; i < V * 16; i += blockDim.x) {
+      const int ln = i & 31, u = i >> 5;  // u: (a, b, e % 2); the gate value is e = e % 2, its up value e + 2
+      const int e = u & 1, b = (u >> 1) % MT, a = (u >> 1) / MT;
+      const int v = (a * MT + b) * 4 + e;
+      const int n = (nt0 + a) * 16 + (ln >> 2);
+      const int tok = tok0 + b * 8 + 2 * (ln & 3) + e;
+      if (n < p.N && tok < p.M) {
+        const float gate = to_float(from_float<T>(value(v, ln, n, tok)));
+        const float up = to_float(from_float<T>(value(v + 2, ln, n + 8, tok)));
+        y[(size_t)tok * nh + (nt0 + a) * 8 + (ln >> 2)] = from_float<T>(gate / (1.f + __expf(-gate)) * up);
+      }
+    }
+  }
+}
+
 template <int BITS, typename T, int S, int MT, int NT, int CPS>
 __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
   constexpr int WPL = 2 * BITS;
@@ -312,6 +405,8 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
     for (int b = 0; b < MT; ++b)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  // the rms partial sums (fused RMSNorm) follow the reduction buffer
+  if (p.norm_x) norm_partials<T, 8>(p, tok0, min(MT * 8, p.M - tok0), red + nwarps * (NT * MT * 4) * 32);
 
   const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
   // token rows of this lane (B fragment column g of each token tile)
@@ -471,20 +566,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) red[(warp * V + (a * MT + b) * 4 + e) * 32 + lane] = acc[a][b][e];
   __syncthreads();
-  T* __restrict__ y = reinterpret_cast<T*>(p.y);
-  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
-  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
-    float s = 0.f;
-    for (int w = 0; w < nwarps; ++w) s += red[w * V * 32 + i];
-    const int ln = i & 31, v = i >> 5;
-    const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
-    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
-    const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
-    if (n < p.N && tok < p.M) {
-      if (bias) s += to_float(bias[n]);
-      y[(size_t)tok * p.N + n] = from_float<T>(s);
-    }
-  }
+  write_block_output<T, NT, MT>(p, red, red + nwarps * V * 32, nwarps, nt0, tok0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -599,6 +681,9 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
     if (i < n_my) issue();
     cp_async_commit();
   }
+  // the rms partial sums (fused RMSNorm), past the ring and the reduction buffer, read while the copies fly
+  float* norm_part = reinterpret_cast<float*>(smem) + max(nwarps * STAGES * stage_words, nwarps * NT * MT * 4 * 32);
+  if (p.norm_x) norm_partials<T, 8>(p, tok0, rows_here, norm_part);
   int slot_r = 0;
   for (int i = 0; i < n_my; ++i) {
     if (i + STAGES - 1 < n_my) issue();
@@ -714,20 +799,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
 #pragma unroll
       for (int e = 0; e < 4; ++e) red[(warp * V + (a * MT + b) * 4 + e) * 32 + lane] = acc[a][b][e];
   __syncthreads();
-  T* __restrict__ y = reinterpret_cast<T*>(p.y);
-  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
-  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
-    float s = 0.f;
-    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * V * 32 + i];
-    const int ln = i & 31, v = i >> 5;
-    const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
-    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
-    const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
-    if (n < p.N && tok < p.M) {
-      if (bias) s += to_float(bias[n]);
-      y[(size_t)tok * p.N + n] = from_float<T>(s);
-    }
-  }
+  write_block_output<T, NT, MT>(p, red, norm_part, nwarps, nt0, tok0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -886,6 +958,20 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
   // Programmatic dependent launch (a no-op when launched without it): the block may be resident
   // before the kernel it depends on has finished; nothing is read before its memory is visible.
   pdl_wait();
+  // fused RMSNorm: the rms partial sums go past the ring and the reduction buffer. One token row (XR = 1): the row
+  // of norm_x is copied into shared memory (after the partials) with the first stage's copies, and summed after
+  // the main loop, so that its latency hides behind the weight stream (summing it up front, from L2, held every
+  // block's main loop back: +1.7 us on 12288x4096 W4, H100). Up to 8 rows: summed up front from L2.
+  float* norm_part = reinterpret_cast<float*>(smem) + max(nwarps * slots * stage_words, nwarps * NT * 4 * 32);
+  if constexpr (XR == 1) {
+    if (p.norm_x) {
+      const uint32_t hs = static_cast<uint32_t>(__cvta_generic_to_shared(norm_part + nwarps * kNormRows));
+      const T* h = reinterpret_cast<const T*>(p.norm_x) + (size_t)tok0 * p.K;
+      for (int k = threadIdx.x * 8; k < p.K; k += blockDim.x * 8) cp_async16_ca_s(hs + 2 * k, h + k, 16);
+    }
+  } else {
+    if (p.norm_x) norm_partials<T, XR>(p, tok0, rows_here, norm_part);
+  }
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < n_my) issue();
@@ -992,6 +1078,24 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
   // every byte this block reads is requested: the next kernel in the stream may be scheduled
   pdl_launch_dependents();
   cp_async_wait<0>();
+  if constexpr (XR == 1) {
+    if (p.norm_x) {  // this thread's own copies of the norm_x row: visible to it after the wait
+      const T* hs = reinterpret_cast<const T*>(norm_part + nwarps * kNormRows);
+      float q = 0.f;
+      for (int k = threadIdx.x * 8; k < p.K; k += blockDim.x * 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(hs + k);
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float f = to_float(e[j]);
+          q = fmaf(f, f, q);
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0) norm_part[warp * kNormRows] = q;
+    }
+  }
   __syncthreads();  // the ring is reused for the reduction
 
   constexpr int V = NT * 4;
@@ -1001,20 +1105,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[(warp * V + a * 4 + e) * 32 + lane] = acc[a][e];
   __syncthreads();
-  T* __restrict__ y = reinterpret_cast<T*>(p.y);
-  const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
-  for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
-    float s = 0.f;
-    for (int w2 = 0; w2 < nwarps; ++w2) s += red[w2 * V * 32 + i];
-    const int ln = i & 31, v = i >> 5;
-    const int e = v & 3, a = v >> 2;
-    const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
-    const int tok = tok0 + 2 * (ln & 3) + (e & 1);
-    if (n < p.N && tok < p.M) {
-      if (bias) s += to_float(bias[n]);
-      y[(size_t)tok * p.N + n] = from_float<T>(s);
-    }
-  }
+  write_block_output<T, NT, 1>(p, red, norm_part, nwarps, nt0, tok0);
 }
 
 // One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order. The warp's

@@ -13,7 +13,21 @@ struct GemmArgs {
   const void* bias;       // [N] T or null
   void* y;                // [M, N] T
   int M, N, K, chunks, n_tiles, gs;  // gs: effective group size (K for per-channel)
+  // Fused epilogues (write_block_output in uniform_kernels.cuh); zero-initialised = none.
+  // norm_x [M, K] T, or null: every output of token row m is scaled by rsqrt(mean_k(norm_x[m, k]^2) + norm_eps)
+  // before the bias, so that with x = w_norm * h and norm_x = h the layer computes W @ RMSNorm(h) (lpq.epilogue).
+  const void* norm_x;
+  float norm_eps;
+  // swiglu != 0: each 16-row n-tile holds 8 gate rows then their 8 up rows (N % 16 == 0); y is [M, N / 2]
+  // with y[m, 8 * tile + r] = silu(gate) * up of the tile's rows r and r + 8.
+  int swiglu;
 };
+
+// Shared memory of the epilogue's rms partial sums: one float per warp and token row (at most 32 rows a block).
+constexpr int kNormRows = 32;
+inline size_t norm_partial_bytes(const GemmArgs& a, int nwarps) {
+  return a.norm_x ? (size_t)nwarps * kNormRows * sizeof(float) : 0;
+}
 
 struct DequantArgs {
   const uint32_t* qw;
