@@ -173,3 +173,17 @@ def run_cli(capsys, *argv):
         progress.set_quiet(quiet)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def compile_recording_graphs(fn):
+    """torch.compile(fn, fullgraph=True) with a backend that records each graph dynamo hands it (and runs it as
+    traced) -> (compiled, graphs): len(graphs) > 1 after a call means a recompilation."""
+    import torch
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return torch.compile(fn, backend=backend, fullgraph=True), graphs

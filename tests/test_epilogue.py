@@ -17,7 +17,7 @@ from lpq.fuse import BLOCK_NORMS, DeferredRMSNorm, GatedMLP, fold_norms, fuse_fo
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
 
-from conftest import make_model
+from conftest import compile_recording_graphs, make_model
 
 
 def gen(seed: int) -> torch.Generator:
@@ -195,13 +195,7 @@ def test_folded_block_traces_as_one_graph():
     ids = torch.randint(0, 100, (1, 5), generator=gen(12))
     want = logits(model, ids)
     fuse_for_decode(model, norms=BLOCK_NORMS)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled, graphs = compile_recording_graphs(model)
     with torch.no_grad():
         got = compiled(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

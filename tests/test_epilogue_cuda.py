@@ -15,7 +15,7 @@ from lpq.kernels import cuda_build, uniform_cuda
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
 
-from conftest import make_model
+from conftest import compile_recording_graphs, make_model
 from test_kernels_cuda import PDL_VARIANTS, TOL, poison_cache, random_qweight, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none); run on the device")
@@ -107,13 +107,7 @@ def test_model_fused_for_decode_on_cuda(bits):
             assert ((got - w).norm() / w.norm()).item() < 3e-3
     kernels = {type(m.kernel).__name__ for m in model.modules() if isinstance(m, QuantizedLinear)}
     assert kernels == {"UniformCudaKernel"}, kernels
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled, graphs = compile_recording_graphs(model)
     with torch.no_grad():
         got = compiled(inputs[0]).logits.float()
     assert ((got - want[0]).norm() / want[0].norm()).item() < 3e-3
