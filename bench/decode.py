@@ -206,20 +206,21 @@ def quantize_copy(master, fmt: Format, device: str):
 FOLD_NORMS = {"all": ("input_layernorm", "post_attention_layernorm"), "mlp": ("post_attention_layernorm",), "none": ()}
 
 
-def fuse_model(model, epilogues: bool = False, fold: str = "none") -> None:
+def fuse_model(model, epilogues: bool = False, fold: str = "none", attention: bool = True) -> None:
     """q/k/v and gate/up of every block joined (lpq.fuse_siblings); every block must have both groups. With
-    epilogues: lpq.fuse_for_decode (gated MLPs with silu(gate) * up in the joint linear, q/k/v joined, both
-    RMSNorms of every block folded into the projections that read them); every block must take all three."""
+    epilogues: lpq.fuse_for_decode (gated MLPs with silu(gate) * up in the joint linear, q/k/v joined, the RMSNorms
+    of ``fold`` folded into the projections that read them, and with ``attention`` the self-attention wrapped for
+    the fused rotary + cache write + attention kernel, which acts under --attn lpq); every block must take them."""
     from lpq.fuse import fuse_for_decode, fuse_siblings
 
     blocks = model.config.num_hidden_layers
     if epilogues:
-        report = fuse_for_decode(model, FOLD_NORMS[fold])
+        report = fuse_for_decode(model, FOLD_NORMS[fold], attention=attention)
         counts = {k: len(v) for k, v in report.items()}
         want = len(FOLD_NORMS[fold]) * blocks
-        if counts != {"gated_mlp": blocks, "siblings": blocks, "norms": want}:
-            raise LpqError(f"--epilogues changed {counts}, expected {blocks} gated MLPs, {blocks} q/k/v groups and "
-                           f"{want} norms")
+        if counts != {"gated_mlp": blocks, "siblings": blocks, "norms": want, "attention": blocks if attention else 0}:
+            raise LpqError(f"--epilogues changed {counts}, expected {blocks} gated MLPs, {blocks} q/k/v groups, "
+                           f"{want} norms and {blocks if attention else 0} attentions")
         return
     fused = fuse_siblings(model)
     if len(fused) != 2 * blocks:
@@ -586,7 +587,10 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
            "silu(gate) * up computed by the joint linear, "
            + {"all": "both RMSNorms of a block", "mlp": "the RMSNorm before the MLP", "none": "no RMSNorm"}[args.fold_norms]
            + " folded into the projections that read them (lpq.epilogue; lpq's uniform kernel computes the epilogues "
-           "in its own epilogue, fp16 runs them in torch). " if args.epilogues else "")
+           "in its own epilogue, fp16 runs them in torch)"
+           + ("; each self-attention wrapped (lpq.fuse.DecodeAttention): under lpq attention a decode step's rotary "
+              "embedding, cache write and attention run as one lpq kernel in every format" if args.attention_fusion == "on"
+              else "; attentions not wrapped (--attention-fusion off)") + ". " if args.epilogues else "")
         + "Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
@@ -645,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold-norms", choices=tuple(FOLD_NORMS), default="none",
                     help="with --epilogues: which RMSNorms of a block fold into their projections (mlp: only the one "
                          "before the MLP)")
+    ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
+                    help="with --epilogues: wrap each self-attention (lpq.fuse.DecodeAttention) so that, under --attn lpq, "
+                         "a decode step's rotary embedding, cache write and attention run as one lpq kernel")
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
@@ -703,7 +710,8 @@ def run(args, argv) -> int:
             fp16_tps = rec["tokens_per_s"]
         rec["speedup_vs_fp16"] = (rec["tokens_per_s"] / fp16_tps) if fp16_tps and rec["tokens_per_s"] else None
         rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse),
-                    "epilogues": bool(args.epilogues), "fold_norms": args.fold_norms if args.epilogues else None})
+                    "epilogues": bool(args.epilogues), "fold_norms": args.fold_norms if args.epilogues else None,
+                    "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None})
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
@@ -713,7 +721,7 @@ def run(args, argv) -> int:
         master = copy.deepcopy(base).to("cpu")  # the formats quantize the unfused weights
     if formats[0].name == "fp16":
         if args.fuse:
-            fuse_model(base, args.epilogues, args.fold_norms)
+            fuse_model(base, args.epilogues, args.fold_norms, args.attention_fusion == "on")
         rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode, args.attn)
         rec["quantize_s"] = None
         finish(rec)
@@ -726,7 +734,7 @@ def run(args, argv) -> int:
             model, qs = quantize_copy(master, fmt, str(device))
             model.to(device)
             if args.fuse:  # on the device: joining repacks the codes, faster there
-                fuse_model(model, args.epilogues, args.fold_norms)
+                fuse_model(model, args.epilogues, args.fold_norms, args.attention_fusion == "on")
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)
             rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode, args.attn)
             rec["quantize_s"] = qs

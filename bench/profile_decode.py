@@ -103,7 +103,7 @@ def measure(model, fmt: decode.Format, prompt, args, attn: str) -> dict:
     dec.prefill()
     ms = graph_ms_per_token(dec, args.time_steps) if cuda else None
     rec = {"format": fmt.name, "attn": attn, "fused": bool(args.fuse), "epilogues": bool(args.epilogues),
-           "ms_per_token": ms}
+           "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None, "ms_per_token": ms}
     if cuda:
         kinds, names, count = profile_steps(dec, args.steps)
         total = sum(kinds.values())
@@ -130,8 +130,9 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         f"{gpu}; {versions()}; date {date}.",
         f"Command: `{command}`. Model as in bench/decode.py ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, "
         f"MLP {cfg.intermediate_size}, random weights, float16, RTN formats), prompt {args.prompt_len}, "
-        + ("fused for decode (--epilogues: lpq.fuse_for_decode, norms and silu(gate) * up folded into the linears). "
-           if args.epilogues else "projections fused (--fuse). " if args.fuse else "projections unfused. ")
+        + ("fused for decode (--epilogues: lpq.fuse_for_decode, silu(gate) * up in the joint gate/up linear"
+           + ("; under lpq attention, rotary, cache write and attention as one kernel" if args.attention_fusion == "on" else "")
+           + "). " if args.epilogues else "projections fused (--fuse). " if args.fuse else "projections unfused. ")
         + f"ms/token: the compiled step replayed from a CUDA graph, median of 3 runs of {args.time_steps} steps. "
         f"Kernels: device time of every kernel over {args.steps} compiled steps called from Python outside the graph "
         "(torch.profiler), per step. idle = ms/token - kernel time: the graph's launch gaps and tails.",
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each, in every format")
     ap.add_argument("--epilogues", action="store_true",
                     help="--fuse and the norms and silu(gate) * up folded into the linears (lpq.fuse_for_decode)")
+    ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
+                    help="with --epilogues: rotary, cache write and attention as one lpq kernel under --attn lpq "
+                         "(lpq.fuse.DecodeAttention)")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=16, help="steps profiled")
@@ -217,7 +221,7 @@ def run(args, argv) -> int:
             model = copy.deepcopy(master)
         model.to(device)
         if args.fuse:  # on the device, as decode.py does
-            decode.fuse_model(model, args.epilogues)
+            decode.fuse_model(model, args.epilogues, attention=args.attention_fusion == "on")
         for attn in attns:
             try:
                 with decode.attention(model, attn):

@@ -34,6 +34,7 @@ from torch import nn
 
 from .epilogue import linear_forward, swiglu_row_order
 from .errors import LpqError
+from .kernels import attention_cuda
 from .nn import QuantizedLinear
 
 # names of sibling linears that read the same input, per block (LLaMA, Mistral, Qwen2, Gemma, ...)
@@ -54,15 +55,18 @@ class SharedProjection(nn.Module):
         self._served = 0
         object.__setattr__(self, "norm", None)  # a DeferredRMSNorm feeding this projection (fold_norms); not a submodule
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused linear's output for x, computed now and not kept (for a caller that takes every column)."""
+        if self.norm is not None:
+            return linear_forward(self.fused, x, norm_of=self.norm.take(x), norm_eps=self.norm.eps)
+        return self.fused(x)
+
     def output_for(self, x: torch.Tensor) -> torch.Tensor:
         stale = self._x is not x
         if not stale and not torch.compiler.is_compiling():
             stale = self._version != x._version  # modified in place since (eager only)
         if stale:
-            if self.norm is not None:
-                self._y = linear_forward(self.fused, x, norm_of=self.norm.take(x), norm_eps=self.norm.eps)
-            else:
-                self._y = self.fused(x)
+            self._y = self.joint(x)
             self._x, self._served = x, 0
             if not torch.compiler.is_compiling():
                 self._version = x._version
@@ -262,6 +266,8 @@ def fuse_gated_mlp(model: nn.Module) -> list[str]:
 
 def _qkv_projection(attn: nn.Module) -> SharedProjection | None:
     """The SharedProjection computing all of attn's q/k/v, if fuse_siblings joined them."""
+    if isinstance(attn, DecodeAttention):
+        return attn.shared
     slices = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     if not all(isinstance(s, SiblingSlice) for s in slices):
         return None
@@ -310,12 +316,103 @@ def fold_norms(model: nn.Module, which: tuple[str, ...] = BLOCK_NORMS) -> list[s
     return done
 
 
-def fuse_for_decode(model: nn.Module, norms: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    """fuse_gated_mlp, fuse_siblings and fold_norms (of ``norms``, none by default), in that order (in place) -> what
-    each changed. Folding the norms is off by default: on the H100 it did not make the 7B-shaped decode step
-    faster (bench/RESULTS.md, the A/B runs of 2026-11-24: W4 2.34 ms/token with the MLP's norm folded, 2.36 with both,
-    2.33 with none), because summing the squares inside the projection costs about what the norm kernel did."""
+# attention modules whose forward is transformers' Llama attention: q/k/v projections, apply_rotary_pos_emb (rotate_half
+# over the whole head), past_key_values.update, the attention function, o_proj. Mistral and Qwen2 differ only by a
+# sliding window, which DecodeAttention leaves to the original forward.
+ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+
+class DecodeAttention(nn.Module):
+    """Stands where a block's self-attention (ROPE_ATTENTIONS) was, with its q/k/v fused. A call that is one decode
+    step of one sequence over transformers' static cache, on CUDA, with lpq's attention implementation
+    (lpq.attention.enable) and no grouped heads, runs the fused q/k/v projection, then one lpq kernel that rotates q
+    and the new key, writes the key and value into the cache, attends over it and moves the cache's length on
+    (attention_cuda.rope_cache_attention: three to four small kernels fewer a block), then o_proj. Every other call
+    (prefill, other caches, CPU, training, a sliding window) runs the original module's forward unchanged."""
+
+    def __init__(self, attn: nn.Module, shared: SharedProjection) -> None:
+        super().__init__()
+        self.attn = attn
+        object.__setattr__(self, "shared", shared)  # registered under attn (fused_q_proj_k_proj_v_proj)
+        cfg = attn.config
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(attn.head_dim)
+        self.train(attn.training)  # a new module starts in training mode; keep the model's
+
+    def _sliding_window(self) -> bool:
+        if getattr(self.attn, "sliding_window", None) is not None:
+            return True
+        return type(self.attn).__name__ == "MistralAttention" and getattr(self.attn.config, "sliding_window", None) is not None
+
+    @staticmethod
+    def _kernel_ready(hidden_states: torch.Tensor) -> bool:
+        return hidden_states.is_cuda and attention_cuda._state["ok"]
+
+    def _static_layer(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs):
+        """The static cache layer this call writes, if the fused kernel takes the call, else None."""
+        if self.attn.config._attn_implementation != "lpq" or self.training or not self._kernel_ready(hidden_states):
+            return None
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or hidden_states.shape[1] != 1:
+            return None
+        if (torch.is_grad_enabled() and hidden_states.requires_grad) or kwargs.get("output_attentions", False):
+            return None
+        if position_embeddings is None or self._sliding_window() or self.heads != self.kv_heads:
+            return None  # grouped heads: the kernel measured slower than SDPA there (lpq.attention)
+        layers = getattr(past_key_values, "layers", None)
+        idx = getattr(self.attn, "layer_idx", None)
+        if layers is None or idx is None or idx >= len(layers):
+            return None
+        layer = layers[idx]
+        if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
+            return None
+        cos, sin = position_embeddings
+        if attention_cuda.rope_problem(cos, sin, layer.keys, layer.values, layer.cumulative_length, attention_mask,
+                                       self.heads, hidden_states.dtype) is not None:
+            return None
+        return layer
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        layer = self._static_layer(hidden_states, position_embeddings, attention_mask, past_key_values, kwargs)
+        if layer is None:
+            return self.attn(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                             past_key_values=past_key_values, **kwargs)
+        qkv = self.shared.joint(hidden_states)  # [1, 1, (H + 2 Hkv) D]
+        cos, sin = position_embeddings  # [1, 1, D] each
+        out = attention_cuda.rope_cache_attention(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+                                                  attention_mask, self.heads, self.attn.scaling)  # [1, 1, H, D]
+        return self.attn.o_proj(out.reshape(1, 1, self.heads * self.head_dim)), None
+
+    def extra_repr(self) -> str:
+        return "decode steps: rotary, cache write and attention in one lpq kernel"
+
+
+def fuse_attention(model: nn.Module) -> list[str]:
+    """Put a DecodeAttention in place of every self-attention of a known class (ROPE_ATTENTIONS) whose q/k/v
+    fuse_siblings has joined (in place); -> their names. Run it after fuse_siblings (and fold_norms)."""
+    done = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, attn in list(parent.named_children()):
+            if type(attn).__name__ not in ROPE_ATTENTIONS or not hasattr(attn, "head_dim"):
+                continue
+            shared = _qkv_projection(attn)
+            if shared is None or tuple(shared.names) != ("q_proj", "k_proj", "v_proj"):
+                continue
+            setattr(parent, child_name, DecodeAttention(attn, shared))
+            done.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return done
+
+
+def fuse_for_decode(model: nn.Module, norms: tuple[str, ...] = (), attention: bool = True) -> dict[str, list[str]]:
+    """fuse_gated_mlp, fuse_siblings, fold_norms (of ``norms``, none by default) and fuse_attention (unless
+    ``attention`` is False), in that order (in place) -> what each changed. Folding the norms is off by default: on
+    the H100 it did not make the 7B-shaped decode step faster (bench/RESULTS.md, the A/B runs of 2026-11-24: W4 2.34
+    ms/token with the MLP's norm folded, 2.36 with both, 2.33 with none), because summing the squares inside the
+    projection costs about what the norm kernel did. The fused attention acts only under lpq's attention
+    implementation (lpq.attention.enable)."""
     mlps = fuse_gated_mlp(model)
     siblings = fuse_siblings(model)
     norms = fold_norms(model, norms)
-    return {"gated_mlp": mlps, "siblings": siblings, "norms": norms}
+    attns = fuse_attention(model) if attention else []
+    return {"gated_mlp": mlps, "siblings": siblings, "norms": norms, "attention": attns}

@@ -153,7 +153,8 @@ def test_script_epilogues(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [(r["format"], r["fused"], r["epilogues"]) for r in recs] == [("fp16", True, True), ("w4g128", True, True)]
+    assert [(r["format"], r["fused"], r["epilogues"], r["attention_fusion"]) for r in recs] == [
+        ("fp16", True, True, True), ("w4g128", True, True, True)]
     assert all(r["check"].startswith("== generate") for r in recs)
     assert "--epilogues: in every format" in out and "--fuse: in every format" not in out
 

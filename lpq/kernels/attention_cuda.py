@@ -55,6 +55,10 @@ def load() -> bool:
                 @torch.library.register_fake("lpq_attn::decode_attention")
                 def _fake(q, k, v, mask, counters, scale, force_splits=0):
                     return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
+                @torch.library.register_fake("lpq_attn::rope_cache_attention")
+                def _rope_fake(qkv, cos, sin, k_cache, v_cache, position, mask, counters, scale, heads, force_splits=0):
+                    return qkv.new_empty((1, 1, heads, k_cache.shape[3]))
             except Exception as e:  # a failed build must never crash a forward pass
                 reason = f"building the decode attention kernel failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
                 warnings.warn(f"lpq: decode attention kernel unavailable ({reason}); using SDPA", RuntimeWarning,
@@ -110,13 +114,41 @@ def problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         if t.stride(3) != 1 or any(t.stride(i) % 8 for i in range(3) if t.shape[i] > 1) \
                 or (not compiling and t.storage_offset() % 8):
             return f"{name}'s rows are not contiguous 16-byte aligned runs"
+    return _mask_problem(mask, b, h, k.shape[2], q.dtype)
+
+
+def _mask_problem(mask: torch.Tensor | None, b: int, h: int, keys: int, dtype: torch.dtype) -> str | None:
     if mask is not None:
-        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != k.shape[2] or mask.shape[0] not in (1, b) \
+        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != keys or mask.shape[0] not in (1, b) \
                 or mask.shape[1] not in (1, h) or mask.stride(3) != 1:
             return f"mask of shape {tuple(mask.shape)} (the kernel takes [B or 1, H or 1, 1, L], keys contiguous)"
-        if mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        if mask.dtype not in (torch.bool, dtype, torch.float32):
             return f"mask dtype {mask.dtype}"
     return None
+
+
+def rope_problem(cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 position: torch.Tensor, mask: torch.Tensor | None, heads: int, dtype: torch.dtype) -> str | None:
+    """Why :func:`rope_cache_attention` cannot take a decode step with these operands (None: it can); shapes,
+    dtypes and strides only (it runs on torch.compile's fake tensors). The projection's row is checked by the op."""
+    if not all(t.is_cuda for t in (cos, sin, k_cache, v_cache, position)):
+        return "not every operand is on a CUDA device"
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != 1:
+        return "the cache must be [1, Hkv, L, D] (batch 1)"
+    _, hkv, keys, d = k_cache.shape
+    if d not in HEAD_SIZES:
+        return f"head size {d} (the kernel has 64, 128, 256)"
+    if heads % hkv or heads + 1 > COUNTERS:
+        return f"{heads} query heads over {hkv} key/value heads"
+    if dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != dtype for t in (cos, sin, k_cache, v_cache)):
+        return f"dtypes (the kernel takes float16 or bfloat16, all alike; got {dtype}, {cos.dtype}, {k_cache.dtype})"
+    if cos.numel() != d or sin.numel() != d or not (cos.is_contiguous() and sin.is_contiguous()):
+        return f"rotary factors of {cos.numel()} elements (the kernel takes one position's {d}, contiguous)"
+    if position.dtype != torch.int64 or position.numel() != 1:
+        return "the cache position must be one int64"
+    if any(t.stride(3) != 1 or t.stride(1) % 8 or t.stride(2) % 8 for t in (k_cache, v_cache)):
+        return "the cache's rows are not contiguous 16-byte aligned runs"
+    return _mask_problem(mask, 1, heads, keys, dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -125,6 +157,50 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     many runs of keys a (batch, head) (tests, benchmarks). The caller has checked :func:`problem`."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return torch.ops.lpq_attn.decode_attention(q, k, v, mask, counters(q.device), scale, splits)
+
+
+def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                         scale: float | None = None, splits: int = 0) -> torch.Tensor:
+    """One decode step of a Llama-style attention at batch 1, in one kernel: qkv [..., (H + 2 Hkv) D] (the fused
+    projection's row of the new token), cos / sin [..., D] (its rotary factors), the static cache k_cache / v_cache
+    [1, Hkv, L, D] and position (int64, one element: the cache row of the token, < L). Writes the rotated key and
+    the value to that row, adds 1 to position (in place, as transformers' StaticLayer.update), and returns the
+    attention of the rotated query over the cache under ``mask`` [1, H or 1, 1, L] -> [1, 1, H, D].
+    :func:`rope_reference` is the same in plain torch. The caller has checked :func:`rope_problem`."""
+    scale = 1.0 / math.sqrt(k_cache.shape[-1]) if scale is None else float(scale)
+    return torch.ops.lpq_attn.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, position, mask,
+                                                   counters(qkv.device), scale, heads, splits)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(-x[..., D/2:], x[..., :D/2]): the rotation of transformers' Llama rotary embedding."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, heads: int,
+                   scale: float | None = None) -> torch.Tensor:
+    """:func:`rope_cache_attention` in plain torch (any device), with the same effects on the cache and position:
+    the rotary embedding in fp32 rounded once to the cache's dtype, the cache row written with index_copy_ (as
+    transformers' StaticLayer.update), then :func:`reference` attention."""
+    _, hkv, _, d = k_cache.shape
+    row = qkv.reshape(-1)
+    q = row[: heads * d].view(1, heads, 1, d)
+    k = row[heads * d: (heads + hkv) * d].view(1, hkv, 1, d)
+    v = row[(heads + hkv) * d:].view(1, hkv, 1, d)
+    c, s = cos.reshape(1, 1, 1, d).float(), sin.reshape(1, 1, 1, d).float()
+
+    def rotary(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * c + rotate_half(x.float()) * s).to(x.dtype)
+
+    q, k = rotary(q), rotary(k)
+    where = position.reshape(1).to(k_cache.device)
+    k_cache.index_copy_(2, where, k)
+    v_cache.index_copy_(2, where, v)
+    position.add_(1)
+    return reference(q, k_cache, v_cache, mask, scale)
 
 
 def plan(batch_heads: int, keys: int, head_size: int, splits: int = 0) -> tuple[int, int]:

@@ -52,6 +52,40 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8], __nv_bflo
   }
 }
 
+// 8 floats rounded to T into a 16-byte piece (the layout unpack8 reads)
+__device__ __forceinline__ uint4 pack8(const float (&f)[8], __half) {
+  uint4 u;
+  __half2* h = reinterpret_cast<__half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+__device__ __forceinline__ uint4 pack8(const float (&f)[8], __nv_bfloat16) {
+  uint4 u;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+
+// Piece `sub` (elements sub*8 .. +7) of the rotary embedding of the row x [D]: x cos + rotate_half(x) sin with
+// rotate_half(x) = (-x[D/2:], x[:D/2]), so element e pairs with e +- D/2, which is in piece sub +- D/16. Computed
+// in fp32 and rounded once to T (as inductor computes transformers' apply_rotary_pos_emb).
+template <typename T, int D>
+__device__ __forceinline__ uint4 rope_piece(const T* x, const T* cs, const T* sn, int sub) {
+  constexpr int LPK = D / 8;
+  const int partner = (sub + LPK / 2) % LPK;
+  float xf[8], pf[8], cf[8], sf[8], o[8];
+  unpack8(__ldg(reinterpret_cast<const uint4*>(x + sub * 8)), xf, T());
+  unpack8(__ldg(reinterpret_cast<const uint4*>(x + partner * 8)), pf, T());
+  unpack8(__ldg(reinterpret_cast<const uint4*>(cs + sub * 8)), cf, T());
+  unpack8(__ldg(reinterpret_cast<const uint4*>(sn + sub * 8)), sf, T());
+  const float sign = sub < LPK / 2 ? -1.f : 1.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = fmaf(sign * pf[e], sf[e], xf[e] * cf[e]);
+  return pack8(o, T());
+}
+
 template <typename T>
 __device__ __forceinline__ float mask_term(const DecodeArgs& a, const char* mrow, int j) {
   switch (a.mask_kind) {
@@ -62,7 +96,10 @@ __device__ __forceinline__ float mask_term(const DecodeArgs& a, const char* mrow
   }
 }
 
-template <typename T, int D>
+// ROPE (rope_cache_attention): q, and the new key at row p = *position, are rotated here; the new key and value
+// go to row p of the cache (written by the one block whose run holds p, for the first query head of their group)
+// and every block takes that row from registers instead of the cache; the grid's last block adds 1 to *position.
+template <typename T, int D, bool ROPE>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a) {
   constexpr int LPK = D / 8;                  // lanes a key row
   constexpr int KPW = 32 / LPK;               // rows a warp reads at once
@@ -83,14 +120,32 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   const int n = max(0, min(a.L, j0 + a.keys_per_split) - j0);  // keys of this run
 
   float qf[8];
-  {
+  int p = -1;                   // ROPE: the new row (relative to this run's first key j0)
+  uint4 knew = make_uint4(0, 0, 0, 0), vnew = make_uint4(0, 0, 0, 0);  // ROPE: its piece `sub`
+  if constexpr (ROPE) {
+    const T* cs = reinterpret_cast<const T*>(a.cos);
+    const T* sn = reinterpret_cast<const T*>(a.sin);
+    const T* q = reinterpret_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh;
+    unpack8(rope_piece<T, D>(q, cs, sn, sub), qf, T());  // q rounded to T after the rotation, as in torch
+    knew = rope_piece<T, D>(reinterpret_cast<const T*>(a.k_new) + grp * a.new_sh, cs, sn, sub);
+    vnew = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.v_new) + grp * a.new_sh + sub * 8));
+    p = (int)*a.position - j0;
+  } else {
     const T* q = reinterpret_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + sub * 8;
     unpack8(*reinterpret_cast<const uint4*>(q), qf, T());
-#pragma unroll
-    for (int e = 0; e < 8; ++e) qf[e] *= a.scale;
   }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) qf[e] *= a.scale;
   const T* kb = reinterpret_cast<const T*>(a.k) + b * a.kv_sb + grp * a.kv_sh + (int64_t)j0 * a.kv_sl + sub * 8;
   const T* vb = reinterpret_cast<const T*>(a.v) + b * a.v_sb + grp * a.v_sh + (int64_t)j0 * a.v_sl + sub * 8;
+  if constexpr (ROPE) {
+    // the cache's row p: written once, by the block whose run holds it, for the first query head of the group.
+    // No block reads it from memory in this kernel (the loop takes it from knew / vnew), so there is no race.
+    if (p >= 0 && p < n && h % (a.H / a.Hkv) == 0 && threadIdx.x < LPK) {
+      *reinterpret_cast<uint4*>(const_cast<T*>(kb) + (int64_t)p * a.kv_sl) = knew;
+      *reinterpret_cast<uint4*>(const_cast<T*>(vb) + (int64_t)p * a.v_sl) = vnew;
+    }
+  }
   const int msz = a.mask_kind == kBoolMask ? 1 : a.mask_kind == kAddF32 ? 4 : (int)sizeof(T);
   const char* mrow = a.mask_kind == kNoMask ? nullptr
                      : reinterpret_cast<const char*>(a.mask) + (b * a.m_sb + h * a.m_sh + j0) * msz;
@@ -108,6 +163,11 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
     for (int t = 0; t < KT; ++t) {
       const int j = r0 + t * KPB + kin;
       const bool in = j < n;
+      if (ROPE && in && j == p) {  // the new row: from registers (the read-only loads below never see row p)
+        kr[t] = knew;
+        vr[t] = vnew;
+        continue;
+      }
       kr[t] = in ? __ldg(reinterpret_cast<const uint4*>(kb + (int64_t)j * a.kv_sl)) : make_uint4(0, 0, 0, 0);
       vr[t] = in ? __ldg(reinterpret_cast<const uint4*>(vb + (int64_t)j * a.v_sl)) : make_uint4(0, 0, 0, 0);
     }
@@ -162,6 +222,17 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
     wstat[warp][1] = l;
   }
   __syncthreads();
+  if constexpr (ROPE) {
+    // every thread of this block has read *position (before its loop): count the block in, and the grid's last
+    // block moves the cache on by one row (transformers' StaticLayer: cumulative_length += 1)
+    if (threadIdx.x == 0) {
+      const int blocks = (int)(gridDim.x * gridDim.y * gridDim.z);
+      if (atomicAdd(a.grid_counter, 1) == blocks - 1) {
+        *a.position += 1;
+        *a.grid_counter = 0;  // ready for the next call
+      }
+    }
+  }
   // merge the warps: the block's max, sum, and each column's weighted values relative to that max
   float bmx = -CUDART_INF_F;
 #pragma unroll
@@ -244,13 +315,13 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   }
 }
 
-template <typename T>
+template <typename T, bool ROPE>
 cudaError_t launch_t(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid(a.splits, a.H, a.B);
   switch (a.D) {
-    case 64: decode_attention_kernel<T, 64><<<grid, kThreads, 0, stream>>>(a); break;
-    case 128: decode_attention_kernel<T, 128><<<grid, kThreads, 0, stream>>>(a); break;
-    case 256: decode_attention_kernel<T, 256><<<grid, kThreads, 0, stream>>>(a); break;
+    case 64: decode_attention_kernel<T, 64, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
+    case 128: decode_attention_kernel<T, 128, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
+    case 256: decode_attention_kernel<T, 256, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -259,7 +330,9 @@ cudaError_t launch_t(const DecodeArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, cudaStream_t stream) {
-  return bf16 ? launch_t<__nv_bfloat16>(a, stream) : launch_t<__half>(a, stream);
+  if (a.position != nullptr)
+    return bf16 ? launch_t<__nv_bfloat16, true>(a, stream) : launch_t<__half, true>(a, stream);
+  return bf16 ? launch_t<__nv_bfloat16, false>(a, stream) : launch_t<__half, false>(a, stream);
 }
 
 }  // namespace attn

@@ -28,6 +28,18 @@ struct DecodeArgs {
   int mask_kind;
   float scale;        // softmax scale (applied to q)
   int splits, keys_per_split;
+  // rope_cache_attention only (null otherwise): the new token's key and value rows (head g at k_new + g * new_sh),
+  // the rotary factors cos / sin [D] of its position, and *position, the cache row it goes to. q then points at
+  // the unrotated query; k and v at the cache, which the kernel writes row *position of and reads with that row
+  // taken from registers. grid_counter: one more zeroed int32 (left zero), for the grid's last block to add 1
+  // to *position.
+  const void* k_new;
+  const void* v_new;
+  const void* cos;
+  const void* sin;
+  int64_t new_sh;
+  int64_t* position;
+  int* grid_counter;
 };
 
 // Keys of one round of one block (4 warps x keys a warp at once x kKeysPerThread) for head size d.
