@@ -36,7 +36,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     (0.35-0.78x), and at batch 8 it measured 0.94x."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (attention_cuda._state["ok"] and dropout == 0.0 and kwargs.get("softcap") is None
+    if (attention_cuda.EXTENSION.ok and dropout == 0.0 and kwargs.get("softcap") is None
             and not kwargs.get("output_attentions", False) and kwargs.get("cache") is None
             and not (torch.is_grad_enabled() and query.requires_grad)
             and query.shape[0] == 1 and query.shape[1] == key.shape[1]  # where it was measured faster: below

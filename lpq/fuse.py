@@ -347,7 +347,7 @@ class DecodeAttention(nn.Module):
 
     @staticmethod
     def _kernel_ready(hidden_states: torch.Tensor) -> bool:
-        return hidden_states.is_cuda and attention_cuda._state["ok"]
+        return hidden_states.is_cuda and attention_cuda.EXTENSION.ok
 
     def _static_layer(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs):
         """The static cache layer this call writes, if the fused kernel takes the call, else None."""

@@ -187,3 +187,54 @@ def compile_recording_graphs(fn):
         return gm.forward
 
     return torch.compile(fn, backend=backend, fullgraph=True), graphs
+
+
+def decode_bench():
+    """bench/decode.py as a module: its Decoder (a static cache, eager / compiled / graphed steps) drives the model
+    tests of the decode kernels."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import decode
+
+    return decode
+
+
+def tiny_cuda_llama(kv_heads: int = 4):
+    """A float16 Llama on the GPU with head size 64 (hidden 256, 4 heads, 2 blocks, vocabulary 300)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      num_hidden_layers=2, vocab_size=300, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).cuda().eval()
+
+
+def forced_step_logits(dec, tokens: list[int]) -> torch.Tensor:
+    """Logits [steps, vocab] of each decode step of ``dec`` (a bench/decode.py Decoder) after its prefill, with the
+    fed tokens fixed, so that no greedy path forks at a near tie."""
+    dec.prefill()
+    out = []
+    for t in tokens:
+        dec.ids.fill_(t)
+        out.append(dec._forward(dec.ids, dec.pos, last_only=False)[:, -1].float().clone())
+        dec.pos.add_(1)
+    return torch.stack(out)
+
+
+def decode_inputs() -> tuple[torch.Tensor, list[int]]:
+    """A 12-token prompt on the GPU and 8 tokens to feed the decode steps (fixed seeds)."""
+    prompt = torch.randint(0, 300, (1, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+    return prompt, torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(6)).tolist()
+
+
+def assert_step_compiles_whole_and_replays(decode, model, prompt) -> None:
+    """The model's decode step compiles as one graph (no break in lpq's code), and replayed from a CUDA graph gives
+    the same greedy tokens as the step called from Python."""
+    decode.allow_recompiles()
+    before = decode.compiled_graphs()
+    dec = decode.Decoder(model, prompt, 12, "compile")
+    dec.capture()
+    called, replayed = decode.check_replay(dec)
+    assert called == replayed
+    assert decode.compiled_graphs() - before == 1

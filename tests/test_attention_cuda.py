@@ -16,6 +16,9 @@ import torch
 import lpq
 from lpq.kernels import attention_cuda
 
+from conftest import (assert_step_compiles_whole_and_replays, decode_bench, decode_inputs, forced_step_logits,
+                      tiny_cuda_llama)
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -137,40 +140,17 @@ def test_direct_bad_calls_raise():
         torch.ops.lpq_attn.decode_attention(q, k, v, torch.ones(1, 1, 1, 9, dtype=torch.bool, device="cuda"), c, 1.0, 0)
 
 
-def _tiny_llama(kv_heads: int = 4):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=kv_heads,
-                      num_hidden_layers=2, vocab_size=300, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).cuda().eval()
-
-
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_model_decode_matches_sdpa_eager_compiled_and_graphed(kv_heads):
     """A tiny Llama (head size 64) decoding through a static cache: attention "lpq" gives SDPA's logits at
     every step (the prefill goes to SDPA, each one-token step to the kernel); compiled, the step is one graph,
     and replayed from a CUDA graph it gives the same greedy tokens as the step called from Python."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import decode
-
-    model = _tiny_llama(kv_heads)
-    prompt = torch.randint(0, 300, (1, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
-
-    forced = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(6)).tolist()
+    decode = decode_bench()
+    model = tiny_cuda_llama(kv_heads)
+    prompt, forced = decode_inputs()
 
     def forced_logits(dec):
-        """Logits of each step with the fed tokens fixed (no greedy path that a near tie could fork)."""
-        dec.prefill()
-        out = []
-        for t in forced:
-            dec.ids.fill_(t)
-            out.append(dec._forward(dec.ids, dec.pos, last_only=False)[:, -1].float().clone())
-            dec.pos.add_(1)
-        return torch.stack(out)
+        return forced_step_logits(dec, forced)
 
     with torch.no_grad():
         want = forced_logits(decode.Decoder(model, prompt, 10, "eager"))
@@ -185,12 +165,6 @@ def test_model_decode_matches_sdpa_eager_compiled_and_graphed(kv_heads):
         # every decode step of both blocks went to the kernel; a grouped-query model stays on SDPA
         assert len(calls) == (8 * 2 if kv_heads == 4 else 0)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        decode.allow_recompiles()
-        before = decode.compiled_graphs()
-        dec = decode.Decoder(model, prompt, 12, "compile")
-        dec.capture()
-        called, replayed = decode.check_replay(dec)
-        assert called == replayed
-        assert decode.compiled_graphs() - before == 1  # the step compiles whole: no graph break in lpq's code
+        assert_step_compiles_whole_and_replays(decode, model, prompt)
     torch._dynamo.reset()
     model.set_attn_implementation("sdpa")

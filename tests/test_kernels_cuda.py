@@ -68,7 +68,7 @@ def test_import_and_fallback_without_cuda(monkeypatch):
     ref = x @ UNIFORM.dequantize(qw.tensors, spec, 64, 24).t()
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
     # a machine without CUDA: load() says no, with exactly one warning however often it is asked
-    monkeypatch.setattr(cuda_build, "_state", {"tried": False, "ok": False, "reason": None})
+    monkeypatch.setattr(cuda_build.UNIFORM, "state", {"tried": False, "ok": False, "reason": None})
     monkeypatch.setattr(cuda_build, "unavailable_reason", lambda: "CUDA is not available")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")

@@ -78,7 +78,7 @@ CHILD = textwrap.dedent(r'''
         alive(op.lut_dequant(qw, tab, bits, n, k, False))  # zero centroids -> zero weights
     elif ext == "ptq161":
         from lpq.kernels import ptq161_cuda
-        assert ptq161_cuda.load(), ptq161_cuda._state["reason"]
+        assert ptq161_cuda.load(), ptq161_cuda.EXTENSION.failure_reason()
         k = 64  # 32 salient (4-bit, 8 per word) + 32 binarized (1-bit, 32 per word) channels
         xp = torch.zeros(1, k, dtype=h, device=dev)
         qw = torch.zeros(n, dtype=torch.int32, device=dev)

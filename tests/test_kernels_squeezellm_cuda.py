@@ -162,19 +162,27 @@ def test_import_and_fallback_without_cuda(monkeypatch):
     assert "format" in squeezellm_cuda.SQUEEZELLM_CUDA.why_not(QuantizedLinear.from_quantized(uq, None, torch.float16), x)
 
 
-def test_load_lut_without_cuda_warns_once(monkeypatch):
+def test_extensions_without_cuda_warn_once(monkeypatch):
     import warnings
 
-    monkeypatch.setattr(cuda_build, "_state", {"tried": False, "ok": False, "reason": None})
-    monkeypatch.setattr(cuda_build, "_lut_state", {"tried": False, "ok": False, "reason": None})
+    monkeypatch.setattr(cuda_build.UNIFORM, "state", {"tried": False, "ok": False, "reason": None})
+    monkeypatch.setattr(cuda_build.LUT, "state", {"tried": False, "ok": False, "reason": None})
     monkeypatch.setattr(cuda_build, "unavailable_reason", lambda: "CUDA is not available")
+    from lpq.kernels import attention_cuda, ptq161_cuda
+
+    for ext in (ptq161_cuda.EXTENSION, attention_cuda.EXTENSION):
+        monkeypatch.setattr(ext, "state", {"tried": False, "ok": False, "reason": None})
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         assert cuda_build.load_lut() is False
         assert cuda_build.load_lut() is False
         assert cuda_build.load() is False
+        assert ptq161_cuda.load() is False and attention_cuda.load() is False
+    # one warning for the machine, whichever extension asks first and however often
+    assert len([w for w in rec if "unavailable" in str(w.message)]) == 1
     assert len([w for w in rec if "CUDA kernels unavailable" in str(w.message)]) == 1
     assert cuda_build.lut_failure_reason() == "CUDA is not available"
+    assert ptq161_cuda.EXTENSION.failure_reason() == attention_cuda.failure_reason() == "CUDA is not available"
 
 
 def test_variant_and_warps_choice(monkeypatch):

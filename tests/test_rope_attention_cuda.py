@@ -17,6 +17,9 @@ import lpq
 from lpq.fuse import DecodeAttention, fuse_for_decode
 from lpq.kernels import attention_cuda
 
+from conftest import (assert_step_compiles_whole_and_replays, decode_bench, decode_inputs, forced_step_logits,
+                      tiny_cuda_llama)
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -156,28 +159,13 @@ def test_model_decode_fused_matches_unfused_eager_compiled_and_graphed():
     decode: every decode step of every block goes through the fused kernel, the logits equal the unfused model's,
     the compiled step is one graph, and the graph's replay gives the step's own tokens."""
     import copy
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import decode
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
-                      num_hidden_layers=2, vocab_size=300, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).cuda().eval()
-    prompt = torch.randint(0, 300, (1, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
-    forced = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(6)).tolist()
+    decode = decode_bench()
+    model = tiny_cuda_llama(4)
+    prompt, forced = decode_inputs()
 
     def forced_logits(dec):
-        dec.prefill()
-        out = []
-        for t in forced:
-            dec.ids.fill_(t)
-            out.append(dec._forward(dec.ids, dec.pos, last_only=False)[:, -1].float().clone())
-            dec.pos.add_(1)
-        return torch.stack(out)
+        return forced_step_logits(dec, forced)
 
     with torch.no_grad():
         want = forced_logits(decode.Decoder(model, prompt, 10, "eager"))
@@ -193,12 +181,6 @@ def test_model_decode_fused_matches_unfused_eager_compiled_and_graphed():
             attention_cuda.rope_cache_attention = real
         assert len(calls) == 8 * 2
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        decode.allow_recompiles()
-        before = decode.compiled_graphs()
-        dec = decode.Decoder(fused, prompt, 12, "compile")
-        dec.capture()
-        called, replayed = decode.check_replay(dec)
-        assert called == replayed
-        assert decode.compiled_graphs() - before == 1
+        assert_step_compiles_whole_and_replays(decode, fused, prompt)
     assert isinstance(fused.model.layers[0].self_attn, DecodeAttention)
     torch._dynamo.reset()

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-import warnings
 
 import torch
 
@@ -35,42 +33,29 @@ HEADERS = ["decode_attention.h"]
 HEAD_SIZES = (64, 128, 256)
 COUNTERS = 1 << 16  # batch x heads a call may have (one int32 counter each)
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "reason": None}
 _counters: dict[int, torch.Tensor] = {}  # CUDA device index -> counters
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("lpq_attn::decode_attention")
+    def _fake(q, k, v, mask, counters, scale, force_splits=0):
+        return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
+    @torch.library.register_fake("lpq_attn::rope_cache_attention")
+    def _rope_fake(qkv, cos, sin, k_cache, v_cache, position, mask, counters, scale, heads, force_splits=0):
+        return qkv.new_empty((1, 1, heads, k_cache.shape[3]))
+
+
+EXTENSION = cuda_build.Extension("lpq_attn", SOURCES, HEADERS, _register_fakes, "decode attention kernel", "SDPA")
 
 
 def load() -> bool:
     """Build/load the extension once. True if the op is usable; otherwise one warning, and False."""
-    if _state["tried"]:
-        return _state["ok"]
-    with _lock:
-        if _state["tried"]:
-            return _state["ok"]
-        reason = cuda_build.unavailable_reason()
-        if reason is None:
-            try:
-                cuda_build._build("lpq_attn", SOURCES, HEADERS)
-
-                @torch.library.register_fake("lpq_attn::decode_attention")
-                def _fake(q, k, v, mask, counters, scale, force_splits=0):
-                    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
-
-                @torch.library.register_fake("lpq_attn::rope_cache_attention")
-                def _rope_fake(qkv, cos, sin, k_cache, v_cache, position, mask, counters, scale, heads, force_splits=0):
-                    return qkv.new_empty((1, 1, heads, k_cache.shape[3]))
-            except Exception as e:  # a failed build must never crash a forward pass
-                reason = f"building the decode attention kernel failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
-                warnings.warn(f"lpq: decode attention kernel unavailable ({reason}); using SDPA", RuntimeWarning,
-                              stacklevel=2)
-        _state.update(tried=True, ok=reason is None, reason=reason)
-        if reason is not None:
-            log.warning("decode attention kernel unavailable (%s); using SDPA", reason)
-        return _state["ok"]
+    return EXTENSION.load()
 
 
 def failure_reason() -> str | None:
-    return _state["reason"]
+    return EXTENSION.failure_reason()
 
 
 def counters(device: torch.device) -> torch.Tensor:

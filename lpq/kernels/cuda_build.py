@@ -36,8 +36,6 @@ LUT_SOURCES = ["squeezellm_binding.cpp", "squeezellm_launch.cu", "squeezellm_b2.
 LUT_HEADERS = ["squeezellm_kernels.cuh", "squeezellm_launch.h", "async_copy.cuh"]
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "reason": None}
-_lut_state: dict = {"tried": False, "ok": False, "reason": None}
 
 
 def _arch_flags() -> tuple[str, list[str]]:
@@ -95,31 +93,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("lpq_cuda::uniform_dequant")
     def _dequant_fake(qw, sc, zp, bits, fold, gs, n, k, bf16):
         return qw.new_empty((n, k), dtype=torch.bfloat16 if bf16 else torch.float16)
-
-
-def load() -> bool:
-    """Build/load the extension once. True if the ops are usable, else False (one warning logged)."""
-    if _state["tried"]:
-        return _state["ok"]
-    with _lock:
-        if _state["tried"]:
-            return _state["ok"]
-        reason = unavailable_reason()
-        if reason is None:
-            try:
-                _build()
-                _register_fakes()
-            except Exception as e:  # a failed build must never crash a forward pass
-                reason = f"building the CUDA kernels failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
-        _state.update(tried=True, ok=reason is None, reason=reason)
-        if reason is not None:
-            warnings.warn(f"lpq: CUDA kernels unavailable ({reason}); using the reference kernel", RuntimeWarning, stacklevel=2)
-            log.warning("CUDA kernels unavailable (%s); using the reference kernel", reason)
-        return _state["ok"]
-
-
-def failure_reason() -> str | None:
-    return _state["reason"]
 
 
 def _process_libstdcxx() -> str | None:
@@ -191,34 +164,74 @@ def _register_lut_fakes() -> None:
         return qw.new_empty((n, k), dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
+class Extension:
+    """One of lpq's CUDA extensions: its sources, built on first use (:func:`_build`, cached on disk), and the fake
+    implementations of its ops. ``load()`` says whether its ops are usable; when they are not, lpq falls back to
+    ``fallback`` and the reason is said once: a machine without CUDA or nvcc gets ONE warning for all extensions
+    (the uniform kernels' own, :data:`UNIFORM`), a failed build one warning of its own. Separate extensions, so
+    that a failure in one never takes the others down."""
+
+    def __init__(self, prefix: str, sources: list[str], headers: list[str], register_fakes, what: str,
+                 fallback: str = "the reference kernel") -> None:
+        self.prefix, self.sources, self.headers = prefix, sources, headers
+        self.register_fakes, self.what, self.fallback = register_fakes, what, fallback
+        self.state: dict = {"tried": False, "ok": False, "reason": None}
+
+    @property
+    def ok(self) -> bool:
+        return self.state["ok"]
+
+    def failure_reason(self) -> str | None:
+        return self.state["reason"]
+
+    def _warn(self, reason: str) -> None:
+        warnings.warn(f"lpq: {self.what} unavailable ({reason}); using {self.fallback}", RuntimeWarning, stacklevel=3)
+        log.warning("%s unavailable (%s); using %s", self.what, reason, self.fallback)
+
+    def load(self) -> bool:
+        """Build/load once; True if the ops are usable."""
+        if self.state["tried"]:
+            return self.state["ok"]
+        no_cuda = False
+        with _lock:
+            if self.state["tried"]:
+                return self.state["ok"]
+            reason = unavailable_reason()
+            if reason is not None:
+                no_cuda = True
+            else:
+                try:
+                    _build(self.prefix, self.sources, self.headers)
+                    self.register_fakes()
+                except Exception as e:  # a failed build must never crash a forward pass
+                    reason = f"building the {self.what} failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
+                    self._warn(reason)
+            self.state.update(tried=True, ok=reason is None, reason=reason)
+        if no_cuda:
+            if self is UNIFORM:
+                self._warn(reason)
+            else:
+                UNIFORM.load()  # the one warning about a machine without CUDA/nvcc
+        return self.state["ok"]
+
+
+UNIFORM = Extension("lpq_cuda", SOURCES, HEADERS, _register_fakes, "CUDA kernels")
+LUT = Extension("lpq_lut", LUT_SOURCES, LUT_HEADERS, _register_lut_fakes, "squeezellm CUDA kernels")
+
+
+def load() -> bool:
+    """Build/load the uniform kernels' extension once (ops lpq_cuda::*). True if usable, else False (one warning)."""
+    return UNIFORM.load()
+
+
+def failure_reason() -> str | None:
+    return UNIFORM.failure_reason()
+
+
 def load_lut() -> bool:
-    """Build/load the squeezellm LUT extension once (ops lpq_lut::*). True if usable, else False: a
-    missing CUDA/nvcc is reported by :func:`load`'s one warning (no second one); a failed build of
-    this extension warns once on its own."""
-    if _lut_state["tried"]:
-        return _lut_state["ok"]
-    no_cuda = False
-    with _lock:
-        if _lut_state["tried"]:
-            return _lut_state["ok"]
-        reason = unavailable_reason()
-        if reason is not None:
-            no_cuda = True
-            _lut_state.update(tried=True, ok=False, reason=reason)
-        else:
-            try:
-                _build("lpq_lut", LUT_SOURCES, LUT_HEADERS)
-                _register_lut_fakes()
-            except Exception as e:  # a failed build must never crash a forward pass
-                reason = f"building the LUT kernels failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
-                warnings.warn(f"lpq: squeezellm CUDA kernels unavailable ({reason}); using the reference kernel",
-                              RuntimeWarning, stacklevel=2)
-                log.warning("squeezellm CUDA kernels unavailable (%s); using the reference kernel", reason)
-            _lut_state.update(tried=True, ok=reason is None, reason=reason)
-    if no_cuda:
-        load()  # the one warning about a machine without CUDA/nvcc, shared with the uniform kernels
-    return _lut_state["ok"]
+    """Build/load the squeezellm LUT extension once (ops lpq_lut::*); see :class:`Extension`."""
+    return LUT.load()
 
 
 def lut_failure_reason() -> str | None:
-    return _lut_state["reason"]
+    return LUT.failure_reason()

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,33 +46,20 @@ HEADERS = ["ptq161_launch.h", "ptq161_common.cuh", "async_copy.cuh"]
 VARIANTS = {"auto": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3, "ring": 4, "stream": 5, "ring3": 6, "ring2": 7, "ring2w8": 8}
 ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
 
-_lock = threading.Lock()
-_state: dict = {"tried": False, "ok": False, "reason": None}
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("lpq_ptq161::gemv")
+    def _gemv_fake(x, qw, sw, bin_idx, sal_idx, colscale, rowvec, bias, counters, n, k, variant, ksplit):
+        return x.new_empty((x.shape[0], n))
+
+
+EXTENSION = cuda_build.Extension("lpq_ptq161", SOURCES, HEADERS, _register_fakes, "ptq161 CUDA kernel")
 
 
 def load() -> bool:
     """Build/load the extension once. True if the op is usable; otherwise one warning, and False."""
-    if _state["tried"]:
-        return _state["ok"]
-    with _lock:
-        if _state["tried"]:
-            return _state["ok"]
-        reason = cuda_build.unavailable_reason()
-        if reason is None:
-            try:
-                cuda_build._build("lpq_ptq161", SOURCES, HEADERS)
-
-                @torch.library.register_fake("lpq_ptq161::gemv")
-                def _gemv_fake(x, qw, sw, bin_idx, sal_idx, colscale, rowvec, bias, counters, n, k, variant, ksplit):
-                    return x.new_empty((x.shape[0], n))
-            except Exception as e:  # a failed build must never crash a forward pass
-                reason = f"building the ptq161 kernel failed: {type(e).__name__}: {str(e).strip()[-2000:]}"
-                warnings.warn(f"lpq: ptq161 CUDA kernel unavailable ({reason}); using the reference kernel",
-                              RuntimeWarning, stacklevel=2)
-        _state.update(tried=True, ok=reason is None, reason=reason)
-        if reason is not None:
-            log.warning("ptq161 CUDA kernel unavailable (%s); using the reference kernel", reason)
-        return _state["ok"]
+    return EXTENSION.load()
 
 
 def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dict:
@@ -133,7 +118,7 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
     if ksplit is None:
         ksplit = int(os.environ.get("LPQ_PTQ161_KSPLIT", "0") or 0)
     if not load():
-        raise RuntimeError(f"lpq ptq161 gemv: the CUDA extension is unavailable ({_state['reason']})")
+        raise RuntimeError(f"lpq ptq161 gemv: the CUDA extension is unavailable ({EXTENSION.failure_reason()})")
     return torch.ops.lpq_ptq161.gemv(x2.contiguous(), st["qw"], st["sw"], st["bin_idx"], st["sal_idx"],
                                      st["colscale"], st["rowvec"], bias, st["counters"], n, k, v, ksplit)
 
@@ -144,7 +129,7 @@ def plan(st: dict, m: int, dtype: torch.dtype = torch.float16, variant: str = "a
     if variant not in VARIANTS or variant == "first":
         raise ValueError(f"lpq ptq161 plan: variant {variant!r}: use one of {', '.join(v for v in VARIANTS if v != 'first')}")
     if not load():
-        raise RuntimeError(f"lpq ptq161 plan: the CUDA extension is unavailable ({_state['reason']})")
+        raise RuntimeError(f"lpq ptq161 plan: the CUDA extension is unavailable ({EXTENSION.failure_reason()})")
     s = st["sal_idx"].numel()
     kernel, ks, rows, stages, words = torch.ops.lpq_ptq161.plan(m, st["n"], st["k"], s, VARIANTS[variant], ksplit,
                                                                 dtype == torch.bfloat16)
@@ -167,7 +152,7 @@ class PTQ161CudaKernel(Kernel):
         if x.shape[-1] != layer.in_features:
             return f"input has {x.shape[-1]} features, the layer {layer.in_features}"
         if not load():
-            return f"CUDA extension unavailable: {_state['reason']}"
+            return f"CUDA extension unavailable: {EXTENSION.failure_reason()}"
         return None
 
     def prepare(self, layer) -> None:

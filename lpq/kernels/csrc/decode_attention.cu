@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   const T* vb = reinterpret_cast<const T*>(a.v) + b * a.v_sb + grp * a.v_sh + (int64_t)j0 * a.v_sl + sub * 8;
   if constexpr (ROPE) {
     // the cache's row p: written once, by the block whose run holds it, for the first query head of the group.
-    // No block reads it from memory in this kernel (the loop takes it from knew / vnew), so there is no race.
+    // Only this block loads row p, and it replaces what it loaded by knew / vnew: no value read races the store.
     if (p >= 0 && p < n && h % (a.H / a.Hkv) == 0 && threadIdx.x < LPK) {
       *reinterpret_cast<uint4*>(const_cast<T*>(kb) + (int64_t)p * a.kv_sl) = knew;
       *reinterpret_cast<uint4*>(const_cast<T*>(vb) + (int64_t)p * a.v_sl) = vnew;
@@ -163,13 +163,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
     for (int t = 0; t < KT; ++t) {
       const int j = r0 + t * KPB + kin;
       const bool in = j < n;
-      if (ROPE && in && j == p) {  // the new row: from registers (the read-only loads below never see row p)
-        kr[t] = knew;
-        vr[t] = vnew;
-        continue;
-      }
       kr[t] = in ? __ldg(reinterpret_cast<const uint4*>(kb + (int64_t)j * a.kv_sl)) : make_uint4(0, 0, 0, 0);
       vr[t] = in ? __ldg(reinterpret_cast<const uint4*>(vb + (int64_t)j * a.v_sl)) : make_uint4(0, 0, 0, 0);
+    }
+    if constexpr (ROPE) {
+      // the new row from registers, in place of what was loaded for it (the old row, or the writer's store in
+      // flight: either way unused). Swapped after the loads so that they do not wait for *position.
+#pragma unroll
+      for (int t = 0; t < KT; ++t) {
+        if (r0 + t * KPB + kin == p) {
+          kr[t] = knew;
+          vr[t] = vnew;
+        }
+      }
     }
     float s[KT];
     float rmax = -CUDART_INF_F;
