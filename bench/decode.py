@@ -623,6 +623,35 @@ def free_device(device: torch.device, mode: str) -> None:
         torch.cuda.empty_cache()
 
 
+def add_fusion_args(ap: argparse.ArgumentParser) -> None:
+    """The model transforms every format gets (this script and bench/profile_decode.py): --fuse, --epilogues,
+    --fold-norms, --attention-fusion. Call :func:`fusion_settled` on the parsed arguments."""
+    ap.add_argument("--fuse", action="store_true",
+                    help="join each block's q/k/v and gate/up projections into one linear each (lpq.fuse_siblings), "
+                         "for every format, fp16 included")
+    ap.add_argument("--epilogues", action="store_true",
+                    help="--fuse, and also fold the MLP's silu(gate) * up (and --fold-norms) into the linears "
+                         "(lpq.fuse_for_decode), for every format, fp16 included")
+    ap.add_argument("--fold-norms", choices=tuple(FOLD_NORMS), default="none",
+                    help="with --epilogues: which RMSNorms of a block fold into their projections (mlp: only the one "
+                         "before the MLP)")
+    ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
+                    help="with --epilogues: wrap each self-attention (lpq.fuse.DecodeAttention) so that, under --attn lpq, "
+                         "a decode step's rotary embedding, cache write and attention run as one lpq kernel")
+
+
+def fusion_settled(args: argparse.Namespace) -> argparse.Namespace:
+    """--epilogues implies --fuse."""
+    args.fuse = args.fuse or args.epilogues
+    return args
+
+
+def fuse_as_asked(model, args: argparse.Namespace) -> None:
+    """fuse_model with the settings of :func:`add_fusion_args` (nothing without --fuse)."""
+    if args.fuse:
+        fuse_model(model, args.epilogues, args.fold_norms, args.attention_fusion == "on")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", default=DEFAULT_FORMATS, help="fp16 and/or wXgY (RTN, X bits, groups of Y)")
@@ -640,23 +669,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="float16 / bfloat16 / float32; auto: float16 on CUDA, float32 on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2 blocks, hidden 256, MLP 512, 4 heads, vocabulary 1000")
-    ap.add_argument("--fuse", action="store_true",
-                    help="join each block's q/k/v and gate/up projections into one linear each (lpq.fuse_siblings), "
-                         "for every format, fp16 included")
-    ap.add_argument("--epilogues", action="store_true",
-                    help="--fuse, and also fold each block's RMSNorms and the MLP's silu(gate) * up into the linears "
-                         "(lpq.fuse_for_decode), for every format, fp16 included")
-    ap.add_argument("--fold-norms", choices=tuple(FOLD_NORMS), default="none",
-                    help="with --epilogues: which RMSNorms of a block fold into their projections (mlp: only the one "
-                         "before the MLP)")
-    ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
-                    help="with --epilogues: wrap each self-attention (lpq.fuse.DecodeAttention) so that, under --attn lpq, "
-                         "a decode step's rotary embedding, cache write and attention run as one lpq kernel")
+    add_fusion_args(ap)
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    args.fuse = args.fuse or args.epilogues
+    args = fusion_settled(ap.parse_args(argv))
     try:
         return run(args, argv)
     except LpqError as e:
@@ -720,8 +737,7 @@ def run(args, argv) -> int:
     if args.fuse and quantized and formats[0].name == "fp16":
         master = copy.deepcopy(base).to("cpu")  # the formats quantize the unfused weights
     if formats[0].name == "fp16":
-        if args.fuse:
-            fuse_model(base, args.epilogues, args.fold_norms, args.attention_fusion == "on")
+        fuse_as_asked(base, args)
         rec = measure(base, formats[0], prompt, args.new_tokens, args.repeats, mode, args.attn)
         rec["quantize_s"] = None
         finish(rec)
@@ -733,8 +749,7 @@ def run(args, argv) -> int:
         for fmt in quantized:
             model, qs = quantize_copy(master, fmt, str(device))
             model.to(device)
-            if args.fuse:  # on the device: joining repacks the codes, faster there
-                fuse_model(model, args.epilogues, args.fold_norms, args.attention_fusion == "on")
+            fuse_as_asked(model, args)  # on the device: joining repacks the codes, faster there
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)
             rec = measure(model, fmt, prompt, args.new_tokens, args.repeats, mode, args.attn)
             rec["quantize_s"] = qs

@@ -131,6 +131,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         f"Command: `{command}`. Model as in bench/decode.py ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, "
         f"MLP {cfg.intermediate_size}, random weights, float16, RTN formats), prompt {args.prompt_len}, "
         + ("fused for decode (--epilogues: lpq.fuse_for_decode, silu(gate) * up in the joint gate/up linear"
+           + ("" if args.fold_norms == "none" else f"; RMSNorms folded: {args.fold_norms}")
            + ("; under lpq attention, rotary, cache write and attention as one kernel" if args.attention_fusion == "on" else "")
            + "). " if args.epilogues else "projections fused (--fuse). " if args.fuse else "projections unfused. ")
         + f"ms/token: the compiled step replayed from a CUDA graph, median of 3 runs of {args.time_steps} steps. "
@@ -162,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default="fp16,w4g128")
     ap.add_argument("--attn", default="sdpa",
                     help="attention variants, comma-separated: sdpa, eager, flex_attention, lpq, sdpa:cudnn|flash|efficient|math")
-    ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each, in every format")
-    ap.add_argument("--epilogues", action="store_true",
-                    help="--fuse and the norms and silu(gate) * up folded into the linears (lpq.fuse_for_decode)")
-    ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
-                    help="with --epilogues: rotary, cache write and attention as one lpq kernel under --attn lpq "
-                         "(lpq.fuse.DecodeAttention)")
+    decode.add_fusion_args(ap)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--steps", type=int, default=16, help="steps profiled")
@@ -179,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION)
     ap.add_argument("--records", default="decode-profile-h100")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    args.fuse = args.fuse or args.epilogues
+    args = decode.fusion_settled(ap.parse_args(argv))
     try:
         return run(args, argv)
     except LpqError as e:
@@ -220,8 +215,7 @@ def run(args, argv) -> int:
         else:
             model = copy.deepcopy(master)
         model.to(device)
-        if args.fuse:  # on the device, as decode.py does
-            decode.fuse_model(model, args.epilogues, attention=args.attention_fusion == "on")
+        decode.fuse_as_asked(model, args)  # on the device, as decode.py does
         for attn in attns:
             try:
                 with decode.attention(model, attn):
