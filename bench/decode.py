@@ -187,18 +187,29 @@ def build_model(cfg, device: str | torch.device, dtype: torch.dtype, seed: int =
     return model.eval()
 
 
-def quantize_copy(master, fmt: Format, device: str):
-    """RTN of a copy of ``master`` (left untouched) in ``fmt``; returns (packed model, seconds).
+def quantize_copy(master, fmt: Format, device: str, head: bool = False):
+    """RTN of a copy of ``master`` (left untouched) in ``fmt``; returns (packed model, seconds). With ``head``
+    the lm_head too (RTN in the same format; lpq.quantize leaves it in full precision).
 
     lpq.quantize streams the blocks of a CPU model through ``device``; the packed model stays where
     ``master`` is (move it afterwards)."""
     import lpq
+    from lpq.methods.rtn import rtn_quantize
+    from lpq.nn import QuantizedLinear
+    from lpq.spec import QuantSpec
 
     t0 = time.perf_counter()
     model = copy.deepcopy(master)
     res = lpq.quantize(model, None, method="rtn", bits=fmt.bits, group_size=fmt.group_size, sym=False,
                        device=device)
-    return res.model.eval(), time.perf_counter() - t0
+    model = res.model.eval()
+    if head:
+        lm = model.get_output_embeddings()
+        if lm.bias is not None or lm.weight is model.get_input_embeddings().weight:
+            raise LpqError("--head quantized: the lm_head must be a separate linear without a bias")
+        qw = rtn_quantize(lm.weight.detach().to(device).float(), QuantSpec(bits=fmt.bits, group_size=fmt.group_size, sym=False))
+        model.set_output_embeddings(QuantizedLinear.from_quantized(qw.to("cpu"), None, lm.weight.dtype))
+    return model, time.perf_counter() - t0
 
 
 # -- measuring -----------------------------------------------------------------------------------------
@@ -569,8 +580,10 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         f"{gpu}; {versions()}; date {date}.",
         f"Command: `{command}`. Model: {model_label.split(' (')[0]} ({shape}) built from its config with random weights "
         f"(seed {args.seed}), {args.dtype}; each lpq format is RTN of the same weights (wXgY = X bits, groups of Y, "
-        "asymmetric, lpq's uniform format) over the decoder linears, embeddings and lm_head left as they are. "
-        f"Batch 1: a random prompt of {plen} tokens prefilled, then {steps} greedy decode steps through transformers "
+        "asymmetric, lpq's uniform format) over the decoder linears, "
+        + ("and the lm_head too (--head quantized, RTN in the same format), embeddings left as they are. "
+           if args.head == "quantized" else "embeddings and lm_head left as they are. ")
+        + f"Batch 1: a random prompt of {plen} tokens prefilled, then {steps} greedy decode steps through transformers "
         f"(StaticCache of {plen + steps}, attention {records[0]['attn'] if records else '-'}); "
         f"{how}, the same for every format. Timed: the decode steps only "
         f"({'CUDA events' if cuda else 'wall clock'}), median of {args.repeats} repeats, each after a fresh prefill. "
@@ -670,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="2 blocks, hidden 256, MLP 512, 4 heads, vocabulary 1000")
     add_fusion_args(ap)
+    ap.add_argument("--head", choices=("fp16", "quantized"), default="fp16",
+                    help="the lm_head of the quantized formats: left in full precision (lpq.quantize's default) or RTN "
+                         "in the format itself")
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
@@ -728,7 +744,8 @@ def run(args, argv) -> int:
         rec["speedup_vs_fp16"] = (rec["tokens_per_s"] / fp16_tps) if fp16_tps and rec["tokens_per_s"] else None
         rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse),
                     "epilogues": bool(args.epilogues), "fold_norms": args.fold_norms if args.epilogues else None,
-                    "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None})
+                    "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None,
+                    "head": args.head if rec["format"] != "fp16" else "fp16"})
         records.append(rec)
         print(json.dumps(rec), flush=True)
 
@@ -747,7 +764,7 @@ def run(args, argv) -> int:
         del base
         free_device(device, mode)
         for fmt in quantized:
-            model, qs = quantize_copy(master, fmt, str(device))
+            model, qs = quantize_copy(master, fmt, str(device), head=args.head == "quantized")
             model.to(device)
             fuse_as_asked(model, args)  # on the device: joining repacks the codes, faster there
             print(f"quantized {fmt.name} in {qs:.1f} s", flush=True)

@@ -201,3 +201,19 @@ def test_profile_kernel_kinds():
     assert profile.kernel_kind("void lpq::attn::decode_attention_kernel<__half, 128>(lpq::attn::DecodeArgs)") == "attention"
     assert profile.kernel_kind("nvjet_sm90_hsh_256x8_64x6_4x1_v_bz_TNT") == "cuBLAS"
     assert profile.kernel_kind("void at::native::elementwise_kernel<128, 4>") == "other"
+
+
+def test_script_quantized_head(capsys):
+    """--head quantized: the quantized formats' lm_head is packed too (fewer weight bytes), fp16 keeps its own, and
+    the decode still gives generate's tokens."""
+    common = ["--tiny", "--device", "cpu", "--formats", "fp16,w4g128", "--prompt-len", "12", "--new-tokens", "4",
+              "--repeats", "1", "--no-write"]
+    runs = {}
+    for head in ("fp16", "quantized"):
+        assert decode.main(common + ["--head", head]) == 0
+        out = capsys.readouterr().out
+        runs[head] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["format"], r["head"]) for r in runs["quantized"]] == [("fp16", "fp16"), ("w4g128", "quantized")]
+    assert all(r["check"].startswith("== generate") for r in runs["quantized"])
+    assert runs["quantized"][0]["weights_gb"] == runs["fp16"][0]["weights_gb"]
+    assert runs["quantized"][1]["weights_gb"] < runs["fp16"][1]["weights_gb"]
