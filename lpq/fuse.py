@@ -327,7 +327,7 @@ class DecodeAttention(nn.Module):
     step of one sequence over transformers' static cache, on CUDA, with lpq's attention implementation
     (lpq.attention.enable) and no grouped heads, runs the fused q/k/v projection, then one lpq kernel that rotates q
     and the new key, writes the key and value into the cache, attends over it and moves the cache's length on
-    (attention_cuda.rope_cache_attention: three to four small kernels fewer a block), then o_proj. Every other call
+    (attention_cuda.rope_cache_attention: four small kernels fewer a block), then o_proj. Every other call
     (prefill, other caches, CPU, training, a sliding window) runs the original module's forward unchanged."""
 
     def __init__(self, attn: nn.Module, shared: SharedProjection) -> None:

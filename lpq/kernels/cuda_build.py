@@ -7,8 +7,10 @@ flags (the process's shared libstdc++ is named on the link line: see :func:`_lin
 extension registers the ops ``torch.ops.lpq_cuda.uniform_gemm`` and ``...uniform_dequant``; the fake
 (meta) implementations registered here let them run under ``torch.compile`` and CUDA graphs.
 
-Without CUDA, without nvcc, or when the build fails, :func:`load` returns None and logs ONE warning;
-the callers then fall back to the reference kernel. Importing this module never builds anything.
+Every extension of lpq (these ops, the squeezellm LUT ops, the ptq161 and the attention kernels) is an
+:class:`Extension`. Without CUDA, without nvcc, or when a build fails, its ``load()`` returns False and one
+warning says why (one for the whole machine when CUDA or nvcc is missing); the callers then fall back to the
+reference kernel (SDPA for attention). Importing this module never builds anything.
 """
 
 from __future__ import annotations
