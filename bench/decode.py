@@ -217,21 +217,25 @@ def quantize_copy(master, fmt: Format, device: str, head: bool = False):
 FOLD_NORMS = {"all": ("input_layernorm", "post_attention_layernorm"), "mlp": ("post_attention_layernorm",), "none": ()}
 
 
-def fuse_model(model, epilogues: bool = False, fold: str = "none", attention: bool = True) -> None:
+def fuse_model(model, epilogues: bool = False, fold: str = "none", attention: bool = True,
+               block_fusion: bool = False) -> None:
     """q/k/v and gate/up of every block joined (lpq.fuse_siblings); every block must have both groups. With
     epilogues: lpq.fuse_for_decode (gated MLPs with silu(gate) * up in the joint linear, q/k/v joined, the RMSNorms
-    of ``fold`` folded into the projections that read them, and with ``attention`` the self-attention wrapped for
-    the fused rotary + cache write + attention kernel, which acts under --attn lpq); every block must take them."""
+    of ``fold`` folded into the projections that read them, with ``attention`` the self-attention wrapped for
+    the fused rotary + cache write + attention kernel, which acts under --attn lpq, and with ``block_fusion`` the
+    blocks wrapped so that residual adds and RMSNorms run in the projections' epilogues); every block must take
+    them."""
     from lpq.fuse import fuse_for_decode, fuse_siblings
 
     blocks = model.config.num_hidden_layers
     if epilogues:
-        report = fuse_for_decode(model, FOLD_NORMS[fold], attention=attention)
+        report = fuse_for_decode(model, FOLD_NORMS[fold], attention=attention, blocks=block_fusion)
         counts = {k: len(v) for k, v in report.items()}
         want = len(FOLD_NORMS[fold]) * blocks
-        if counts != {"gated_mlp": blocks, "siblings": blocks, "norms": want, "attention": blocks if attention else 0}:
-            raise LpqError(f"--epilogues changed {counts}, expected {blocks} gated MLPs, {blocks} q/k/v groups, "
-                           f"{want} norms and {blocks if attention else 0} attentions")
+        expected = {"gated_mlp": blocks, "siblings": blocks, "norms": want, "attention": blocks if attention else 0,
+                    "blocks": blocks if block_fusion else 0}
+        if counts != expected:
+            raise LpqError(f"--epilogues changed {counts}, expected {expected}")
         return
     fused = fuse_siblings(model)
     if len(fused) != 2 * blocks:
@@ -336,6 +340,7 @@ class Decoder:
         fwd = inspect.signature(model.forward).parameters
         self._takes_cache_position = "cache_position" in fwd  # transformers v5 Llama: positions only
         self._takes_logits_to_keep = "logits_to_keep" in fwd
+        self._cache_kwarg = "cache" if "cache" in fwd else "past_key_values"  # renamed in transformers 5.24
         self._step = self._step_eager
         if mode == "compile":
             allow_recompiles()
@@ -349,8 +354,8 @@ class Decoder:
             kw["cache_position"] = position_ids[0]
         if last_only and self._takes_logits_to_keep:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
-                         use_cache=True, **kw)
+        kw[self._cache_kwarg] = self.cache
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **kw)
         return out.logits  # [1, L, V]
 
     @torch.no_grad()
@@ -603,7 +608,10 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
            "in its own epilogue, fp16 runs them in torch)"
            + ("; each self-attention wrapped (lpq.fuse.DecodeAttention): under lpq attention a decode step's rotary "
               "embedding, cache write and attention run as one lpq kernel in every format" if args.attention_fusion == "on"
-              else "; attentions not wrapped (--attention-fusion off)") + ". " if args.epilogues else "")
+              else "; attentions not wrapped (--attention-fusion off)")
+           + ("; each decoder block wrapped (lpq.fuse.DecodeBlock): under lpq attention a decode step's residual adds "
+              "and RMSNorms run in the projections' epilogues (--block-fusion on)" if args.block_fusion == "on" else "")
+           + ". " if args.epilogues else "")
         + "Targets (issue 4): W4 >= 2.5x, W3 >= 3x over fp16.",
         "",
         "| format | weights GB | kernel copies GB | ms/token | tokens/s | x fp16 | target | kernel | check | generate agree |",
@@ -651,18 +659,29 @@ def add_fusion_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--attention-fusion", choices=("on", "off"), default="on",
                     help="with --epilogues: wrap each self-attention (lpq.fuse.DecodeAttention) so that, under --attn lpq, "
                          "a decode step's rotary embedding, cache write and attention run as one lpq kernel")
+    ap.add_argument("--block-fusion", choices=("on", "off"), default=None,
+                    help="with --epilogues and --attention-fusion on: wrap each decoder block (lpq.fuse.DecodeBlock) so "
+                         "that, under --attn lpq, a decode step's residual adds and RMSNorms run in the projections' "
+                         "epilogues (five kernels a block); default: on where those settings allow it, as "
+                         "lpq.fuse_for_decode does")
 
 
 def fusion_settled(args: argparse.Namespace) -> argparse.Namespace:
-    """--epilogues implies --fuse."""
+    """--epilogues implies --fuse; --block-fusion on needs --epilogues with --attention-fusion on and no folded norm
+    (and is the default there)."""
     args.fuse = args.fuse or args.epilogues
+    allowed = args.epilogues and args.attention_fusion == "on" and args.fold_norms == "none"
+    if args.block_fusion == "on" and not allowed:
+        raise LpqError("--block-fusion on needs --epilogues, --attention-fusion on and --fold-norms none")
+    if args.block_fusion is None:
+        args.block_fusion = "on" if allowed else "off"
     return args
 
 
 def fuse_as_asked(model, args: argparse.Namespace) -> None:
     """fuse_model with the settings of :func:`add_fusion_args` (nothing without --fuse)."""
     if args.fuse:
-        fuse_model(model, args.epilogues, args.fold_norms, args.attention_fusion == "on")
+        fuse_model(model, args.epilogues, args.fold_norms, args.attention_fusion == "on", args.block_fusion == "on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,9 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
-    args = fusion_settled(ap.parse_args(argv))
+    args = ap.parse_args(argv)
     try:
-        return run(args, argv)
+        return run(fusion_settled(args), argv)
     except LpqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -745,6 +764,7 @@ def run(args, argv) -> int:
         rec.update({"model": model_label, "device": gpu, "dtype": args.dtype, "date": date, "fused": bool(args.fuse),
                     "epilogues": bool(args.epilogues), "fold_norms": args.fold_norms if args.epilogues else None,
                     "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None,
+                    "block_fusion": args.block_fusion == "on",
                     "head": args.head if rec["format"] != "fp16" else "fp16"})
         records.append(rec)
         print(json.dumps(rec), flush=True)

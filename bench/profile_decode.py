@@ -103,7 +103,8 @@ def measure(model, fmt: decode.Format, prompt, args, attn: str) -> dict:
     dec.prefill()
     ms = graph_ms_per_token(dec, args.time_steps) if cuda else None
     rec = {"format": fmt.name, "attn": attn, "fused": bool(args.fuse), "epilogues": bool(args.epilogues),
-           "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None, "ms_per_token": ms}
+           "attention_fusion": (args.attention_fusion == "on") if args.epilogues else None,
+           "block_fusion": args.block_fusion == "on", "ms_per_token": ms}
     if cuda:
         kinds, names, count = profile_steps(dec, args.steps)
         total = sum(kinds.values())
@@ -133,6 +134,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         + ("fused for decode (--epilogues: lpq.fuse_for_decode, silu(gate) * up in the joint gate/up linear"
            + ("" if args.fold_norms == "none" else f"; RMSNorms folded: {args.fold_norms}")
            + ("; under lpq attention, rotary, cache write and attention as one kernel" if args.attention_fusion == "on" else "")
+           + ("; residual adds and RMSNorms in the projections' epilogues (--block-fusion on)" if args.block_fusion == "on" else "")
            + "). " if args.epilogues else "projections fused (--fuse). " if args.fuse else "projections unfused. ")
         + f"ms/token: the compiled step replayed from a CUDA graph, median of 3 runs of {args.time_steps} steps. "
         f"Kernels: device time of every kernel over {args.steps} compiled steps called from Python outside the graph "
@@ -175,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION)
     ap.add_argument("--records", default="decode-profile-h100")
     ap.add_argument("--no-write", action="store_true")
-    args = decode.fusion_settled(ap.parse_args(argv))
+    args = ap.parse_args(argv)
     try:
-        return run(args, argv)
+        return run(decode.fusion_settled(args), argv)
     except LpqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,7 +87,7 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device) -> Non
                 module._buffers[name] = b.to(device)
 
 
-CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
 
 
 def split_block_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:

@@ -24,7 +24,10 @@ whose code is known (``GATED_MLPS``, ``PRE_NORM_BLOCKS``):
   reading them, which scales by the rms of h itself. Run it after ``fuse_siblings`` and ``fuse_gated_mlp``: the
   q/k/v of a block must be one fused linear, and its MLP a GatedMLP or a fused gate/up.
 
-``fuse_for_decode(model)`` runs the first two, and fold_norms when asked (it measured no faster on the H100).
+``fuse_for_decode(model)`` runs the first two, fold_norms when asked (it measured no faster on the H100), and for
+known attention classes ``fuse_attention`` (rotary, cache write and attention in one kernel: DecodeAttention) and
+``fuse_blocks`` (DecodeBlock: each decoder block's residual adds and RMSNorms in its projections' epilogues, so that a
+decode step of a block is five kernels). The last two act only on decode steps under lpq attention.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .epilogue import linear_forward, swiglu_row_order
+from .epilogue import linear_forward, linear_residual, swiglu_row_order
 from .errors import LpqError
 from .kernels import attention_cuda
 from .nn import QuantizedLinear
@@ -300,8 +303,9 @@ def fold_norms(model: nn.Module, which: tuple[str, ...] = BLOCK_NORMS) -> list[s
     Caution in float16: the projection's input w * h is formed before normalising, so a hidden state with
     |w * h| > 65504 overflows where RMSNorm itself would not (bfloat16 has no such limit)."""
     done = []
+    fused = {id(m.block) for m in model.modules() if isinstance(m, DecodeBlock)}  # their norms feed the epilogues
     for name, block in model.named_modules():
-        if type(block).__name__ not in PRE_NORM_BLOCKS:
+        if type(block).__name__ not in PRE_NORM_BLOCKS or id(block) in fused:
             continue
         pairs = (("input_layernorm", _qkv_projection(getattr(block, "self_attn", nn.Module()))),
                  ("post_attention_layernorm", _mlp_consumer(getattr(block, "mlp", nn.Module()))))
@@ -317,9 +321,19 @@ def fold_norms(model: nn.Module, which: tuple[str, ...] = BLOCK_NORMS) -> list[s
 
 
 # attention modules whose forward is transformers' Llama attention: q/k/v projections, apply_rotary_pos_emb (rotate_half
-# over the whole head), past_key_values.update, the attention function, o_proj. Mistral and Qwen2 differ only by a
+# over the whole head), the cache's update, the attention function, o_proj. Mistral and Qwen2 differ only by a
 # sliding window, which DecodeAttention leaves to the original forward.
 ROPE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+# the keyword a block passes its KV cache by: ``cache`` from transformers 5.24, ``past_key_values`` before
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict):
+    """The KV cache among a block's keyword arguments, under either name, or None."""
+    for name in CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 class DecodeAttention(nn.Module):
@@ -349,7 +363,7 @@ class DecodeAttention(nn.Module):
     def _kernel_ready(hidden_states: torch.Tensor) -> bool:
         return hidden_states.is_cuda and attention_cuda.EXTENSION.ok
 
-    def _static_layer(self, hidden_states, position_embeddings, attention_mask, past_key_values, kwargs):
+    def _static_layer(self, hidden_states, position_embeddings, attention_mask, cache, kwargs):
         """The static cache layer this call writes, if the fused kernel takes the call, else None."""
         if self.attn.config._attn_implementation != "lpq" or self.training or not self._kernel_ready(hidden_states):
             return None
@@ -359,7 +373,7 @@ class DecodeAttention(nn.Module):
             return None
         if position_embeddings is None or self._sliding_window() or self.heads != self.kv_heads:
             return None  # grouped heads: the kernel measured slower than SDPA there (lpq.attention)
-        layers = getattr(past_key_values, "layers", None)
+        layers = getattr(cache, "layers", None)
         idx = getattr(self.attn, "layer_idx", None)
         if layers is None or idx is None or idx >= len(layers):
             return None
@@ -372,17 +386,27 @@ class DecodeAttention(nn.Module):
             return None
         return layer
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
-        layer = self._static_layer(hidden_states, position_embeddings, attention_mask, past_key_values, kwargs)
-        if layer is None:
-            return self.attn(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                             past_key_values=past_key_values, **kwargs)
-        qkv = self.shared.joint(hidden_states)  # [1, 1, (H + 2 Hkv) D]
+    def kernel_layer(self, hidden_states: torch.Tensor, position_embeddings, attention_mask, kwargs: dict):
+        """The static cache layer of this call (keyword arguments as the block passes them) if the fused kernel
+        takes it, else None."""
+        rest = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        return self._static_layer(hidden_states, position_embeddings, attention_mask, cache_argument(kwargs), rest)
+
+    def attend(self, qkv: torch.Tensor, layer, position_embeddings, attention_mask) -> torch.Tensor:
+        """qkv [1, 1, (H + 2 Hkv) D] of the new token -> the attention output [1, 1, H D] (o_proj's input); the
+        new key and value are written into ``layer``."""
         cos, sin = position_embeddings  # [1, 1, D] each
         out = attention_cuda.rope_cache_attention(qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length,
                                                   attention_mask, self.heads, self.attn.scaling)  # [1, 1, H, D]
-        return self.attn.o_proj(out.reshape(1, 1, self.heads * self.head_dim)), None
+        return out.reshape(1, 1, self.heads * self.head_dim)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        layer = self.kernel_layer(hidden_states, position_embeddings, attention_mask, kwargs)
+        if layer is None:  # the cache goes on under the keyword it came by
+            return self.attn(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                             **kwargs)
+        qkv = self.shared.joint(hidden_states)  # [1, 1, (H + 2 Hkv) D]
+        return self.attn.o_proj(self.attend(qkv, layer, position_embeddings, attention_mask)), None
 
     def extra_repr(self) -> str:
         return "decode steps: rotary, cache write and attention in one lpq kernel"
@@ -404,15 +428,108 @@ def fuse_attention(model: nn.Module) -> list[str]:
     return done
 
 
-def fuse_for_decode(model: nn.Module, norms: tuple[str, ...] = (), attention: bool = True) -> dict[str, list[str]]:
-    """fuse_gated_mlp, fuse_siblings, fold_norms (of ``norms``, none by default) and fuse_attention (unless
-    ``attention`` is False), in that order (in place) -> what each changed. Folding the norms is off by default: on
-    the H100 it did not make the 7B-shaped decode step faster (bench/RESULTS.md, the A/B runs of 2026-11-24: W4 2.34
-    ms/token with the MLP's norm folded, 2.36 with both, 2.33 with none), because summing the squares inside the
-    projection costs about what the norm kernel did. The fused attention acts only under lpq's attention
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class DecodeBlock(nn.Module):
+    """Stands where a pre-norm decoder block (PRE_NORM_BLOCKS) was, whose attention is a DecodeAttention and whose
+    MLP a GatedMLP, with unfolded RMSNorms. On a call the fused attention kernel takes (one decode token, batch 1,
+    static cache, lpq attention), the block runs as five kernels and no other: the q/k/v projection with the
+    input RMSNorm folded in (lpq.epilogue ``norm_sq``), the attention kernel, o_proj with the residual add and the
+    second RMSNorm's weight in its epilogue (``residual``), the joint gate/up with that norm's scale and silu(gate)
+    * up, and down_proj with the residual add and the next block's input-norm weight. What down_proj leaves for the
+    next block (h, w * h and the sums of h^2) waits on that block (``next_block``), which takes it when it is called
+    on that h; the last block (no next) adds down_proj's output in torch. Every other call runs the block's own
+    forward. Kernels other than lpq's uniform CUDA kernel compute the same epilogues in torch."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        object.__setattr__(self, "next_block", None)  # the DecodeBlock called after this one; not a submodule
+        self._carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.train(block.training)
+
+    def __getattr__(self, name: str):
+        # the wrapped block's own attributes (self_attn, mlp, attention_type, ...) read through the wrapper, for code
+        # that walks model.layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_modules", {}).get("block")
+            if block is None:
+                raise
+            return getattr(block, name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, attention_mask=None, position_embeddings=None, **kwargs):
+        carry, self._carry = self._carry, None
+        attn, mlp = self.block.self_attn, self.block.mlp
+        layer = None
+        if not args and not (self.block._forward_hooks or self.block._forward_pre_hooks):  # hooks see the block's own
+            layer = attn.kernel_layer(hidden_states, position_embeddings, attention_mask, kwargs)
+        if layer is None:
+            return self.block(hidden_states, *args, attention_mask=attention_mask,
+                              position_embeddings=position_embeddings, **kwargs)
+        norm_in, norm_post = self.block.input_layernorm, self.block.post_attention_layernorm
+        h0 = hidden_states  # [1, 1, D]
+        if carry is not None and carry[0] is h0:  # the previous block's down_proj made them
+            x0, sq0 = carry[1], carry[2]
+        else:
+            x0 = (norm_in.weight * h0).to(h0.dtype)
+            sq0 = h0.float().pow(2).sum(-1, keepdim=True)  # [1, 1, 1]
+        qkv = linear_forward(attn.shared.fused, x0, norm_sq=sq0, norm_eps=_norm_eps(norm_in))
+        a = attn.attend(qkv, layer, position_embeddings, attention_mask)  # [1, 1, H D]
+        h1, x1, sq1 = linear_residual(attn.attn.o_proj, a, h0, norm_post.weight)
+        g = linear_forward(mlp.gate_up, x1, norm_sq=sq1, norm_eps=_norm_eps(norm_post), swiglu=True)  # [1, 1, I]
+        nxt = self.next_block
+        if nxt is None:
+            return h1 + mlp.down_proj(g)
+        h2, x2, sq2 = linear_residual(mlp.down_proj, g, h1, nxt.block.input_layernorm.weight)
+        nxt._carry = (h2, x2, sq2)
+        return h2
+
+    def extra_repr(self) -> str:
+        return "decode steps: residual adds and RMSNorms in the projections' epilogues"
+
+
+def fuse_blocks(model: nn.Module) -> list[str]:
+    """Put a DecodeBlock in place of every decoder block of a known class (PRE_NORM_BLOCKS) in a ModuleList whose
+    attention fuse_attention replaced, whose MLP is a GatedMLP and whose two norms are RMSNorms (RMS_NORMS, not
+    folded); consecutive ones are chained (in place). -> their names. Run it after fuse_attention."""
+    done = []
+    for list_name, blocks in list(model.named_modules()):
+        if not isinstance(blocks, nn.ModuleList):
+            continue
+        previous = None
+        for i, block in enumerate(blocks):
+            ok = (type(block).__name__ in PRE_NORM_BLOCKS and isinstance(getattr(block, "self_attn", None), DecodeAttention)
+                  and isinstance(getattr(block, "mlp", None), GatedMLP) and block.mlp.norm is None
+                  and all(type(getattr(block, n, None)).__name__ in RMS_NORMS for n in BLOCK_NORMS))
+            if not ok:
+                previous = None
+                continue
+            wrapped = DecodeBlock(block)
+            blocks[i] = wrapped
+            if previous is not None:
+                object.__setattr__(previous, "next_block", wrapped)
+            previous = wrapped
+            done.append(f"{list_name}.{i}" if list_name else str(i))
+    return done
+
+
+def fuse_for_decode(model: nn.Module, norms: tuple[str, ...] = (), attention: bool = True,
+                    blocks: bool = True) -> dict[str, list[str]]:
+    """fuse_gated_mlp, fuse_siblings, fold_norms (of ``norms``, none by default), fuse_attention (unless
+    ``attention`` is False) and fuse_blocks (unless ``blocks`` is False; it needs the attention fused and no norm
+    folded), in that order (in place) -> what each changed. Folding the norms alone is off by default: on the H100
+    it did not make the 7B-shaped decode step faster (bench/RESULTS.md, the A/B runs of 2026-11-24: W4 2.34 ms/token
+    with the MLP's norm folded, 2.36 with both, 2.33 with none), because the residual add before each norm stayed a
+    kernel of its own. The fused blocks take that add into the projections' epilogues as well (A/B, same session:
+    W4 2.22 -> 2.13 ms, W3 2.08 -> 2.01). The fused attention and the fused blocks act only under lpq's attention
     implementation (lpq.attention.enable)."""
     mlps = fuse_gated_mlp(model)
     siblings = fuse_siblings(model)
     norms = fold_norms(model, norms)
     attns = fuse_attention(model) if attention else []
-    return {"gated_mlp": mlps, "siblings": siblings, "norms": norms, "attention": attns}
+    fused_blocks = fuse_blocks(model) if blocks else []
+    return {"gated_mlp": mlps, "siblings": siblings, "norms": norms, "attention": attns, "blocks": fused_blocks}

@@ -74,11 +74,25 @@ class QuantizedLinear(nn.Module):
         return self._kernel
 
     def forward(self, x: torch.Tensor, norm_of: torch.Tensor | None = None, norm_eps: float = 0.0,
-                swiglu: bool = False) -> torch.Tensor:
+                swiglu: bool = False, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]. With the epilogues of lpq.epilogue: ``norm_of`` h [..., in]
-        gives W @ (x * rsqrt(mean(h^2) + norm_eps)) (x = w * h: RMSNorm folded in); ``swiglu`` gives silu(gate) * up
+        gives W @ (x * rsqrt(mean(h^2) + norm_eps)) (x = w * h: RMSNorm folded in), or ``norm_sq`` [..., slots] the
+        same with sum(h^2) given in slots (float32; from ``forward_residual``); ``swiglu`` gives silu(gate) * up
         [..., out_features / 2] of rows interleaved by lpq.epilogue.swiglu_row_order. The kernel computes them
         where it can, else they run in torch around it."""
+        self._ensure_kernel(x)
+        if norm_of is None and norm_sq is None and not swiglu:
+            return self._kernel.forward(self, x)
+        return self._kernel.forward_epilogue(self, x, norm_of, norm_eps, swiglu, norm_sq)
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, next_w: torch.Tensor):
+        """The layer that closes a pre-norm block's branch, with the block's residual add and the next RMSNorm's
+        weight (lpq.epilogue.residual_epilogue): -> (h = self(x) + residual, next_w * h, sums of h^2 [..., slots]
+        float32 for the next projection's ``norm_sq``)."""
+        self._ensure_kernel(x)
+        return self._kernel.forward_residual(self, x, residual, next_w)
+
+    def _ensure_kernel(self, x: torch.Tensor) -> None:
         key = (x.device, x.dtype)
         if self._kernel is None or self._kernel_key != key:
             self._kernel = select_kernel(self, x)
@@ -88,9 +102,6 @@ class QuantizedLinear(nn.Module):
             self._kernel.prepare(self)
             if self._kernel.holds_weights and _host_copy_helps(x.device) and not os.environ.get("LPQ_KEEP_CANONICAL"):
                 self._release_canonical(x.device)
-        if norm_of is None and not swiglu:
-            return self._kernel.forward(self, x)
-        return self._kernel.forward_epilogue(self, x, norm_of, norm_eps, swiglu)
 
     def _release_canonical(self, device: torch.device) -> None:
         for n in self._canonical_names():

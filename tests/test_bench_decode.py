@@ -217,3 +217,17 @@ def test_script_quantized_head(capsys):
     assert all(r["check"].startswith("== generate") for r in runs["quantized"])
     assert runs["quantized"][0]["weights_gb"] == runs["fp16"][0]["weights_gb"]
     assert runs["quantized"][1]["weights_gb"] < runs["fp16"][1]["weights_gb"]
+
+
+def test_script_block_fusion(capsys):
+    """--block-fusion on wraps every block (lpq.fuse.DecodeBlock; on the CPU its calls take the blocks' own forward)
+    and records it; without --epilogues it is refused with one line."""
+    common = ["--tiny", "--device", "cpu", "--formats", "fp16,w4g128", "--prompt-len", "12", "--new-tokens", "4",
+              "--repeats", "1", "--no-write", "--attn", "lpq"]
+    assert decode.main(common + ["--epilogues", "--block-fusion", "on"]) == 0
+    out = capsys.readouterr().out
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["block_fusion"] for r in recs] == [True, True]
+    assert all(r["check"].startswith("== generate") for r in recs)
+    assert decode.main(common + ["--block-fusion", "on"]) == 2
+    assert "--block-fusion on needs --epilogues" in capsys.readouterr().err

@@ -206,10 +206,13 @@ def test_fuse_for_decode_folds_no_norm_by_default():
     """The default (measured no faster on the H100 with norms folded): gated MLPs and q/k/v only; the MLP's norm
     alone can be asked for."""
     model = make_model("llama")
-    report = fuse_for_decode(model)
+    report = fuse_for_decode(model, blocks=False)
     assert report["norms"] == [] and len(report["gated_mlp"]) == 2
     assert not any(isinstance(m, DeferredRMSNorm) for m in model.modules())
     assert fold_norms(model, ("post_attention_layernorm",)) == [f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
+    fused_blocks = make_model("llama")
+    assert len(fuse_for_decode(fused_blocks)["blocks"]) == 2  # the default fuses the blocks, whose norms stay
+    assert fold_norms(fused_blocks) == []
 
 
 def test_load_fused_for_decode(qdir):

@@ -98,7 +98,10 @@ def test_fused_decode_steps_write_the_cache_and_give_the_same_tokens(monkeypatch
     # 5 decode steps (the first new token comes from the prefill) x 2 layers, at positions 7..11, with a mask
     assert [c[0] for c in calls] == [p for p in range(7, 12) for _ in range(2)]
     assert all(c[1] is not None for c in calls)
-    for mine, theirs in zip(got.past_key_values.layers, want.past_key_values.layers):
+    def cache_of(out):  # the output's field is ``cache`` from transformers 5.24, ``past_key_values`` before
+        return getattr(out, "cache", None) or out.past_key_values
+
+    for mine, theirs in zip(cache_of(got).layers, cache_of(want).layers):
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-6)
         assert int(mine.cumulative_length) == int(theirs.cumulative_length) == 12

@@ -45,12 +45,19 @@ class Kernel:
         raise NotImplementedError
 
     def forward_epilogue(self, layer: "QuantizedLinear", x: torch.Tensor, norm_of: torch.Tensor | None,
-                         norm_eps: float, swiglu: bool) -> torch.Tensor:
+                         norm_eps: float, swiglu: bool, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` with the epilogues of lpq.epilogue (RMSNorm folded in, swiglu of interleaved rows). This
         generic form applies them in torch around ``forward``; a kernel that computes them itself overrides it."""
         from ..epilogue import generic_forward
 
-        return generic_forward(lambda t: self.forward(layer, t), x, norm_of, norm_eps, swiglu)
+        return generic_forward(lambda t: self.forward(layer, t), x, norm_of, norm_eps, swiglu, norm_sq)
+
+    def forward_residual(self, layer: "QuantizedLinear", x: torch.Tensor, residual: torch.Tensor,
+                         next_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` followed by lpq.epilogue.residual_epilogue -> (h, next_w * h, sums of h^2); in torch here."""
+        from ..epilogue import residual_epilogue
+
+        return residual_epilogue(self.forward(layer, x), residual, next_w)
 
 
 def cuda_input_problem(x: torch.Tensor) -> str | None:

@@ -89,8 +89,14 @@ def unavailable_reason() -> str | None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("lpq_cuda::uniform_gemm")
-    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant=0, norm_x=None, norm_eps=0.0, swiglu=False):
+    def _gemm_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant=0, norm_x=None, norm_eps=0.0, swiglu=False,
+                   norm_sq=None):
         return x.new_empty((x.shape[0], n // 2 if swiglu else n))
+
+    @torch.library.register_fake("lpq_cuda::uniform_gemm_residual")
+    def _gemm_residual_fake(x, qw, sc, zp, bias, bits, fold, gs, n, k, warps, variant, residual, next_w):
+        m = x.shape[0]
+        return x.new_empty((m, n)), x.new_empty((m, n)), x.new_empty((m, sc.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("lpq_cuda::uniform_dequant")
     def _dequant_fake(qw, sc, zp, bits, fold, gs, n, k, bf16):

@@ -208,12 +208,8 @@ def default_variant(st: dict, m: int) -> int:
     return 0
 
 
-def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
-         variant: int | None = None, norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
-         swiglu: bool = False) -> torch.Tensor:
-    """x2 [m, k] -> [m, n] through the fused kernel; with the epilogues of lpq.epilogue: norm_x [m, k] scales
-    every output of token row i by rsqrt(mean(norm_x[i]^2) + norm_eps) (before the bias), swiglu gives
-    silu(gate) * up [m, n / 2] of rows interleaved by lpq.epilogue.swiglu_row_order (n % 16 == 0)."""
+def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int | None) -> tuple[int, int]:
+    """(warps, variant) of the fused kernel for x2 [m, k]: the ones given, else the H100 rules; checks x2."""
     if variant is not None and not _valid_variant(variant):  # here: a failing check inside the op ends the process
         raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS} (4 and 5 optionally "
                          f"| {PDL_FLAG}), got {variant}")
@@ -230,12 +226,46 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
             variant |= PDL_FLAG
     if warps is None:
         warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
+    return warps, variant
+
+
+def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
+         variant: int | None = None, norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
+         swiglu: bool = False, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [m, k] -> [m, n] through the fused kernel; with the epilogues of lpq.epilogue: norm_x [m, k] scales
+    every output of token row i by rsqrt(mean(norm_x[i]^2) + norm_eps) (before the bias), or norm_sq [m, slots]
+    float32 by rsqrt(sum(norm_sq[i]) / k + norm_eps); swiglu gives silu(gate) * up [m, n / 2] of rows interleaved
+    by lpq.epilogue.swiglu_row_order (n % 16 == 0)."""
+    warps, variant = _launch_choice(st, x2, warps, variant)
     if norm_x is not None and (norm_x.dim() != 2 or norm_x.shape != x2.shape):
         raise ValueError(f"lpq uniform_gemm: norm_x must be shaped as x {list(x2.shape)}, got {list(norm_x.shape)}")
+    if norm_sq is not None and (norm_sq.dim() != 2 or norm_sq.shape[0] != x2.shape[0] or norm_sq.dtype != torch.float32):
+        raise ValueError(f"lpq uniform_gemm: norm_sq must be [{x2.shape[0]}, slots] float32, got "
+                         f"{list(norm_sq.shape)} {norm_sq.dtype}")
+    if norm_x is not None and norm_sq is not None:
+        raise ValueError("lpq uniform_gemm: give norm_x or norm_sq, not both")
     if swiglu and st["n"] % 16:
         raise ValueError(f"lpq uniform_gemm: swiglu needs out_features a multiple of 16, got {st['n']}")
     return torch.ops.lpq_cuda.uniform_gemm(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"], st["gs"],
-                                           st["n"], st["k"], warps, variant, norm_x, float(norm_eps), bool(swiglu))
+                                           st["n"], st["k"], warps, variant, norm_x, float(norm_eps), bool(swiglu),
+                                           norm_sq)
+
+
+def gemm_residual(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, next_w: torch.Tensor,
+                  warps: int | None = None, variant: int | None = None):
+    """The residual epilogue (lpq.epilogue.residual_epilogue) in the fused kernel: x2 [m, k], residual [m, n],
+    next_w [n] -> (h = x2 @ W.T + bias + residual [m, n], next_w * h [m, n], sums of h^2 per 16 outputs
+    [m, n_tiles] float32)."""
+    warps, variant = _launch_choice(st, x2, warps, variant)
+    m, n = x2.shape[0], st["n"]
+    if residual.shape != (m, n) or residual.dtype != x2.dtype:
+        raise ValueError(f"lpq uniform_gemm_residual: residual must be [{m}, {n}] {x2.dtype}, got "
+                         f"{list(residual.shape)} {residual.dtype}")
+    if next_w.shape != (n,) or next_w.dtype != x2.dtype:
+        raise ValueError(f"lpq uniform_gemm_residual: next_w must be [{n}] {x2.dtype}, got {list(next_w.shape)} "
+                         f"{next_w.dtype}")
+    return torch.ops.lpq_cuda.uniform_gemm_residual(x2, st["qw"], st["sc"], st["zp"], bias, st["bits"], st["fold"],
+                                                    st["gs"], n, st["k"], warps, variant, residual, next_w)
 
 
 def dequant(st: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -296,27 +326,42 @@ class UniformCudaKernel(Kernel):
         return self.mode == "fused" or (self.mode == "auto" and m <= _fused_max_m())
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return self._run(layer, x, None, 0.0, False)
+        return self._run(layer, x, None, 0.0, False, None)
 
-    def forward_epilogue(self, layer, x, norm_of, norm_eps, swiglu):
+    def forward_epilogue(self, layer, x, norm_of, norm_eps, swiglu, norm_sq=None):
         if not self._fused(x.numel() // layer.in_features):  # dequantize + cuBLAS: the epilogues in torch
-            return super().forward_epilogue(layer, x, norm_of, norm_eps, swiglu)
-        return self._run(layer, x, norm_of, norm_eps, swiglu)
+            return super().forward_epilogue(layer, x, norm_of, norm_eps, swiglu, norm_sq)
+        return self._run(layer, x, norm_of, norm_eps, swiglu, norm_sq)
 
-    def _run(self, layer, x: torch.Tensor, norm_of, norm_eps: float, swiglu: bool) -> torch.Tensor:
+    def forward_residual(self, layer, x, residual, next_w):
+        if not self._fused(x.numel() // layer.in_features):
+            return super().forward_residual(layer, x, residual, next_w)
         st = self._state(layer)
-        k, n = st["k"], st["n"]
-        x2 = x.reshape(-1, k)
+        x2, bias = self._input(st, layer, x)
+        h, x_next, sq = gemm_residual(st, x2, bias, residual.reshape(-1, st["n"]), next_w.to(x.dtype))
+        lead = x.shape[:-1]
+        return h.reshape(*lead, -1), x_next.reshape(*lead, -1), sq.reshape(*lead, -1)
+
+    @staticmethod
+    def _input(st: dict, layer, x: torch.Tensor):
+        """x [..., k] -> (x2 [m, k] in the kernel's column order, the bias in x's dtype)."""
+        x2 = x.reshape(-1, st["k"])
         if st["perm"] is not None:
             x2 = x2.index_select(1, st["perm"])  # the rms of norm_of needs no reordering
         # no alignment fix-up here: the op copies an unaligned x itself (data_ptr() would break torch.compile)
         bias = layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        return x2, bias
+
+    def _run(self, layer, x: torch.Tensor, norm_of, norm_eps: float, swiglu: bool, norm_sq) -> torch.Tensor:
+        st = self._state(layer)
+        x2, bias = self._input(st, layer, x)
         m = x2.shape[0]
         if self._fused(m):
-            norm_x = norm_of.reshape(-1, k) if norm_of is not None else None
-            y = gemm(st, x2, bias, norm_x=norm_x, norm_eps=norm_eps, swiglu=swiglu)
+            norm_x = norm_of.reshape(-1, st["k"]) if norm_of is not None else None
+            sq = norm_sq.reshape(m, -1) if norm_sq is not None else None
+            y = gemm(st, x2, bias, norm_x=norm_x, norm_eps=norm_eps, swiglu=swiglu, norm_sq=sq)
         else:
             y = F.linear(x2, dequant(st, x.dtype), bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])

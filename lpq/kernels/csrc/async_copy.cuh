@@ -43,5 +43,9 @@ __device__ __forceinline__ void cp_async16_cg_if(uint32_t s, const void* gmem, b
 __device__ __forceinline__ void cp_async16_ca_s(uint32_t s, const void* gmem, int src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
+// one 4-byte word (both addresses 4-byte aligned)
+__device__ __forceinline__ void cp_async4_ca_s(uint32_t s, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
 
 }  // namespace lpq

@@ -79,7 +79,12 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
   const size_t red = (size_t)nwarps * NT * 4 * 32 * sizeof(float);
   if (red > smem) smem = red;
   smem += norm_partial_bytes(a, nwarps);  // after the ring and the reduction buffer (uniform_gemm_kc_kernel)
-  if (XR == 1 && a.norm_x) smem += (size_t)a.K * 2;  // then the token's row of norm_x (K % 8 == 0: 16-byte pieces)
+  // then the operands the one-token kernel stages for its epilogue (uniform_launch.h), placed after the rms partials'
+  // room, which a layer with a residual and no norm has as well
+  if (XR == 1) {
+    if (a.residual && !has_norm(a)) smem += (size_t)nwarps * kNormRows * sizeof(float);
+    smem += (size_t)staged_norm_bytes(a) + staged_residual_bytes(a, NT);
+  }
   auto kern = uniform_gemm_kc_kernel<BITS, T, S, NT, KC, STAGES, XR>;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

@@ -305,6 +305,17 @@ __device__ __forceinline__ void tile_a_fast(const uint32_t (&w)[2 * BITS], const
 template <typename T, int R>
 __device__ __forceinline__ void norm_partials(const GemmArgs& p, int tok0, int rows, float* part) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (p.norm_sq) {  // the sums of squares are given in slots (another layer's residual epilogue): add them up
+    for (int r = 0; r < rows; ++r) {
+      const float* sq = p.norm_sq + (size_t)(tok0 + r) * p.norm_slots;
+      float q = 0.f;
+      for (int j = threadIdx.x; j < p.norm_slots; j += blockDim.x) q += __ldg(sq + j);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0) part[warp * kNormRows + r] = q;
+    }
+    return;
+  }
   const T* __restrict__ h = reinterpret_cast<const T*>(p.norm_x);
   for (int r0 = 0; r0 < rows; r0 += R) {
     float s[R];
@@ -339,18 +350,21 @@ __device__ __forceinline__ void norm_partials(const GemmArgs& p, int tok0, int r
 // The block's outputs from the warps' partial sums red[(warp * V + v) * 32 + lane], V = NT * MT * 4 values a lane
 // in the mma C-fragment order: value v = (a * MT + b) * 4 + e of lane ln is output row (nt0 + a) * 16 + ln / 4 +
 // 8 * (e / 2) of token tok0 + 8 * b + 2 * (ln % 4) + e % 2. Each output is the sum over warps, times the rms scale of
-// its token row (norm_x), plus the bias; with swiglu, rows r and r + 8 of a tile (gate, up), each rounded to T as the
-// unfused layer's output would be, give silu(gate) * up at column 8 * tile + r of y [M, N / 2].
+// its token row (norm_x or norm_sq), plus the bias; with swiglu, rows r and r + 8 of a tile (gate, up), each rounded
+// to T as the unfused layer's output would be, give silu(gate) * up at column 8 * tile + r of y [M, N / 2]; with a
+// residual, y = h = output + residual, next_w * h goes to y_next and each n-tile's sum of h^2 to out_sq (the residual
+// and next_w values from ``staged`` where the one-token kernel copied them to shared memory).
 template <typename T, int NT, int MT>
-__device__ __forceinline__ void write_block_output(const GemmArgs& p, const float* red, const float* part, int nwarps,
-                                                   int nt0, int tok0) {
+__device__ __forceinline__ void write_block_output(const GemmArgs& p, float* red, const float* part, int nwarps,
+                                                   int nt0, int tok0, const T* staged = nullptr) {
   constexpr int V = NT * MT * 4;
   T* __restrict__ y = reinterpret_cast<T*>(p.y);
   const T* __restrict__ bias = reinterpret_cast<const T*>(p.bias);
+  const bool normed = has_norm(p);
   auto value = [&](int v, int ln, int n, int tok) {
     float s = 0.f;
     for (int w = 0; w < nwarps; ++w) s += red[(w * V + v) * 32 + ln];
-    if (p.norm_x) {
+    if (normed) {
       float q = 0.f;
       for (int w = 0; w < nwarps; ++w) q += part[w * kNormRows + (tok - tok0)];
       s *= rsqrtf(q / (float)p.K + p.norm_eps);
@@ -359,12 +373,53 @@ __device__ __forceinline__ void write_block_output(const GemmArgs& p, const floa
     return s;
   };
   if (!p.swiglu) {
+    const T* __restrict__ res = reinterpret_cast<const T*>(p.residual);
+    const T* __restrict__ next_w = reinterpret_cast<const T*>(p.next_w);
+    T* __restrict__ y_next = reinterpret_cast<T*>(p.y_next);
     for (int i = threadIdx.x; i < V * 32; i += blockDim.x) {
       const int ln = i & 31, v = i >> 5;
       const int e = v & 3, b = (v >> 2) % MT, a = (v >> 2) / MT;
       const int n = (nt0 + a) * 16 + (ln >> 2) + 8 * (e >> 1);
       const int tok = tok0 + b * 8 + 2 * (ln & 3) + (e & 1);
-      if (n < p.N && tok < p.M) y[(size_t)tok * p.N + n] = from_float<T>(value(v, ln, n, tok));
+      const bool in = n < p.N && tok < p.M;
+      float sq = 0.f;
+      if (in) {
+        const size_t o = (size_t)tok * p.N + n;
+        T out = from_float<T>(value(v, ln, n, tok));
+        if (res) {
+          // staged (one token): residual [NT * 16] then next_w [NT * 16] of this block's outputs
+          const int j = n - nt0 * 16;
+          const float r = staged ? to_float(staged[j]) : to_float(res[o]);
+          out = from_float<T>(to_float(out) + r);  // the block's residual add, in T as torch rounds it
+          const float h = to_float(out);
+          sq = h * h;
+          if (next_w) y_next[o] = from_float<T>(to_float(staged ? staged[NT * 16 + j] : next_w[n]) * h);
+        }
+        y[o] = out;
+      }
+      // this thread alone reads entry i of warp 0 (above): it now holds that output's h^2 (0 outside y)
+      if (p.out_sq) red[i] = sq;
+    }
+    if (p.out_sq) {
+      // each (token row, n-tile) pair: the 16 rows' h^2 summed by 16 lanes in a fixed order (deterministic), one
+      // float to out_sq[tok, tile]. Row r of tile a for token tl of the block is entry v * 32 + ln with
+      // e = 2 (r / 8) + tl % 2, ln = 4 (r % 8) + (tl % 8) / 2, v = (a * MT + tl / 8) * 4 + e.
+      __syncthreads();
+      const int rows = min(MT * 8, p.M - tok0);
+      const int total = rows * NT * 16;
+      const int lane = threadIdx.x & 31;
+      for (int base = (threadIdx.x >> 5) * 32; base < total; base += blockDim.x) {
+        const int q = base + lane, pair = q >> 4, r = q & 15;
+        const int tl = pair / NT, a = pair % NT;
+        float s = 0.f;
+        if (q < total) {
+          const int e = 2 * (r >> 3) + (tl & 1), ln = 4 * (r & 7) + ((tl & 7) >> 1);
+          s = red[((a * MT + (tl >> 3)) * 4 + e) * 32 + ln];
+        }
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, 16);
+        if (q < total && r == 0) p.out_sq[(size_t)(tok0 + tl) * p.n_tiles + nt0 + a] = s;
+      }
     }
   } else {
     const int nh = p.N >> 1;
@@ -406,7 +461,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kernel(GemmArgs p) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
   // the rms partial sums (fused RMSNorm) follow the reduction buffer
-  if (p.norm_x) norm_partials<T, 8>(p, tok0, min(MT * 8, p.M - tok0), red + nwarps * (NT * MT * 4) * 32);
+  if (has_norm(p)) norm_partials<T, 8>(p, tok0, min(MT * 8, p.M - tok0), red + nwarps * (NT * MT * 4) * 32);
 
   const T* __restrict__ x = reinterpret_cast<const T*>(p.x);
   // token rows of this lane (B fragment column g of each token tile)
@@ -683,7 +738,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
   }
   // the rms partial sums (fused RMSNorm), past the ring and the reduction buffer, read while the copies fly
   float* norm_part = reinterpret_cast<float*>(smem) + max(nwarps * STAGES * stage_words, nwarps * NT * MT * 4 * 32);
-  if (p.norm_x) norm_partials<T, 8>(p, tok0, rows_here, norm_part);
+  if (has_norm(p)) norm_partials<T, 8>(p, tok0, rows_here, norm_part);
   int slot_r = 0;
   for (int i = 0; i < n_my; ++i) {
     if (i + STAGES - 1 < n_my) issue();
@@ -968,9 +1023,28 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
       const uint32_t hs = static_cast<uint32_t>(__cvta_generic_to_shared(norm_part + nwarps * kNormRows));
       const T* h = reinterpret_cast<const T*>(p.norm_x) + (size_t)tok0 * p.K;
       for (int k = threadIdx.x * 8; k < p.K; k += blockDim.x * 8) cp_async16_ca_s(hs + 2 * k, h + k, 16);
+    } else if (p.norm_sq) {  // the token's slots of sums of squares (a few hundred floats), the same way
+      const uint32_t hs = static_cast<uint32_t>(__cvta_generic_to_shared(norm_part + nwarps * kNormRows));
+      const float* sq = p.norm_sq + (size_t)tok0 * p.norm_slots;
+      for (int j = threadIdx.x; j < p.norm_slots; j += blockDim.x) cp_async4_ca_s(hs + 4 * j, sq + j);
+    }
+    if (p.residual) {
+      // the residual and next_w values of this block's NT * 16 outputs, 16-byte pieces zero-filled past N: read in
+      // the epilogue from shared memory instead of from L2 or DRAM after the main loop (the base pointers are
+      // 16-byte aligned, tok0 = 0)
+      const uint32_t es = static_cast<uint32_t>(__cvta_generic_to_shared(norm_part + nwarps * kNormRows)) +
+                          (uint32_t)staged_norm_bytes(p);
+      constexpr int kPieces = NT * 2;  // per array
+      if (threadIdx.x < 2 * kPieces) {
+        const int arr = threadIdx.x / kPieces, pc = threadIdx.x % kPieces;
+        const int n = nt0 * 16 + pc * 8;
+        const T* base = reinterpret_cast<const T*>(arr == 0 ? p.residual : p.next_w);
+        const int bytes = base == nullptr ? 0 : 2 * max(0, min(8, p.N - n));
+        cp_async16_ca_s(es + (uint32_t)((arr * NT * 16 + pc * 8) * 2), bytes ? base + n : p.residual, bytes);
+      }
     }
   } else {
-    if (p.norm_x) norm_partials<T, XR>(p, tok0, rows_here, norm_part);
+    if (has_norm(p)) norm_partials<T, XR>(p, tok0, rows_here, norm_part);
   }
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
@@ -1094,6 +1168,13 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
       if (lane == 0) norm_part[warp * kNormRows] = q;
+    } else if (p.norm_sq) {  // this thread's own copies of the slots
+      const float* ss = norm_part + nwarps * kNormRows;
+      float q = 0.f;
+      for (int j = threadIdx.x; j < p.norm_slots; j += blockDim.x) q += ss[j];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0) norm_part[warp * kNormRows] = q;
     }
   }
   __syncthreads();  // the ring is reused for the reduction
@@ -1105,7 +1186,12 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
 #pragma unroll
     for (int e = 0; e < 4; ++e) red[(warp * V + a * 4 + e) * 32 + lane] = acc[a][e];
   __syncthreads();
-  write_block_output<T, NT, 1>(p, red, norm_part, nwarps, nt0, tok0);
+  const T* staged = nullptr;  // this block's residual, then next_w values (above)
+  if constexpr (XR == 1) {
+    if (p.residual)
+      staged = reinterpret_cast<const T*>(reinterpret_cast<const char*>(norm_part + nwarps * kNormRows) + staged_norm_bytes(p));
+  }
+  write_block_output<T, NT, 1>(p, red, norm_part, nwarps, nt0, tok0, staged);
 }
 
 // One warp per (n-tile, chunk): W[n, k] = s * (q - z), written in the true k order. The warp's

@@ -21,13 +21,33 @@ struct GemmArgs {
   // swiglu != 0: each 16-row n-tile holds 8 gate rows then their 8 up rows (N % 16 == 0); y is [M, N / 2]
   // with y[m, 8 * tile + r] = silu(gate) * up of the tile's rows r and r + 8.
   int swiglu;
+  // norm_sq [M, norm_slots] float, or null (and norm_x null): the rms scale of token row m comes from sums of
+  // squares another layer's residual epilogue wrote, rsqrt(sum_j norm_sq[m, j] / K + norm_eps).
+  const float* norm_sq;
+  int norm_slots;
+  // Residual epilogue (not with swiglu), for the layer that closes a pre-norm block's branch (o_proj, down_proj):
+  // residual [M, N] T, or null: y = h = (the output rounded to T) + residual, rounded to T (the block's add).
+  // Then, with next_w [N] T: y_next [M, N] T = next_w * h (the x of the next RMSNorm folded into its consumer), and
+  // out_sq [M, n_tiles] float: the sum over n-tile j's rows of h^2 (in fp32), the consumer's norm_sq.
+  const void* residual;
+  const void* next_w;
+  void* y_next;
+  float* out_sq;
 };
 
 // Shared memory of the epilogue's rms partial sums: one float per warp and token row (at most 32 rows a block).
 constexpr int kNormRows = 32;
+__host__ __device__ inline bool has_norm(const GemmArgs& a) { return a.norm_x != nullptr || a.norm_sq != nullptr; }
 inline size_t norm_partial_bytes(const GemmArgs& a, int nwarps) {
-  return a.norm_x ? (size_t)nwarps * kNormRows * sizeof(float) : 0;
+  return has_norm(a) ? (size_t)nwarps * kNormRows * sizeof(float) : 0;
 }
+// The one-token kernel (XR = 1) stages its epilogue's operands in shared memory with its first copies, after the rms
+// partials: the token's row of norm_x, or its slots of norm_sq (in 16-byte pieces), then the residual and next_w
+// values of the block's NT * 16 outputs (2-byte T). Sizes in bytes.
+__host__ __device__ inline int staged_norm_bytes(const GemmArgs& a) {
+  return a.norm_x ? a.K * 2 : (a.norm_sq ? (a.norm_slots + 3) / 4 * 16 : 0);
+}
+__host__ __device__ inline int staged_residual_bytes(const GemmArgs& a, int nt) { return a.residual ? 2 * nt * 16 * 2 : 0; }
 
 struct DequantArgs {
   const uint32_t* qw;
