@@ -43,6 +43,7 @@ import datetime
 import gc
 import inspect
 import json
+import os
 import re
 import shlex
 import statistics
@@ -597,7 +598,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
            "(lpq.evaluate.dense_weights): a smoke run, not a speed figure. ")
         + "weights GB: parameters and buffers of the model on the device; kernel copies GB: the kernels' repacked "
         "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). "
-        + (f"LPQ_PDL={int(_pdl_on())} ({'the fused kernels launch with programmatic dependent launch' if _pdl_on() else 'plain launches'}). "
+        + (f"LPQ_PDL={int(_pdl_on())} ({'the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default' if _pdl_on() else 'plain launches'}). "
            if cuda else "")
         + ("--fuse: in every format, fp16 included, each block's q/k/v and gate/up projections run as one linear each "
            "(lpq.fuse_siblings: 4 linears a block instead of 7). " if args.fuse and not args.epilogues else "")
@@ -741,7 +742,8 @@ def run(args, argv) -> int:
         raise LpqError(f"--prompt-len + --new-tokens exceeds the model's {cfg.max_position_embeddings} positions")
     gpu = device_name(str(device))
     date = datetime.date.today().isoformat()
-    command = ("LPQ_PDL=1 " if device.type == "cuda" and _pdl_on() else "") + "python bench/decode.py " + shlex.join(
+    pdl_env = os.environ.get("LPQ_PDL")
+    command = (f"LPQ_PDL={pdl_env} " if device.type == "cuda" and pdl_env is not None else "") + "python bench/decode.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     model_label = f"LLaMA-7B-shaped ({cfg.num_hidden_layers} blocks, random)" if not args.tiny else \
         f"tiny Llama ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, random)"

@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
-import statistics
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -261,16 +262,23 @@ def main() -> None:
         write_results(table, records, args.section, args.records)
 
 
+def _pdl_env_prefix() -> str:
+    """The command's LPQ_PDL setting, as it was given."""
+    v = os.environ.get("LPQ_PDL")
+    return f"LPQ_PDL={v} " if v is not None else ""
+
+
 def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
     lines = ["## " + section, "",
              f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `{'LPQ_PDL=1 ' if uniform_cuda.PDL else ''}python bench/kernels.py{''.join(' ' + shlex.quote(v) for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
+             f"command: `{_pdl_env_prefix()}python bench/kernels.py{''.join(' ' + shlex.quote(v) for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
              f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS. "
-             + ("LPQ_PDL=1: at m <= 8 the fused kernel is launched with programmatic dependent launch, so a replayed call "
-                "may begin loading its weights while the call before it finishes (as consecutive linears do in a model)."
-                if uniform_cuda.PDL else "LPQ_PDL=0: plain launches."),
+             + (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for the fused kernel's variants "
+                f"{', '.join(map(str, uniform_cuda.PDL_DEFAULT_VARIANTS))} at m <= 8: a replayed call may request its first "
+                "weights while the call before it finishes, as consecutive linears do in a model; cuBLAS and torch int4 "
+                "launch plainly." if uniform_cuda.PDL else "LPQ_PDL=0: plain launches."),
              "",
              "| shape (out x in) | m | cuBLAS fp16 us | torch int4 us | kernel | us | TB/s | roofline | x cuBLAS | x int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]

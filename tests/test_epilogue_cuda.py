@@ -189,14 +189,17 @@ def test_model_fused_for_decode_on_cuda(bits):
 
 @needs_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("bits", [None, 4, 3])
-def test_model_with_fused_blocks_matches_unfused_eager_compiled_and_graphed(bits):
+@pytest.mark.parametrize("bits,pdl", [(None, False), (4, False), (3, False), (4, True), (3, True)])
+def test_model_with_fused_blocks_matches_unfused_eager_compiled_and_graphed(bits, pdl, monkeypatch):
     """A tiny Llama (fp16, head size 64, no grouped heads), fp16 or quantized, decoding through a static cache under
     lpq attention with its blocks fused (lpq.fuse.DecodeBlock): every decode step of every block takes the fused
     path (o_proj and down_proj with the residual epilogue: 3 calls a step for 2 blocks), the logits equal the
-    unfused model's, the compiled step is one graph, and the graph's replay gives the step's own tokens."""
+    unfused model's, the compiled step is one graph, and the graph's replay gives the step's own tokens. With pdl
+    the projections launch with programmatic dependent launch (LPQ_PDL=1), each after the attention kernel or another
+    projection that lets it in early: one that read its inputs before they were written would break the equality."""
     import copy
 
+    monkeypatch.setattr(uniform_cuda, "PDL", pdl)
     decode = decode_bench()
     model = tiny_cuda_llama(4)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from . import cuda_build
 log = logging.getLogger("lpq.kernels")
 
 SOURCES = ["attention_binding.cpp", "decode_attention.cu"]
-HEADERS = ["decode_attention.h"]
+HEADERS = ["decode_attention.h", "async_copy.cuh"]
 HEAD_SIZES = (64, 128, 256)
 COUNTERS = 1 << 16  # batch x heads a call may have (one int32 counter each)
 
@@ -42,7 +42,7 @@ def _register_fakes() -> None:
         return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
 
     @torch.library.register_fake("lpq_attn::rope_cache_attention")
-    def _rope_fake(qkv, cos, sin, k_cache, v_cache, position, mask, counters, scale, heads, force_splits=0):
+    def _rope_fake(qkv, cos, sin, k_cache, v_cache, position, mask, counters, scale, heads, force_splits=0, pdl=False):
         return qkv.new_empty((1, 1, heads, k_cache.shape[3]))
 
 
@@ -146,16 +146,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, heads: int,
-                         scale: float | None = None, splits: int = 0) -> torch.Tensor:
+                         scale: float | None = None, splits: int = 0, pdl: bool | None = None) -> torch.Tensor:
     """One decode step of a Llama-style attention at batch 1, in one kernel: qkv [..., (H + 2 Hkv) D] (the fused
     projection's row of the new token), cos / sin [..., D] (its rotary factors), the static cache k_cache / v_cache
     [1, Hkv, L, D] and position (int64, one element: the cache row of the token, < L). Writes the rotated key and
     the value to that row, adds 1 to position (in place, as transformers' StaticLayer.update), and returns the
     attention of the rotated query over the cache under ``mask`` [1, H or 1, 1, L] -> [1, 1, H, D].
-    :func:`rope_reference` is the same in plain torch. The caller has checked :func:`rope_problem`."""
+    :func:`rope_reference` is the same in plain torch. The caller has checked :func:`rope_problem`.
+
+    ``pdl`` (default: the uniform kernels' setting, ``lpq.kernels.uniform_cuda.PDL``) launches the kernel with
+    programmatic dependent launch: it requests the cache's first rows while the kernel before it (the fused q/k/v
+    projection) ends, and reads everything else after it."""
     scale = 1.0 / math.sqrt(k_cache.shape[-1]) if scale is None else float(scale)
+    if pdl is None:
+        from lpq.kernels import uniform_cuda
+
+        pdl = uniform_cuda.PDL
     return torch.ops.lpq_attn.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, position, mask,
-                                                   counters(qkv.device), scale, heads, splits)
+                                                   counters(qkv.device), scale, heads, splits, bool(pdl))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

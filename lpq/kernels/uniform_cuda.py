@@ -145,13 +145,17 @@ def _gemm_variant() -> int | None:
 
 GEMM_VARIANT = _gemm_variant()
 
-# or-ed into variant 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a
-# plain launch elsewhere): its blocks may be scheduled before the previous kernel in the stream ends and
-# wait for it before their first load; each lets the next kernel be scheduled once all its own loads are
-# requested (uniform_gemm_kc_kernel). Off unless LPQ_PDL=1: back-to-back calls of the op gain 0.1-0.8 us
-# at m = 1, a decode step of the 7B-shaped model does not (bench/RESULTS.md, round 7).
+# or-ed into variant 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a plain launch
+# elsewhere): its blocks may be scheduled before the previous kernel in the stream ends; they request their first
+# stage of weights, then wait for it before they read anything it may write; each lets the next kernel in once its
+# own loads are requested (uniform_gemm_kc_kernel). On by default for variant 5 (the m = 1 kernel of every layer but
+# 2-/3-bit ones with K >= 3 N): a decode step of the 7B-shaped model took 2.08 ms instead of 2.18 at W4, 1.96 instead
+# of 2.02 at W3, and 2.03 / 1.92 with the attention kernel launched the same way (bench/RESULTS.md, H100). Variant 4
+# lost on 8192x28672 (W3 41.6 us against 38.9 plain), so it takes the flag only with LPQ_PDL=1; LPQ_PDL=0 turns it off.
 PDL_FLAG = 8
-PDL = os.environ.get("LPQ_PDL", "0") == "1"
+_PDL_ENV = os.environ.get("LPQ_PDL", "")
+PDL = _PDL_ENV != "0"
+PDL_DEFAULT_VARIANTS = (4, 5) if _PDL_ENV == "1" else (5,)
 
 
 def _valid_variant(v: int) -> bool:
@@ -222,7 +226,7 @@ def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int |
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if variant is None:
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
-        if PDL and variant in (4, 5) and x2.shape[0] <= 8:
+        if PDL and variant in PDL_DEFAULT_VARIANTS and x2.shape[0] <= 8:
             variant |= PDL_FLAG
     if warps is None:
         warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)

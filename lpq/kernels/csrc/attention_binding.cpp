@@ -57,7 +57,7 @@ void set_mask(attn::DecodeArgs& a, const c10::optional<at::Tensor>& mask, int64_
 
 // The split plan, the fp32 partials it needs, and the launch of a filled-in a (q, k, v, mask, strides, sizes).
 void plan_and_launch(attn::DecodeArgs& a, const at::Tensor& out, const at::Tensor& counters, int64_t force_splits,
-                     bool bf16) {
+                     bool bf16, bool pdl = false) {
   const int sms = sm_count(out.get_device());
   const auto [splits, kps] = plan_splits((int64_t)a.B * a.H, std::max<int64_t>(a.L, 1), a.D, sms, force_splits);
   at::Tensor partial, stats;
@@ -71,7 +71,7 @@ void plan_and_launch(attn::DecodeArgs& a, const at::Tensor& out, const at::Tenso
   a.counters = counters.data_ptr<int>();
   a.splits = splits;
   a.keys_per_split = kps;
-  const cudaError_t err = attn::launch_decode_attention(bf16, a, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = attn::launch_decode_attention(bf16, a, pdl, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq decode_attention launch failed: ", cudaGetErrorString(err));
 }
 
@@ -127,10 +127,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 // v_cache [1, Hkv, L, D] and position (int64, one element: the row the token goes to). Rotates q and the new key,
 // writes the new key and value to row position, attends over the cache (rows past position are the mask's to
 // remove) and adds 1 to position -> [1, 1, H, D]. position < L is the caller's to keep (transformers' StaticLayer
-// would fail at L); a row past the cache is not written.
+// would fail at L); a row past the cache is not written. pdl: launched with programmatic dependent launch.
 at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                                 at::Tensor v_cache, at::Tensor position, const c10::optional<at::Tensor>& mask,
-                                const at::Tensor& counters, double scale, int64_t heads, int64_t force_splits) {
+                                const at::Tensor& counters, double scale, int64_t heads, int64_t force_splits, bool pdl) {
   TORCH_CHECK(qkv.is_cuda() && cos.is_cuda() && sin.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && position.is_cuda(),
               "lpq rope_cache_attention: every tensor must be on the GPU");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == 1,
@@ -176,7 +176,7 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   a.v_sb = v_cache.stride(0); a.v_sh = v_cache.stride(1); a.v_sl = v_cache.stride(2);
   a.B = 1; a.H = (int)H; a.Hkv = (int)Hkv; a.L = (int)L; a.D = (int)D;
   a.scale = (float)scale;
-  plan_and_launch(a, out, counters, force_splits, dt == at::kBFloat16);
+  plan_and_launch(a, out, counters, force_splits, dt == at::kBFloat16, pdl);
   return out;
 }
 
@@ -185,7 +185,7 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
 TORCH_LIBRARY(lpq_attn, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor counters, float scale, int force_splits=0) -> Tensor");
   m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor(c!) position, Tensor? mask, Tensor counters, float scale, int heads, int force_splits=0) -> Tensor");
+        "Tensor(c!) position, Tensor? mask, Tensor counters, float scale, int heads, int force_splits=0, bool pdl=False) -> Tensor");
   m.def("plan(int batch_heads, int L, int d, int force_splits=0) -> int[]", &lpq::decode_attention_plan);
 }
 

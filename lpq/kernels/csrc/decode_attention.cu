@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <math_constants.h>
 
+#include "async_copy.cuh"
 #include "decode_attention.h"
 
 namespace lpq {
@@ -118,6 +119,25 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   const int kin = warp * KPW + lane / LPK;     // this lane's row inside a block-wide read
   const int j0 = split * a.keys_per_split;
   const int n = max(0, min(a.L, j0 + a.keys_per_split) - j0);  // keys of this run
+  const T* kb = reinterpret_cast<const T*>(a.k) + b * a.kv_sb + grp * a.kv_sh + (int64_t)j0 * a.kv_sl + sub * 8;
+  const T* vb = reinterpret_cast<const T*>(a.v) + b * a.v_sb + grp * a.v_sh + (int64_t)j0 * a.v_sl + sub * 8;
+  // A round's key and value rows: each lane issues its KT rows of each at once, zeros past the run.
+  uint4 kr[KT], vr[KT];
+  auto load_round = [&](int r0) {
+#pragma unroll
+    for (int t = 0; t < KT; ++t) {
+      const int j = r0 + t * KPB + kin;
+      const bool in = j < n;
+      kr[t] = in ? __ldg(reinterpret_cast<const uint4*>(kb + (int64_t)j * a.kv_sl)) : make_uint4(0, 0, 0, 0);
+      vr[t] = in ? __ldg(reinterpret_cast<const uint4*>(vb + (int64_t)j * a.v_sl)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // The first round is requested before anything else, and (launched with programmatic dependent launch) before
+  // the kernel this one follows has ended: the cache's rows were written by earlier steps. The one row this step
+  // writes (ROPE) is replaced from registers below, whatever was loaded for it. q, the new key and value, the
+  // position and the mask are read after the wait.
+  load_round(0);
+  pdl_wait();
 
   float qf[8];
   int p = -1;                   // ROPE: the new row (relative to this run's first key j0)
@@ -136,8 +156,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) qf[e] *= a.scale;
-  const T* kb = reinterpret_cast<const T*>(a.k) + b * a.kv_sb + grp * a.kv_sh + (int64_t)j0 * a.kv_sl + sub * 8;
-  const T* vb = reinterpret_cast<const T*>(a.v) + b * a.v_sb + grp * a.v_sh + (int64_t)j0 * a.v_sl + sub * 8;
   if constexpr (ROPE) {
     // the cache's row p: written once, by the block whose run holds it, for the first query head of the group.
     // Only this block loads row p, and it replaces what it loaded by knew / vnew: no value read races the store.
@@ -158,14 +176,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
 #pragma unroll
   for (int e = 0; e < 8; ++e) acc[e] = 0.f;
   for (int r0 = 0; r0 < n; r0 += RK) {
-    uint4 kr[KT], vr[KT];
-#pragma unroll
-    for (int t = 0; t < KT; ++t) {
-      const int j = r0 + t * KPB + kin;
-      const bool in = j < n;
-      kr[t] = in ? __ldg(reinterpret_cast<const uint4*>(kb + (int64_t)j * a.kv_sl)) : make_uint4(0, 0, 0, 0);
-      vr[t] = in ? __ldg(reinterpret_cast<const uint4*>(vb + (int64_t)j * a.v_sl)) : make_uint4(0, 0, 0, 0);
-    }
+    if (r0 > 0) load_round(r0);
     if constexpr (ROPE) {
       // the new row from registers, in place of what was loaded for it (the old row, or the writer's store in
       // flight: either way unused). Swapped after the loads so that they do not wait for *position.
@@ -321,24 +332,53 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(DecodeArgs a
   }
 }
 
-template <typename T, bool ROPE>
-cudaError_t launch_t(const DecodeArgs& a, cudaStream_t stream) {
+template <typename T, int D, bool ROPE>
+cudaError_t launch_d(const DecodeArgs& a, bool pdl, cudaStream_t stream) {
   const dim3 grid(a.splits, a.H, a.B);
+  if (!pdl) {
+    decode_attention_kernel<T, D, ROPE><<<grid, kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
+  // programmatic stream serialization: the blocks may start while the previous kernel ends (sm_90+)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_attention_kernel<T, D, ROPE>, a);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
+
+template <typename T, bool ROPE>
+cudaError_t launch_t(const DecodeArgs& a, bool pdl, cudaStream_t stream) {
   switch (a.D) {
-    case 64: decode_attention_kernel<T, 64, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
-    case 128: decode_attention_kernel<T, 128, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
-    case 256: decode_attention_kernel<T, 256, ROPE><<<grid, kThreads, 0, stream>>>(a); break;
+    case 64: return launch_d<T, 64, ROPE>(a, pdl, stream);
+    case 128: return launch_d<T, 128, ROPE>(a, pdl, stream);
+    case 256: return launch_d<T, 256, ROPE>(a, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
+}
+
+bool device_has_pdl() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9;
 }
 
 }  // namespace
 
-cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, cudaStream_t stream) {
+cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, bool pdl, cudaStream_t stream) {
+  // The kernel lets the next one launch only as it ends: letting it in at the start, or after the loop over the keys,
+  // was measured slower in a decode step (the output projection's blocks then take SMs while this grid runs).
+  pdl = pdl && device_has_pdl();
   if (a.position != nullptr)
-    return bf16 ? launch_t<__nv_bfloat16, true>(a, stream) : launch_t<__half, true>(a, stream);
-  return bf16 ? launch_t<__nv_bfloat16, false>(a, stream) : launch_t<__half, false>(a, stream);
+    return bf16 ? launch_t<__nv_bfloat16, true>(a, pdl, stream) : launch_t<__half, true>(a, pdl, stream);
+  return bf16 ? launch_t<__nv_bfloat16, false>(a, pdl, stream) : launch_t<__half, false>(a, pdl, stream);
 }
 
 }  // namespace attn

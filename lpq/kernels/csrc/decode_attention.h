@@ -45,7 +45,9 @@ struct DecodeArgs {
 // Keys of one round of one block (4 warps x keys a warp at once x kKeysPerThread) for head size d.
 inline int keys_per_round(int d) { return kThreads / (d / 8) * kKeysPerThread; }
 
-cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, cudaStream_t stream);
+// pdl: launched with programmatic dependent launch (sm_90+; a plain launch elsewhere). The kernel reads the cache's
+// first rows before it waits for the previous kernel, everything else after.
+cudaError_t launch_decode_attention(bool bf16, const DecodeArgs& a, bool pdl, cudaStream_t stream);
 
 }  // namespace attn
 }  // namespace lpq

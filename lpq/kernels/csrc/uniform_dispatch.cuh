@@ -93,8 +93,8 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
   dim3 grid(a.n_tiles / NT, (a.M + 7) / 8);
   if (pdl && device_has_pdl()) {
     // launched with programmatic stream serialization: its blocks may be scheduled while the previous
-    // kernel in the stream finishes; they wait for it (griddepcontrol.wait) before their first load
-    // (uniform_gemm_kc_kernel)
+    // kernel in the stream finishes; they request their weights, then wait for it (griddepcontrol.wait)
+    // before they read anything it may write (uniform_gemm_kc_kernel)
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(nwarps * 32);

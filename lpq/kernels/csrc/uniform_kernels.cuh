@@ -958,7 +958,9 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
     }
   }
   uint32_t slot_w = 0;  // byte offset of the slot to fill
-  auto issue = [&]() {
+  // A stage's copies in two parts: the weights (codes, scales, zeros: constant, so they may be requested before
+  // the kernel this one depends on has finished), then the activations, which also move the state on a stage.
+  auto issue_weights = [&]() {
     const uint32_t st = ring_s + slot_w;
     const bool second = c_issue + 1 < p.chunks;
 #pragma unroll
@@ -973,6 +975,18 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
           if (c == 0 && (G::CPIECES % 32 == 0 || q + 1 < G::CQ)) cp_async16_cg_s(d, src);
           else cp_async16_cg_if(d, src, lane_ok && (c == 0 || second));
         }
+#pragma unroll
+    for (int q = 0; q < G::SQ; ++q) {
+      const uint32_t kf = (uint32_t)(k_issue + s_koff[q]);
+      // a fold in the padding of K: group 0 (valid; its products are zero)
+      const uint32_t grp = kf < (uint32_t)p.K ? __umulhi(kf, gmagic) : 0u;
+      const char* src = s_src[q] + (size_t)grp * s_gstride[q];
+      if (G::SPIECES % 32 == 0) cp_async16_cg_s(st + s_dst[q], src);
+      else cp_async16_cg_if(st + s_dst[q], src, s_on[q]);
+    }
+  };
+  auto issue_activations = [&]() {
+    const uint32_t st = ring_s + slot_w;
     qsrc += q_step;
     {
       // activations: one 16-byte piece per lane per token row; columns past K are zero-filled (the
@@ -989,19 +1003,14 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
         for (int r = 0; r < rows_here; ++r, dr += G::XS * 4, src += p.K) cp_async16_ca_s(dr, src, in ? 16 : 0);
       }
     }
-#pragma unroll
-    for (int q = 0; q < G::SQ; ++q) {
-      const uint32_t kf = (uint32_t)(k_issue + s_koff[q]);
-      // a fold in the padding of K: group 0 (valid; its products are zero)
-      const uint32_t grp = kf < (uint32_t)p.K ? __umulhi(kf, gmagic) : 0u;
-      const char* src = s_src[q] + (size_t)grp * s_gstride[q];
-      if (G::SPIECES % 32 == 0) cp_async16_cg_s(st + s_dst[q], src);
-      else cp_async16_cg_if(st + s_dst[q], src, s_on[q]);
-    }
     c_issue += nwarps * KC;
     k_issue += kstep;
     slot_w += (uint32_t)(stage_words * 4);
     if (slot_w == (uint32_t)(slots * stage_words * 4)) slot_w = 0;
+  };
+  auto issue = [&]() {
+    issue_weights();
+    issue_activations();
   };
 
   float acc[NT][4];
@@ -1010,8 +1019,10 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
 
-  // Programmatic dependent launch (a no-op when launched without it): the block may be resident
-  // before the kernel it depends on has finished; nothing is read before its memory is visible.
+  // Programmatic dependent launch (no-ops when launched without it): the block may be resident before the kernel it
+  // depends on has finished. Only the first stage's weights (codes, scales, zeros: constant) are requested before
+  // griddepcontrol.wait; everything the previous kernels write (x, norm_x, norm_sq, residual) is read after it.
+  if (n_my > 0) issue_weights();
   pdl_wait();
   // fused RMSNorm: the rms partial sums go past the ring and the reduction buffer. One token row (XR = 1): the row
   // of norm_x is copied into shared memory (after the partials) with the first stage's copies, and summed after
@@ -1046,8 +1057,11 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
   } else {
     if (has_norm(p)) norm_partials<T, XR>(p, tok0, rows_here, norm_part);
   }
+  // the first stage's activations join its weights in the first copy group
+  if (n_my > 0) issue_activations();
+  cp_async_commit();
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
+  for (int i = 1; i < STAGES - 1; ++i) {
     if (i < n_my) issue();
     cp_async_commit();
   }
@@ -1149,7 +1163,8 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
     });
     __syncwarp();  // every lane has read this buffer before it is refilled
   }
-  // every byte this block reads is requested: the next kernel in the stream may be scheduled
+  // every byte this block reads is requested: the next kernel in the stream may be scheduled. (Letting it in right
+  // after the wait instead was measured: its blocks then crowd the first SMs to free up, and decode lost 0.1 ms.)
   pdl_launch_dependents();
   cp_async_wait<0>();
   if constexpr (XR == 1) {
