@@ -275,7 +275,8 @@ def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
              f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS. "
-             + (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for the fused kernel's variants "
+             + (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for the fused kernel's variant"
+                f"{'s' if len(uniform_cuda.PDL_DEFAULT_VARIANTS) > 1 else ''} "
                 f"{', '.join(map(str, uniform_cuda.PDL_DEFAULT_VARIANTS))} at m <= 8: a replayed call may request its first "
                 "weights while the call before it finishes, as consecutive linears do in a model; cuBLAS and torch int4 "
                 "launch plainly." if uniform_cuda.PDL else "LPQ_PDL=0: plain launches."),
