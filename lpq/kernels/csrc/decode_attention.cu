@@ -339,18 +339,7 @@ cudaError_t launch_d(const DecodeArgs& a, bool pdl, cudaStream_t stream) {
     decode_attention_kernel<T, D, ROPE><<<grid, kThreads, 0, stream>>>(a);
     return cudaGetLastError();
   }
-  // programmatic stream serialization: the blocks may start while the previous kernel ends (sm_90+)
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_attention_kernel<T, D, ROPE>, a);
-  return e != cudaSuccess ? e : cudaGetLastError();
+  return launch_with_pdl(decode_attention_kernel<T, D, ROPE>, grid, dim3(kThreads), 0, stream, a);
 }
 
 template <typename T, bool ROPE>
@@ -361,13 +350,6 @@ cudaError_t launch_t(const DecodeArgs& a, bool pdl, cudaStream_t stream) {
     case 256: return launch_d<T, 256, ROPE>(a, pdl, stream);
     default: return cudaErrorInvalidValue;
   }
-}
-
-bool device_has_pdl() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major >= 9;
 }
 
 }  // namespace

@@ -51,20 +51,6 @@ inline int kc_ring_slots(int stages, int chunks, int nwarps) {
   const int busiest = (pairs + nwarps - 1) / nwarps;
   return busiest < 1 ? 1 : (busiest < stages ? busiest : stages);
 }
-// Programmatic dependent launch needs compute capability 9.0 (checked once per device).
-inline bool device_has_pdl() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  static int cached[64] = {0};  // 0 unknown, 1 no, 2 yes
-  if (dev < 0 || dev >= 64) return false;
-  if (cached[dev] == 0) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cached[dev] = major >= 9 ? 2 : 1;
-  }
-  return cached[dev] == 2;
-}
-
 template <int BITS, typename T, int S, int NT, int STAGES, int XR>
 cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
   constexpr int KC = 2;
@@ -95,19 +81,7 @@ cudaError_t launch_gemm_kc_xr(const GemmArgs& a, int nwarps, bool pdl, cudaStrea
     // launched with programmatic stream serialization: its blocks may be scheduled while the previous
     // kernel in the stream finishes; they request their weights, then wait for it (griddepcontrol.wait)
     // before they read anything it may write (uniform_gemm_kc_kernel)
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(nwarps * 32);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    cudaError_t e = cudaLaunchKernelEx(&cfg, kern, a, xrows, gmagic, slots);
-    if (e != cudaSuccess) return e;
-    return cudaGetLastError();
+    return launch_with_pdl(kern, grid, dim3(nwarps * 32), smem, stream, a, xrows, gmagic, slots);
   }
   kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, gmagic, slots);
   return cudaGetLastError();
