@@ -272,6 +272,24 @@ def test_two_chunk_variants_long_groups(variant):
                     check_variant(st, x, w_ref, variant, f"{qw.spec.label()} {n}x{k} m={m} {dtype}")
 
 
+def test_default_pdl_rule(monkeypatch):
+    """LPQ_PDL: unset -> programmatic dependent launch for variant 5 only (variant 4 lost at W3/W2 on 8192x28672,
+    bench/RESULTS.md round 11), "0" -> none, "1" -> variants 4 and 5; never above m = 8 or for variants 0-3."""
+    assert uniform_cuda.pdl_settings(None) == (True, (5,))
+    assert uniform_cuda.pdl_settings("") == (True, (5,))
+    assert uniform_cuda.pdl_settings("0") == (False, ())
+    assert uniform_cuda.pdl_settings("1") == (True, (4, 5))
+    flag = uniform_cuda.PDL_FLAG
+    for env, want in ((None, {(5, 1): 5 | flag, (5, 8): 5 | flag}), ("0", {}), ("1", {(4, 1): 4 | flag, (4, 8): 4 | flag,
+                                                                                  (5, 1): 5 | flag, (5, 8): 5 | flag})):
+        on, variants = uniform_cuda.pdl_settings(env)
+        monkeypatch.setattr(uniform_cuda, "PDL", on)
+        monkeypatch.setattr(uniform_cuda, "PDL_DEFAULT_VARIANTS", variants)
+        for variant in uniform_cuda.GEMM_VARIANTS:
+            for m in (1, 8, 9, 16):
+                assert uniform_cuda.with_default_pdl(variant, m) == want.get((variant, m), variant), (env, variant, m)
+
+
 def test_default_variant_rule():
     """The automatic choice is always a variant the kernels have, with 4 or 8 warps; the round-5 picks on
     the measured shapes; above m = 8 never a two-chunk variant."""

@@ -153,9 +153,23 @@ GEMM_VARIANT = _gemm_variant()
 # of 2.02 at W3, and 2.03 / 1.92 with the attention kernel launched the same way (bench/RESULTS.md, H100). Variant 4
 # lost on 8192x28672 (W3 41.6 us against 38.9 plain), so it takes the flag only with LPQ_PDL=1; LPQ_PDL=0 turns it off.
 PDL_FLAG = 8
-_PDL_ENV = os.environ.get("LPQ_PDL", "")
-PDL = _PDL_ENV != "0"
-PDL_DEFAULT_VARIANTS = (4, 5) if _PDL_ENV == "1" else (5,)
+
+
+def pdl_settings(env: str | None) -> tuple[bool, tuple[int, ...]]:
+    """(PDL on, the variants that take it by default) for a value of LPQ_PDL: unset (or any other value) -> on for
+    variant 5; "0" -> off; "1" -> on for variants 4 and 5."""
+    if env == "0":
+        return False, ()
+    return True, ((4, 5) if env == "1" else (5,))
+
+
+PDL, PDL_DEFAULT_VARIANTS = pdl_settings(os.environ.get("LPQ_PDL"))
+
+
+def with_default_pdl(variant: int, m: int) -> int:
+    """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
+    dependent launch is on for it (m <= 8, a variant of PDL_DEFAULT_VARIANTS)."""
+    return variant | PDL_FLAG if PDL and m <= 8 and variant in PDL_DEFAULT_VARIANTS else variant
 
 
 def _valid_variant(v: int) -> bool:
@@ -226,8 +240,7 @@ def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int |
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if variant is None:
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
-        if PDL and variant in PDL_DEFAULT_VARIANTS and x2.shape[0] <= 8:
-            variant |= PDL_FLAG
+        variant = with_default_pdl(variant, x2.shape[0])
     if warps is None:
         warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
     return warps, variant
