@@ -64,6 +64,16 @@ def _pdl_on() -> bool:
     from lpq.kernels import uniform_cuda
 
     return bool(uniform_cuda.PDL)
+
+
+def _pdl_words() -> str:
+    from lpq.kernels import uniform_cuda
+
+    if not uniform_cuda.PDL:
+        return "plain launches"
+    return ("the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default; "
+            + ("each such grid padded in shared memory so that no SM holds more than ceil(blocks / SMs) of its blocks"
+               if uniform_cuda.PDL_BALANCE else "without the placement padding (LPQ_PDL_BALANCE=0)"))
 from results_io import device_name, versions, write_records, write_section  # noqa: E402
 
 SECTION = "End to end: decode, LLaMA-7B-shaped model (random weights)"
@@ -598,7 +608,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
            "(lpq.evaluate.dense_weights): a smoke run, not a speed figure. ")
         + "weights GB: parameters and buffers of the model on the device; kernel copies GB: the kernels' repacked "
         "copies (a kernel that holds its copy leaves the canonical packed buffers in host memory, lpq.nn). "
-        + (f"LPQ_PDL={int(_pdl_on())} ({'the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default' if _pdl_on() else 'plain launches'}). "
+        + (f"LPQ_PDL={int(_pdl_on())} ({_pdl_words()}). "
            if cuda else "")
         + ("--fuse: in every format, fp16 included, each block's q/k/v and gate/up projections run as one linear each "
            "(lpq.fuse_siblings: 4 linears a block instead of 7). " if args.fuse and not args.epilogues else "")
@@ -742,8 +752,8 @@ def run(args, argv) -> int:
         raise LpqError(f"--prompt-len + --new-tokens exceeds the model's {cfg.max_position_embeddings} positions")
     gpu = device_name(str(device))
     date = datetime.date.today().isoformat()
-    pdl_env = os.environ.get("LPQ_PDL")
-    command = (f"LPQ_PDL={pdl_env} " if device.type == "cuda" and pdl_env is not None else "") + "python bench/decode.py " + shlex.join(
+    pdl_env = "".join(f"{k}={os.environ[k]} " for k in ("LPQ_PDL", "LPQ_PDL_BALANCE") if k in os.environ)
+    command = (pdl_env if device.type == "cuda" else "") + "python bench/decode.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     model_label = f"LLaMA-7B-shaped ({cfg.num_hidden_layers} blocks, random)" if not args.tiny else \
         f"tiny Llama ({cfg.num_hidden_layers} blocks, hidden {cfg.hidden_size}, random)"

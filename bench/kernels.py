@@ -262,24 +262,32 @@ def main() -> None:
         write_results(table, records, args.section, args.records)
 
 
-def _pdl_env_prefix() -> str:
-    """The command's LPQ_PDL setting, as it was given."""
-    v = os.environ.get("LPQ_PDL")
-    return f"LPQ_PDL={v} " if v is not None else ""
+def pdl_env_prefix() -> str:
+    """The command's LPQ_PDL and LPQ_PDL_BALANCE settings, as they were given."""
+    return "".join(f"{k}={os.environ[k]} " for k in ("LPQ_PDL", "LPQ_PDL_BALANCE") if k in os.environ)
+
+
+def pdl_note(which: str) -> str:
+    """One sentence on how `which` (the kernels a bench times) is launched under this process's PDL settings."""
+    if not uniform_cuda.PDL:
+        return "LPQ_PDL=0: plain launches."
+    placement = ("its dynamic shared memory padded so that no SM holds more than ceil(blocks / SMs) of its blocks"
+                 if uniform_cuda.PDL_BALANCE else "placed without padding (LPQ_PDL_BALANCE=0)")
+    return (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for {which}, {placement}: a "
+            "replayed call may request its first weights while the call before it finishes, as consecutive linears do "
+            "in a model; cuBLAS and torch int4 launch plainly.")
 
 
 def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
     lines = ["## " + section, "",
              f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `{_pdl_env_prefix()}python bench/kernels.py{''.join(' ' + shlex.quote(v) for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
+             f"command: `{pdl_env_prefix()}python bench/kernels.py{''.join(' ' + shlex.quote(v) for v in sys.argv[1:])}`. Activations fp16 (torch int4: bf16). Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
              f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS. "
-             + (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for the fused kernel's variant"
-                f"{'s' if len(uniform_cuda.PDL_DEFAULT_VARIANTS) > 1 else ''} "
-                f"{', '.join(map(str, uniform_cuda.PDL_DEFAULT_VARIANTS))} at m <= 8: a replayed call may request its first "
-                "weights while the call before it finishes, as consecutive linears do in a model; cuBLAS and torch int4 "
-                "launch plainly." if uniform_cuda.PDL else "LPQ_PDL=0: plain launches."),
+             + pdl_note(f"the fused kernel's variant{'s' if len(uniform_cuda.PDL_DEFAULT_VARIANTS) > 1 else ''} "
+                        f"{' and '.join(map(str, uniform_cuda.PDL_DEFAULT_VARIANTS))} at "
+                        + ("m = 1" if uniform_cuda.PDL_MAX_M == 1 else f"m <= {uniform_cuda.PDL_MAX_M}")),
              "",
              "| shape (out x in) | m | cuBLAS fp16 us | torch int4 us | kernel | us | TB/s | roofline | x cuBLAS | x int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kernels import ROOFLINE_TBPS, SHAPES, copies_for, timed  # noqa: E402  (one timer for every kernel bench)
+from kernels import ROOFLINE_TBPS, SHAPES, copies_for, pdl_env_prefix, pdl_note, timed  # noqa: E402  (one timer for every kernel bench)
 from results_io import write_records, write_section  # noqa: E402
 
 from lpq.formats.squeezellm import SQUEEZELLM  # noqa: E402
@@ -157,7 +157,9 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 fused = m <= squeezellm_cuda._fused_max_m()
                 for vname in variants if fused else ["dequant+cublas"]:
-                    v = squeezellm_cuda.VARIANTS.get(vname)
+                    base_v = squeezellm_cuda.VARIANTS.get(vname)
+                    # as gemm launches it by default: the ring kernel with programmatic dependent launch where it is on
+                    v = None if base_v is None else squeezellm_cuda.with_default_pdl(base_v, m, nnz > 0)
                     us = timed(lambda i: lpq_call(sts[i], x, None, v), ncp)
                     io = (m * k + m * n) * 2
                     tb = (nbytes + io) / us / 1e6
@@ -166,10 +168,10 @@ def main() -> None:
                                         roofline_share=tb / ROOFLINE_TBPS, speedup_vs_cublas=base[m] / us,
                                         speedup_vs_torch_int4=None,
                                         options=f"sparse {density:.2%}" if density else "dense-only", nnz=nnz, date=date,
-                                        default=(not fused) or v == squeezellm_cuda.default_variant(m, nnz > 0)))
+                                        default=(not fused) or base_v == squeezellm_cuda.default_variant(m, nnz > 0)))
                     if args.sweep and fused and m == 1:
                         alt = {w: timed(lambda i: lpq_call(sts[i], x, w, v), ncp) for w in (2, 4, 8)}
-                        sweeps.append(f"{vname} {f} {n}x{k} m={m}: default({squeezellm_cuda.default_warps(st, m, v)}) "
+                        sweeps.append(f"{vname} {f} {n}x{k} m={m}: default({squeezellm_cuda.default_warps(st, m, base_v)}) "
                                       f"{us:.2f} us; " + ", ".join(f"w{w} {t:.2f}" for w, t in alt.items()))
             del sts, st
             torch.cuda.empty_cache()
@@ -186,13 +188,14 @@ def main() -> None:
 
 def render(records, gpu, argv: str = "") -> str:
     lines = [f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {dt.date.today().isoformat()}; "
-             f"command: `python bench/kernels_lut.py{(' ' + argv) if argv else ''}`. Random squeezellm layers (random indices, sorted random fp16 "
+             f"command: `{pdl_env_prefix()}python bench/kernels_lut.py{(' ' + argv) if argv else ''}`. Random squeezellm layers (random indices, sorted random fp16 "
              f"codebooks, sparse positions uniformly random), activations fp16. Median of >= 200 calls, CUDA-graph "
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the kernel's repacked indices, codebooks "
              f"and sparse entries (4 bytes each: 16-bit column, fp16 correction) and row pointers + activations read and output written; roofline {ROOFLINE_TBPS} TB/s. "
              f"x cuBLAS = cuBLAS fp16 time / lpq time. m <= 16: fused LUT kernel (sparse part fused; `ring` = the "
              f"cp.async ring kernel; `first` = the register-prefetch kernel; * = the one lpq runs at that m, "
-             f"LPQ_LUT_VARIANT forces one); above: dequantize + cuBLAS.",
+             f"LPQ_LUT_VARIANT forces one); above: dequantize + cuBLAS. "
+             + pdl_note(f"the ring kernel at m = 1, and up to m = {squeezellm_cuda.PDL_MAX_M} on dense-only layers"),
              "",
              "| shape (out x in) | m | cuBLAS fp16 us | format | kernel | us | TB/s | roofline | x cuBLAS |",
              "|---|---|---|---|---|---|---|---|---|"]

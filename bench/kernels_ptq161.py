@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kernels import ROOFLINE_TBPS, SHAPES, copies_for, timed  # noqa: E402
+from kernels import ROOFLINE_TBPS, SHAPES, copies_for, pdl_env_prefix, pdl_note, timed  # noqa: E402
 from results_io import write_records, write_section  # noqa: E402
 
 from lpq.formats.ptq161 import pack_ptq161  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> None:
         return
     body = "\n".join([
         f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {today}; command: "
-        f"`{shlex.join(['python', 'bench/kernels_ptq161.py', *sys.argv[1:]])}`. auto: the default choice (m <= 4: "
+        f"`{pdl_env_prefix()}{shlex.join(['python', 'bench/kernels_ptq161.py', *sys.argv[1:]])}`. auto: the default choice (m <= 4: "
         f"the ring kernel with 2 stages of 8 words a warp where it applies, else the streaming kernel); ring / "
         f"ring3 / ring2 / ring2w8: the ring kernel (cp.async ring of 4 / 3 / 2 stages of 4 words, 2 of 8 words "
         f"a warp; m <= 4); stream: the streaming kernel (register double buffers); stream-ffma: the same with the salient codes FMA'd in fp32; stream-1row: one row a "
@@ -123,7 +123,8 @@ def main() -> None:
         f"splits along K forced. 'launched': the kernel and K splits that ran. Random ptq161 layers "
         f"({args.salient:.0%} salient channels at 4 bits, the rest binarized), activations fp16. Median of >= 200 calls, "
         f"CUDA-graph replays over rotated weight copies (>= 256 MB). Bandwidth counts every packed tensor + activations "
-        f"+ output; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS fp16 time / lpq time.",
+        f"+ output; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS fp16 time / lpq time. "
+        + pdl_note("the ring kernel (m <= 4)"),
         "",
         "| shape (out x in) | m | variant | launched | bits/weight | cuBLAS fp16 us | ptq161 us | TB/s | roofline | x cuBLAS |",
         "|---|---|---|---|---|---|---|---|---|---|",

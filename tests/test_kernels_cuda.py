@@ -273,21 +273,27 @@ def test_two_chunk_variants_long_groups(variant):
 
 
 def test_default_pdl_rule(monkeypatch):
-    """LPQ_PDL: unset -> programmatic dependent launch for variant 5 only (variant 4 lost at W3/W2 on 8192x28672,
-    bench/RESULTS.md round 11), "0" -> none, "1" -> variants 4 and 5; never above m = 8 or for variants 0-3."""
-    assert uniform_cuda.pdl_settings(None) == (True, (5,))
-    assert uniform_cuda.pdl_settings("") == (True, (5,))
-    assert uniform_cuda.pdl_settings("0") == (False, ())
-    assert uniform_cuda.pdl_settings("1") == (True, (4, 5))
+    """LPQ_PDL: unset -> programmatic dependent launch at m = 1 for variants 4 and 5 with balanced placement, for
+    variant 5 alone without it (LPQ_PDL_BALANCE=0: variant 4 lost at W3/W2 on 8192x28672, bench/RESULTS.md round
+    11); "0" -> none; "1" -> variants 4 and 5 up to m = 8; never for variants 0-3."""
+    assert uniform_cuda.pdl_settings(None) == (True, (4, 5), 1)
+    assert uniform_cuda.pdl_settings("", "1") == (True, (4, 5), 1)
+    assert uniform_cuda.pdl_settings(None, "0") == (True, (5,), 1)
+    assert uniform_cuda.pdl_settings("0") == (False, (), 0)
+    assert uniform_cuda.pdl_settings("1", "0") == (True, (4, 5), 8)
     flag = uniform_cuda.PDL_FLAG
-    for env, want in ((None, {(5, 1): 5 | flag, (5, 8): 5 | flag}), ("0", {}), ("1", {(4, 1): 4 | flag, (4, 8): 4 | flag,
-                                                                                  (5, 1): 5 | flag, (5, 8): 5 | flag})):
-        on, variants = uniform_cuda.pdl_settings(env)
+    cases = (((None, None), {(4, 1): 4 | flag, (5, 1): 5 | flag}),
+             ((None, "0"), {(5, 1): 5 | flag}),
+             (("0", None), {}),
+             (("1", None), {(4, 1): 4 | flag, (4, 8): 4 | flag, (5, 1): 5 | flag, (5, 8): 5 | flag}))
+    for envs, want in cases:
+        on, variants, max_m = uniform_cuda.pdl_settings(*envs)
         monkeypatch.setattr(uniform_cuda, "PDL", on)
         monkeypatch.setattr(uniform_cuda, "PDL_DEFAULT_VARIANTS", variants)
+        monkeypatch.setattr(uniform_cuda, "PDL_MAX_M", max_m)
         for variant in uniform_cuda.GEMM_VARIANTS:
             for m in (1, 8, 9, 16):
-                assert uniform_cuda.with_default_pdl(variant, m) == want.get((variant, m), variant), (env, variant, m)
+                assert uniform_cuda.with_default_pdl(variant, m) == want.get((variant, m), variant), (envs, variant, m)
 
 
 def test_default_variant_rule():

@@ -80,6 +80,19 @@ def test_unknown_variant_is_rejected(monkeypatch):
         ptq161_cuda._variant_from_env()
 
 
+def test_default_pdl_rule(monkeypatch):
+    """Programmatic dependent launch for every variant that may run the ring kernel when it is on (uniform_cuda.PDL,
+    the one switch LPQ_PDL sets for every lpq kernel); never for the streaming or first kernels; none with it off."""
+    from lpq.kernels import uniform_cuda
+    flag = ptq161_cuda.PDL_FLAG
+    monkeypatch.setattr(uniform_cuda, "PDL", True)
+    assert {v: ptq161_cuda.with_default_pdl(v) & flag for v in ptq161_cuda.VARIANTS} == {
+        v: flag if v in ("auto", "ring", "ring3", "ring2", "ring2w8") else 0 for v in ptq161_cuda.VARIANTS}
+    assert ptq161_cuda.with_default_pdl("ring2") == ptq161_cuda.VARIANTS["ring2"] | flag
+    monkeypatch.setattr(uniform_cuda, "PDL", False)
+    assert all(ptq161_cuda.with_default_pdl(v) == code for v, code in ptq161_cuda.VARIANTS.items())
+
+
 def test_without_cuda_the_reference_runs():
     qw = random_layer(16, 64, 32)
     layer = QuantizedLinear.from_quantized(qw, None, torch.float32)
@@ -255,6 +268,52 @@ def test_cuda_graph_capture():
         ref = x.float() @ w.t()
         assert (out.float() - ref).norm() / ref.norm() < 1e-3
     assert not st["counters"].any()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 4])
+def test_pdl_chain_in_cuda_graph(m, monkeypatch):
+    """The ring kernel launched with programmatic dependent launch starts while the previous kernel finishes and
+    must wait for it before reading x or touching its split-K partials and counters. A chain of layers, each
+    reading the output of the one before (directly, or through a torch kernel in between), captured in a CUDA graph
+    and replayed on new inputs, equals the same chain launched plainly, bit for bit, at every replay."""
+    from lpq.kernels import uniform_cuda
+    k = 1024
+    sts = []
+    for i in range(6):
+        qw = random_layer(k, k, 192, device="cuda", seed=90 + i)
+        sts.append(ptq161_cuda.prepare_state(qw.tensors, qw.spec, k, k))
+    assert ptq161_cuda.plan(sts[0], m)["kernel"] == "ring"
+
+    def chain(x, pdl):
+        monkeypatch.setattr(uniform_cuda, "PDL", pdl)
+        h = x
+        for i, st in enumerate(sts):
+            h = ptq161_cuda.gemv(st, h, None, variant="auto")
+            if i % 2:
+                h = h * 0.25  # a torch kernel between two lpq kernels
+        return h
+
+    gen = torch.Generator().manual_seed(7 + m)
+    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x_static, True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(x_static, True)
+    for _ in range(5):
+        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+        x_static.copy_(xi)
+        g.replay()
+        want = chain(xi, False)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        assert torch.equal(out, want)
+    assert not any(st["counters"].any() for st in sts)
 
 
 @cuda

@@ -423,11 +423,71 @@ def test_large_shape_and_warps(monkeypatch):
         for m in (1, 3, 12):
             x = torch.randn(m, k, generator=gen).half().cuda()
             ref = x.float() @ ref_w
-            for variant in (0, 1):
+            for variant in (0, 1, 0 | squeezellm_cuda.PDL_FLAG):
                 for warps in (1, 2, 3, 4, 8):
                     poison_cache(1 << 16, torch.float16)
                     err = rel_err(squeezellm_cuda.gemm(st, x, None, warps, variant), ref)
                     assert err < 1e-3, (n, density, m, variant, warps, err)
+
+
+def test_default_pdl_rule(monkeypatch):
+    """Programmatic dependent launch when it is on (uniform_cuda.PDL, the one switch LPQ_PDL sets for every lpq
+    kernel): the ring kernel at m = 1, and up to m = 8 on dense-only layers; never the first kernel; none with it
+    off."""
+    from lpq.kernels import uniform_cuda
+    ring, first, flag = squeezellm_cuda.VARIANTS["ring"], squeezellm_cuda.VARIANTS["first"], squeezellm_cuda.PDL_FLAG
+    monkeypatch.setattr(uniform_cuda, "PDL", True)
+    assert [squeezellm_cuda.with_default_pdl(ring, m) for m in (1, 8, 9, 16)] == [ring | flag] * 2 + [ring] * 2
+    assert [squeezellm_cuda.with_default_pdl(ring, m, sparse=True) for m in (1, 2, 8)] == [ring | flag] + [ring] * 2
+    assert squeezellm_cuda.with_default_pdl(first, 1) == first
+    monkeypatch.setattr(uniform_cuda, "PDL", False)
+    assert squeezellm_cuda.with_default_pdl(ring, 1) == ring
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("density", [0.0, 0.0045])
+@pytest.mark.parametrize("m", [1, 4])
+def test_pdl_chain_in_cuda_graph(density, m):
+    """The ring kernel launched with programmatic dependent launch starts while the previous kernel finishes and
+    must wait for it before reading x (its sparse gathers included). A chain of layers, each reading the output of
+    the one before (directly, or through a torch kernel in between), captured in a CUDA graph and replayed on new
+    inputs, equals the same chain launched plainly, bit for bit, at every replay: a kernel that read its input too
+    early would see the previous replay's values."""
+    assert cuda_build.load_lut(), cuda_build.lut_failure_reason()
+    gen = torch.Generator().manual_seed(80 + m + int(density > 0))
+    k = 1024
+    sts = []
+    for _ in range(6):
+        qw = random_squeezellm(k, k, 3, density, device="cuda", gen=gen)
+        sts.append(squeezellm_cuda.repack(qw.tensors, qw.spec, k, k))
+    ring = squeezellm_cuda.VARIANTS["ring"]
+
+    def chain(x, flags):
+        h = x
+        for i, st in enumerate(sts):
+            h = squeezellm_cuda.gemm(st, h, None, variant=ring | flags)
+            if i % 2:
+                h = h * 0.25  # a torch kernel between two lpq kernels
+        return h
+
+    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x_static, squeezellm_cuda.PDL_FLAG)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain(x_static, squeezellm_cuda.PDL_FLAG)
+    for _ in range(5):
+        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+        x_static.copy_(xi)
+        g.replay()
+        want = chain(xi, 0)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        assert torch.equal(out, want)
 
 
 @needs_cuda

@@ -18,6 +18,9 @@ the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel regist
                FMA'd (its first form); ``first`` the first kernel (csrc/ptq161_kernels.cu: short K
                tiles, fp32 atomics, a memset and an epilogue launch), kept for comparison.
                ``LPQ_PTQ161_KSPLIT=S`` forces S splits along K (benchmarks).
+               On sm_90+ the ring kernel is launched with programmatic dependent launch (``LPQ_PDL=0``
+               turns it off, as for the uniform and LUT kernels): it requests its first weight words
+               while the kernel ahead of it finishes, and waits for it before reading x.
 
 It reads the canonical tensors as they are stored (no repack); ``prepare`` only derives, once, the
 channel indices of the salient and binarized runs from the mask and float32 copies of the small
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import Kernel, cuda_build, cuda_input_problem, register_kernel
+from . import uniform_cuda
 
 log = logging.getLogger("lpq.kernels")
 
@@ -45,6 +49,17 @@ HEADERS = ["ptq161_launch.h", "ptq161_common.cuh", "async_copy.cuh"]
 
 VARIANTS = {"auto": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3, "ring": 4, "stream": 5, "ring3": 6, "ring2": 7, "ring2w8": 8}
 ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
+# Or-ed into the variant: a ring kernel the call launches uses programmatic dependent launch (csrc/ptq161_launch.h
+# kVariantPDL): its prologue requests weight words only, then waits for the kernel ahead of it. On by default with the
+# uniform kernels' switch (LPQ_PDL=0 turns both off); the ring kernel runs at m <= 4.
+PDL_FLAG = 16
+RING_VARIANTS = ("auto", "ring", "ring3", "ring2", "ring2w8")
+
+
+def with_default_pdl(variant: str) -> int:
+    """The op's variant code for a variant name, with PDL_FLAG where programmatic dependent launch is on
+    (uniform_cuda.PDL) and the variant may run the ring kernel."""
+    return VARIANTS[variant] | PDL_FLAG if uniform_cuda.PDL and variant in RING_VARIANTS else VARIANTS[variant]
 
 
 
@@ -87,11 +102,11 @@ def prepare_state(tensors: dict[str, torch.Tensor], spec, k: int, n: int) -> dic
     }
 
 
-def _variant_from_env() -> int:
+def _variant_from_env() -> str:
     name = os.environ.get("LPQ_PTQ161_VARIANT", "auto")
     if name not in VARIANTS:
         raise ValueError(f"LPQ_PTQ161_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    return name
 
 
 def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | None = None,
@@ -101,9 +116,9 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
     variant: one of VARIANTS ("auto" picks the kernel; else LPQ_PTQ161_VARIANT); ksplit: K splits of the
     ring or streaming kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
     if variant is None:
-        v = _variant_from_env()
+        v = with_default_pdl(_variant_from_env())
     elif variant in VARIANTS:
-        v = VARIANTS[variant]
+        v = with_default_pdl(variant)
     else:
         raise ValueError(f"lpq ptq161 gemv: variant {variant!r}: use one of {', '.join(VARIANTS)}")
     k, n = st["k"], st["n"]

@@ -6,7 +6,9 @@ first CUDA forward (``cuda_build.load_lut``). Kernels registered here:
 
   squeezellm_cuda          (priority 100) m <= LPQ_LUT_FUSED_MAX_M (default 16): the fused kernel
                            (the cp.async ring kernel up to m = 8 and with a sparse part, else the
-                           register-prefetch one; LPQ_LUT_VARIANT=ring|first forces one),
+                           register-prefetch one; LPQ_LUT_VARIANT=ring|first forces one; on sm_90+
+                           the ring kernel up to m = 8 is launched with programmatic dependent launch,
+                           LPQ_PDL=0 turns it off),
                            else dequantize into a temporary fp16/bf16 weight and call cuBLAS.
   squeezellm_cuda_fused    (priority 40)  always the fused kernel (any m; tests, benchmarks).
   squeezellm_cuda_dequant  (priority 30)  always dequantize + cuBLAS (tests, benchmarks).
@@ -33,6 +35,7 @@ from ..errors import LpqError
 from ..formats.packing import unpack_rows
 from . import Kernel, cuda_input_problem, register_kernel
 from . import cuda_build
+from . import uniform_cuda
 
 STATE_KEY = "squeezellm_cuda"
 BITS = (2, 3, 4)
@@ -229,11 +232,30 @@ def default_variant(m: int = 1, sparse: bool = False) -> int:
     return VARIANTS[name]
 
 
+# Or-ed into the ring variant: launched with programmatic dependent launch (csrc/squeezellm_launch.h kLutVariantPDL),
+# its grid padded for an even placement as the uniform kernel's (csrc/async_copy.cuh). The ring kernel requests its
+# first codes, codebooks and sparse row pointers before it waits for the kernel ahead of it. On by default with the
+# uniform kernels' switch (LPQ_PDL=0 turns both off): at m = 1 on every layer, at m = 2..PDL_MAX_M on dense-only ones.
+# H100, balanced placement: m = 1 faster or level on every shape and format measured (4096x11008 3-bit dense 9.9 ->
+# 8.7 us); m = 4 and 8 faster on every dense-only layer, but a layer with a sparse part lost on two shapes of six at
+# each (8192x8192 m = 8: 30.9 -> 33.1 us), bench/RESULTS.md.
+PDL_FLAG = 8
+PDL_MAX_M = 8
+
+
+def with_default_pdl(variant: int, m: int, sparse: bool = False) -> int:
+    """The variant as gemm launches it when the caller did not choose: the ring kernel with PDL_FLAG where programmatic
+    dependent launch is on (uniform_cuda.PDL): m = 1, or m <= PDL_MAX_M on a dense-only layer."""
+    on = uniform_cuda.PDL and variant == VARIANTS["ring"] and (m == 1 or (m <= PDL_MAX_M and not sparse))
+    return variant | PDL_FLAG if on else variant
+
+
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
          variant: int | None = None) -> torch.Tensor:
     """x2 [m, K] fp16/bf16 -> [m, N] through the fused LUT kernel (dense + sparse + bias); the op makes
     a contiguous, 16-byte aligned copy of x where it needs one. variant: 0 the ring kernel, 1 the first
-    kernel (csrc/squeezellm_kernels.cuh); None: default_variant(m)."""
+    kernel (csrc/squeezellm_kernels.cuh), 0 | PDL_FLAG the ring kernel with programmatic dependent launch;
+    None: default_variant(m), with PDL where with_default_pdl says."""
     k, n = st["k"], st["n"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq lut_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -244,11 +266,13 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
     if bias is not None and (bias.dtype != x2.dtype or bias.numel() != n or not bias.is_contiguous()):
         raise ValueError(f"lpq lut_gemm: bias must be a contiguous [{n}] tensor of dtype {x2.dtype}")
     if variant is None:
-        variant = default_variant(x2.shape[0], st["sp_ptr"] is not None)
-    if variant not in VARIANTS.values():
-        raise ValueError(f"lpq lut_gemm: variant must be one of {sorted(VARIANTS.values())}, got {variant}")
+        sparse = st["sp_ptr"] is not None
+        variant = with_default_pdl(default_variant(x2.shape[0], sparse), x2.shape[0], sparse)
+    if variant not in (*VARIANTS.values(), VARIANTS["ring"] | PDL_FLAG):
+        raise ValueError(f"lpq lut_gemm: variant must be one of {sorted(VARIANTS.values())} or "
+                         f"{VARIANTS['ring'] | PDL_FLAG} (ring, programmatic dependent launch), got {variant}")
     if warps is None:
-        warps = default_warps(st, x2.shape[0], variant)
+        warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
     if not 1 <= warps <= 8:
         raise ValueError(f"lpq lut_gemm: warps must be in 1..8, got {warps}")
     problem = fused_problem(st)

@@ -148,28 +148,37 @@ GEMM_VARIANT = _gemm_variant()
 # or-ed into variant 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a plain launch
 # elsewhere): its blocks may be scheduled before the previous kernel in the stream ends; they request their first
 # stage of weights, then wait for it before they read anything it may write; each lets the next kernel in once its
-# own loads are requested (uniform_gemm_kc_kernel). On by default for variant 5 (the m = 1 kernel of every layer but
-# 2-/3-bit ones with K >= 3 N): a decode step of the 7B-shaped model took 2.08 ms instead of 2.18 at W4, 1.96 instead
-# of 2.02 at W3, and 2.03 / 1.92 with the attention kernel launched the same way (bench/RESULTS.md, H100). Variant 4
-# lost on 8192x28672 (W3 41.6 us against 38.9 plain), so it takes the flag only with LPQ_PDL=1; LPQ_PDL=0 turns it off.
+# own loads are requested (uniform_gemm_kc_kernel). Such a grid is placed while the previous kernel still holds SMs;
+# its dynamic shared memory is padded so that no SM takes more than ceil(blocks / SMs) of its blocks (csrc/
+# async_copy.cuh, launch_with_pdl; LPQ_PDL_BALANCE=0 turns the padding off): without it, the blocks filled the SMs
+# that freed up first, and a grid smaller than the GPU ran on part of it (4096x11008 W3 10.0 us against 8.6).
+# On by default at m = 1 (variants 5 and 4, the m = 1 kernels): a decode step of the 7B-shaped model took 1.82 ms
+# instead of 1.91 at W3 (bench/RESULTS.md, H100). LPQ_PDL=0 turns it off; LPQ_PDL=1 also takes variant 4 at
+# m = 2..8 (not measured there). Without the padding, variant 4 lost on 8192x28672 (W3 41.6 us against 38.9 plain)
+# and only variant 5 takes the flag.
 PDL_FLAG = 8
 
 
-def pdl_settings(env: str | None) -> tuple[bool, tuple[int, ...]]:
-    """(PDL on, the variants that take it by default) for a value of LPQ_PDL: unset (or any other value) -> on for
-    variant 5; "0" -> off; "1" -> on for variants 4 and 5."""
+def pdl_settings(env: str | None, balance_env: str | None = None) -> tuple[bool, tuple[int, ...], int]:
+    """(PDL on, the variants that take it by default, the largest m that does) for values of LPQ_PDL and
+    LPQ_PDL_BALANCE: LPQ_PDL unset (or any other value) -> on for variants 4 and 5 at m = 1 (variant 5 alone with
+    LPQ_PDL_BALANCE=0); "0" -> off; "1" -> on for variants 4 and 5 up to m = 8."""
     if env == "0":
-        return False, ()
-    return True, ((4, 5) if env == "1" else (5,))
+        return False, (), 0
+    if env == "1":
+        return True, (4, 5), 8
+    return True, ((5,) if balance_env == "0" else (4, 5)), 1
 
 
-PDL, PDL_DEFAULT_VARIANTS = pdl_settings(os.environ.get("LPQ_PDL"))
+PDL, PDL_DEFAULT_VARIANTS, PDL_MAX_M = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL_BALANCE"))
+# what the extensions read from LPQ_PDL_BALANCE (csrc/async_copy.cuh): the padding of PDL launches, on unless "0"
+PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
 
 
 def with_default_pdl(variant: int, m: int) -> int:
     """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
-    dependent launch is on for it (m <= 8, a variant of PDL_DEFAULT_VARIANTS)."""
-    return variant | PDL_FLAG if PDL and m <= 8 and variant in PDL_DEFAULT_VARIANTS else variant
+    dependent launch is on for it (m <= PDL_MAX_M, a variant of PDL_DEFAULT_VARIANTS)."""
+    return variant | PDL_FLAG if PDL and m <= PDL_MAX_M and variant in PDL_DEFAULT_VARIANTS else variant
 
 
 def _valid_variant(v: int) -> bool:

@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cstdlib>
+
 namespace lpq {
 
 __device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem, int src_bytes) {
@@ -46,9 +48,58 @@ inline bool device_has_pdl() {
   }
   return cached[dev] == 2;
 }
+// Balanced placement (the default; LPQ_PDL_BALANCE=0 turns it off): a grid launched with PDL is placed while the previous kernel still holds
+// SMs, and its blocks fill the SMs that free up first up to their full occupancy; a grid of fewer blocks than the
+// GPU holds then runs on part of the SMs. Its dynamic shared memory is padded so that an SM holds at most
+// ceil(blocks / SMs) of them, the count an even placement gives (the padding is never read).
+struct SmGeometry {
+  int sms = 0, smem_per_sm = 0, reserved_per_block = 0, max_optin = 0;
+};
+inline const SmGeometry* sm_geometry() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return nullptr;
+  static SmGeometry cached[64];
+  SmGeometry& g = cached[dev];
+  if (g.sms == 0) {
+    cudaDeviceGetAttribute(&g.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaDeviceGetAttribute(&g.reserved_per_block, cudaDevAttrReservedSharedMemoryPerBlock, dev);
+    cudaDeviceGetAttribute(&g.max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&g.sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  return g.sms > 0 ? &g : nullptr;
+}
+inline bool pdl_balance_enabled() {
+  static const int on = [] {
+    const char* e = std::getenv("LPQ_PDL_BALANCE");
+    return e != nullptr && e[0] == '0' ? 0 : 1;
+  }();
+  return on != 0;
+}
+// the dynamic shared memory that keeps an SM at ceil(blocks / SMs) blocks: (cap + 1) blocks of it do not fit
+inline size_t pdl_balanced_smem(size_t needed, long long blocks) {
+  const SmGeometry* g = sm_geometry();
+  if (g == nullptr || blocks <= 0) return needed;
+  const long long cap = (blocks + g->sms - 1) / g->sms;
+  const long long pad = (long long)g->smem_per_sm / (cap + 1) - g->reserved_per_block + 16;
+  if (pad <= (long long)needed || pad > (long long)g->max_optin) return needed;
+  return (size_t)pad;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch_with_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                             Args... args) {
+  if (pdl_balance_enabled()) {
+    const size_t padded = pdl_balanced_smem(smem, (long long)grid.x * grid.y * grid.z);
+    if (padded > smem) {
+      // raise the kernel's limit where it is lower, never lower it: a launcher may have raised it for a larger call
+      cudaFuncAttributes fa;
+      cudaError_t e = cudaFuncGetAttributes(&fa, kernel);
+      if (e == cudaSuccess && (size_t)fa.maxDynamicSharedSizeBytes < padded)
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)padded);
+      if (e != cudaSuccess) return e;
+      smem = padded;
+    }
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

@@ -128,8 +128,12 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
     }
     cp_async_commit();
   };
+  // Programmatic dependent launch (no-ops when launched without it): the block may be resident before the kernel it
+  // depends on has finished. The prologue's stages hold only weight words (constant); x, and the partials and
+  // counters of the split-K reduction, are touched only after griddepcontrol.wait.
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) issue(st);
+  pdl_wait();
 
   float acc_b[MT][R], acc_s[MT][R], sum_b[MT], sum_s[MT];
   zero_sums<MT, R>(acc_b, acc_s, sum_b, sum_s);
@@ -203,6 +207,8 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
     }
     __syncwarp();  // the slot is read before the next iteration refills it
   }
+  // every word is requested: the next kernel in the stream may be scheduled (late, as in the uniform kernel)
+  pdl_launch_dependents();
   cp_async_wait<0>();
   __syncwarp();
 
@@ -326,6 +332,8 @@ bool plan_ring_t(StreamPlan& p, int m, int n, int k, int s, int ksplit_request, 
 template <typename T, int MT, int R, int NS, int W>
 cudaError_t launch_ring_mt(const StreamArgs& a, const StreamPlan& p, cudaStream_t stream) {
   dim3 grid(p.row_blocks, p.ksplit, 1);
+  if (p.pdl && device_has_pdl())
+    return launch_with_pdl(ring_kernel<T, MT, R, NS, W>, grid, dim3(kThreads), p.smem, stream, a, p.tab_words, p.sal_words);
   ring_kernel<T, MT, R, NS, W><<<grid, kThreads, p.smem, stream>>>(a, p.tab_words, p.sal_words);
   return cudaGetLastError();
 }

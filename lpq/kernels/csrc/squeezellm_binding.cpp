@@ -41,7 +41,9 @@ at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tens
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq lut_gemm: warps must be in 1..8");
-  TORCH_CHECK(variant == 0 || variant == 1, "lpq lut_gemm: variant must be 0 (ring) or 1 (register prefetch), got ", variant);
+  TORCH_CHECK(variant == 0 || variant == 1 || variant == (0 | kLutVariantPDL),
+              "lpq lut_gemm: variant must be 0 (ring), 1 (register prefetch) or ", kLutVariantPDL,
+              " (ring, programmatic dependent launch), got ", variant);
   const int* pp = nullptr;
   const uint32_t* pe = nullptr;
   if (sp_ptr.has_value() && sp_ptr->defined()) {

@@ -463,7 +463,8 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
   int k_issue = warp * 256;
   const T* xsrc = x + (size_t)tok0 * p.K + lane * 8;
   uint32_t slot_w = 0;  // byte offset of the slot to fill
-  auto issue = [&]() {
+  // a stage's copies in two parts: the codes (constant), then the activations and the step to the next stage
+  auto issue_codes = [&]() {
     const uint32_t st = ring_s + slot_w;
     const bool second = c_issue + 1 < p.chunks;
 #pragma unroll
@@ -474,6 +475,9 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
       else cp_async16_cg_if(d, qsrc + 128 * q, 128 * q + 4 * lane < R::CHW || second);
     }
     qsrc += q_step;
+  };
+  auto issue_x = [&]() {
+    const uint32_t st = ring_s + slot_w;
     // activations: one 16-byte piece per lane and token row (columns past K zero-filled; the source
     // then points at x itself, which is valid)
     const bool in = k_issue + lane * 8 < p.K;
@@ -491,13 +495,16 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
     slot_w += (uint32_t)(stage_words * 4);
     if (slot_w == (uint32_t)(slots * stage_words * 4)) slot_w = 0;
   };
+  auto issue = [&]() {
+    issue_codes();
+    issue_x();
+  };
 
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < n_my) issue();
-    cp_async_commit();
-  }
-
+  // Programmatic dependent launch (no-ops when launched without it): the block may be resident before the kernel it
+  // depends on has finished. The first stage's codes, the codebooks and the sparse row pointers (constant) are
+  // requested before griddepcontrol.wait; x, which the previous kernel may write, only after it.
+  static_assert(STAGES >= 2, "the ring has at least two stages");
+  if (0 < n_my) issue_codes();
   uint32_t tb0[TW], tb1[TW];
   load_table<BITS>(tb0, p.tab + (size_t)(nt * 16 + g) * TW);
   load_table<BITS>(tb1, p.tab + (size_t)(nt * 16 + g + 8) * TW);
@@ -528,6 +535,14 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
         re[q] = (int)ldg_volatile(reinterpret_cast<const uint32_t*>(p.sp_ptr) + nt * 16 + r + 1);
       }
     }
+  }
+  pdl_wait();
+  if (0 < n_my) issue_x();
+  cp_async_commit();
+#pragma unroll
+  for (int i = 1; i < STAGES - 1; ++i) {
+    if (i < n_my) issue();
+    cp_async_commit();
   }
 #pragma unroll
   for (int q = 0; q < 2; ++q)
@@ -586,6 +601,9 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
     });
     __syncwarp();  // every lane has read the slot before it is refilled
   }
+  // every stage is requested: the next kernel in the stream may be scheduled (as in the uniform kernel, late rather
+  // than right after the wait)
+  pdl_launch_dependents();
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the reduction; sp_acc is zeroed
 
@@ -663,7 +681,7 @@ inline int lut_ring_slots(int stages, int chunks, int nwarps) {
 }
 
 template <int BITS, typename T, int XR>
-cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, cudaStream_t stream) {
+cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, bool pdl, cudaStream_t stream) {
   constexpr int STAGES = kLutRingStages;
   const int xrows = XR == 1 ? 1 : (a.M < 8 ? a.M : 8);
   const size_t stage_bytes = (size_t)RingGeom<BITS>::words(xrows) * 4;
@@ -680,16 +698,23 @@ cudaError_t launch_ring_xr(const LutGemmArgs& a, int nwarps, cudaStream_t stream
     if (e != cudaSuccess) return e;
   }
   dim3 grid((a.M + 7) / 8, a.n_tiles);
+  // with programmatic stream serialization: the blocks may be scheduled while the previous kernel ends; they request
+  // their first codes, then wait for it before reading x (lut_gemm_ring_kernel)
+  if (pdl && device_has_pdl()) return launch_with_pdl(kern, grid, dim3(nwarps * 32), smem, stream, a, xrows, slots);
   kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows, slots);
   return cudaGetLastError();
 }
 
 // variant 0: the ring kernel (m = 1: one activation row; else token tiles of 8); 1: lut_gemm_kernel.
 // The ring kernel's grid has the n-tiles in y (at most 65535): more tiles take lut_gemm_kernel.
+// variant 0 | kLutVariantPDL: the ring kernel launched with programmatic dependent launch (sm_90+).
 template <int BITS, typename T>
-cudaError_t launch_gemm_t(const LutGemmArgs& a, int nwarps, int variant, cudaStream_t stream) {
+cudaError_t launch_gemm_t(const LutGemmArgs& a, int nwarps, int variant_flags, cudaStream_t stream) {
+  const bool pdl = (variant_flags & kLutVariantPDL) != 0;
+  const int variant = variant_flags & ~kLutVariantPDL;
   if (variant == 0 && a.n_tiles <= 65535) {
-    return a.M == 1 ? launch_ring_xr<BITS, T, 1>(a, nwarps, stream) : launch_ring_xr<BITS, T, 8>(a, nwarps, stream);
+    return a.M == 1 ? launch_ring_xr<BITS, T, 1>(a, nwarps, pdl, stream)
+                    : launch_ring_xr<BITS, T, 8>(a, nwarps, pdl, stream);
   }
   if (a.M <= 8) return launch_gemm_mt<BITS, T, 1>(a, nwarps, stream);
   return launch_gemm_mt<BITS, T, 2>(a, nwarps, stream);

@@ -25,8 +25,11 @@ struct LutDequantArgs {
   int N, K, chunks, n_tiles;
 };
 
+// Or-ed into variant 0: the ring kernel launched with programmatic dependent launch (on sm_90+; a plain launch before).
+constexpr int kLutVariantPDL = 8;
+
 // Each returns cudaSuccess or the launch error. nwarps in 1..8 (warps of a block split K); variant 0:
-// the cp.async ring kernel, 1: the register-prefetch kernel (squeezellm_kernels.cuh).
+// the cp.async ring kernel, 1: the register-prefetch kernel (squeezellm_kernels.cuh); 0 | kLutVariantPDL.
 cudaError_t launch_lut_gemm(int bits, bool bf16, const LutGemmArgs& args, int nwarps, int variant, cudaStream_t stream);
 cudaError_t launch_lut_dequant(int bits, bool bf16, const LutDequantArgs& args, cudaStream_t stream);
 
