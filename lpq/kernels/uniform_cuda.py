@@ -173,16 +173,22 @@ def pdl_settings(env: str | None, balance_env: str | None = None) -> tuple[bool,
 PDL, PDL_DEFAULT_VARIANTS, PDL_MAX_M = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL_BALANCE"))
 # what the extensions read from LPQ_PDL_BALANCE (csrc/async_copy.cuh): the padding of PDL launches, on unless "0"
 PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
+# or-ed in with PDL_FLAG: the grid lets the next kernel launch right after its own wait rather than after its main
+# loop (the early trigger). LPQ_PDL_EARLY=1 adds it wherever PDL_FLAG is added by default.
+EARLY_FLAG = 16
+PDL_EARLY = os.environ.get("LPQ_PDL_EARLY") == "1"
 
 
 def with_default_pdl(variant: int, m: int) -> int:
     """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
     dependent launch is on for it (m <= PDL_MAX_M, a variant of PDL_DEFAULT_VARIANTS)."""
-    return variant | PDL_FLAG if PDL and m <= PDL_MAX_M and variant in PDL_DEFAULT_VARIANTS else variant
+    if PDL and m <= PDL_MAX_M and variant in PDL_DEFAULT_VARIANTS:
+        return variant | PDL_FLAG | (EARLY_FLAG if PDL_EARLY else 0)
+    return variant
 
 
 def _valid_variant(v: int) -> bool:
-    return isinstance(v, int) and (v in GEMM_VARIANTS or (bool(v & PDL_FLAG) and (v & ~PDL_FLAG) in (4, 5)))
+    return isinstance(v, int) and (v in GEMM_VARIANTS or (bool(v & PDL_FLAG) and (v & ~(PDL_FLAG | EARLY_FLAG)) in (4, 5)))
 
 # Round 5 (bench/NOTES-kernels.md; H100 timings of every variant x warps in bench/RESULTS.md "round 5"):
 # variants 4 and 5 take two chunks per ring stage, which cuts the static main-loop instructions per 16x128
@@ -251,7 +257,7 @@ def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int |
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
         variant = with_default_pdl(variant, x2.shape[0])
     if warps is None:
-        warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
+        warps = default_warps(st, x2.shape[0], variant & ~(PDL_FLAG | EARLY_FLAG))
     return warps, variant
 
 

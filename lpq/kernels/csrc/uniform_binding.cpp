@@ -51,8 +51,11 @@ static GemmCall prepare_gemm(const at::Tensor& x_in, const at::Tensor& qw, const
   if (reinterpret_cast<uintptr_t>(c.x.data_ptr()) % 16 != 0) c.x = c.x.clone();
   const at::Tensor& x = c.x;
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq uniform_gemm: warps must be in 1..8");
-  TORCH_CHECK((variant >= 0 && variant <= 5) || variant == (4 | kVariantPDL) || variant == (5 | kVariantPDL),
-              "lpq uniform_gemm: variant must be in 0..5, or 4 or 5 | 8 (programmatic dependent launch)");
+  const int64_t base = variant & ~(int64_t)(kVariantPDL | kVariantEarly);
+  const bool pdl_flags_ok = (variant & kVariantEarly) == 0 || (variant & kVariantPDL) != 0;
+  TORCH_CHECK((variant >= 0 && variant <= 5) || ((base == 4 || base == 5) && (variant & kVariantPDL) && pdl_flags_ok),
+              "lpq uniform_gemm: variant must be in 0..5, or 4 or 5 | 8 (programmatic dependent launch), optionally | 16 "
+              "(the next kernel let in right after the wait)");
   TORCH_CHECK(gs > 0, "lpq uniform_gemm: group size must be positive (in_features for per-channel)");
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -100,7 +103,9 @@ static GemmCall prepare_gemm(const at::Tensor& x_in, const at::Tensor& qw, const
 }
 
 static void launch(const GemmCall& c, int64_t bits, int64_t fold, int64_t warps, int64_t variant) {
-  cudaError_t err = launch_uniform_gemm((int)bits, c.x.scalar_type() == at::kBFloat16, (int)fold, c.a, (int)warps, (int)variant,
+  GemmArgs a = c.a;
+  a.pdl_early = (variant & kVariantEarly) != 0 ? 1 : 0;
+  cudaError_t err = launch_uniform_gemm((int)bits, c.x.scalar_type() == at::kBFloat16, (int)fold, a, (int)warps, (int)(variant & ~kVariantEarly),
                                         c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq uniform_gemm launch failed: ", cudaGetErrorString(err));
 }

@@ -1024,6 +1024,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_kc_kernel(GemmArgs p, int xr
   // griddepcontrol.wait; everything the previous kernels write (x, norm_x, norm_sq, residual) is read after it.
   if (n_my > 0) issue_weights();
   pdl_wait();
+  if (p.pdl_early) pdl_launch_dependents();  // the early trigger (GemmArgs::pdl_early)
   // fused RMSNorm: the rms partial sums go past the ring and the reduction buffer. One token row (XR = 1): the row
   // of norm_x is copied into shared memory (after the partials) with the first stage's copies, and summed after
   // the main loop, so that its latency hides behind the weight stream (summing it up front, from L2, held every

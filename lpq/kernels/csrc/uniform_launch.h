@@ -33,6 +33,8 @@ struct GemmArgs {
   const void* next_w;
   void* y_next;
   float* out_sq;
+  // launched with PDL: 1 lets the next kernel launch right after this grid's wait instead of after its main loop
+  int pdl_early;
 };
 
 // Shared memory of the epilogue's rms partial sums: one float per warp and token row (at most 32 rows a block).
@@ -67,6 +69,8 @@ cudaError_t launch_uniform_dequant(int bits, bool bf16, int fold, const DequantA
 
 // Flag or-ed into a variant: launch with programmatic dependent launch (variants 4 and 5, sm_90+).
 constexpr int kVariantPDL = 8;
+// Flag or-ed in with kVariantPDL: the grid lets the next kernel launch right after its own wait (GemmArgs::pdl_early).
+constexpr int kVariantEarly = 16;
 
 // Tokens per block of the fused kernel for a given m (8, 16 or 32), and the n-tiles per block.
 inline int gemm_tokens_per_block(int m) { return m <= 8 ? 8 : (m <= 16 ? 16 : 32); }
