@@ -73,7 +73,9 @@ def _pdl_words() -> str:
         return "plain launches"
     return ("the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default; "
             + ("each such grid padded in shared memory so that no SM holds more than ceil(blocks / SMs) of its blocks"
-               if uniform_cuda.PDL_BALANCE else "without the placement padding (LPQ_PDL_BALANCE=0)"))
+               if uniform_cuda.PDL_BALANCE else "without the placement padding (LPQ_PDL_BALANCE=0)")
+            + ("; each uniform kernel lets the next launch right after its own wait (LPQ_PDL_EARLY=1)"
+               if uniform_cuda.PDL_EARLY else ""))
 from results_io import device_name, versions, write_records, write_section  # noqa: E402
 
 SECTION = "End to end: decode, LLaMA-7B-shaped model (random weights)"
@@ -752,7 +754,7 @@ def run(args, argv) -> int:
         raise LpqError(f"--prompt-len + --new-tokens exceeds the model's {cfg.max_position_embeddings} positions")
     gpu = device_name(str(device))
     date = datetime.date.today().isoformat()
-    pdl_env = "".join(f"{k}={os.environ[k]} " for k in ("LPQ_PDL", "LPQ_PDL_BALANCE") if k in os.environ)
+    pdl_env = "".join(f"{k}={os.environ[k]} " for k in ("LPQ_PDL", "LPQ_PDL_BALANCE", "LPQ_PDL_EARLY") if k in os.environ)
     command = (pdl_env if device.type == "cuda" else "") + "python bench/decode.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     model_label = f"LLaMA-7B-shaped ({cfg.num_hidden_layers} blocks, random)" if not args.tiny else \

@@ -262,9 +262,12 @@ def main() -> None:
         write_results(table, records, args.section, args.records)
 
 
+PDL_ENV = ("LPQ_PDL", "LPQ_PDL_BALANCE", "LPQ_PDL_EARLY")  # the launch settings a kernel bench's command states
+
+
 def pdl_env_prefix() -> str:
-    """The command's LPQ_PDL and LPQ_PDL_BALANCE settings, as they were given."""
-    return "".join(f"{k}={os.environ[k]} " for k in ("LPQ_PDL", "LPQ_PDL_BALANCE") if k in os.environ)
+    """The command's PDL settings (PDL_ENV), as they were given."""
+    return "".join(f"{k}={os.environ[k]} " for k in PDL_ENV if k in os.environ)
 
 
 def pdl_note(which: str) -> str:
@@ -273,6 +276,8 @@ def pdl_note(which: str) -> str:
         return "LPQ_PDL=0: plain launches."
     placement = ("its dynamic shared memory padded so that no SM holds more than ceil(blocks / SMs) of its blocks"
                  if uniform_cuda.PDL_BALANCE else "placed without padding (LPQ_PDL_BALANCE=0)")
+    if uniform_cuda.PDL_EARLY:
+        placement += ", each uniform kernel letting the next launch right after its own wait (LPQ_PDL_EARLY=1)"
     return (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for {which}, {placement}: a "
             "replayed call may request its first weights while the call before it finishes, as consecutive linears do "
             "in a model; cuBLAS and torch int4 launch plainly.")
