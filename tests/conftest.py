@@ -238,3 +238,36 @@ def assert_step_compiles_whole_and_replays(decode, model, prompt) -> None:
     called, replayed = decode.check_replay(dec)
     assert called == replayed
     assert decode.compiled_graphs() - before == 1
+
+
+def assert_pdl_chain_matches_plain(layers, m: int, k: int, gen, pdl_call, plain_call) -> None:
+    """A kernel launched with programmatic dependent launch starts while the previous kernel finishes and must wait
+    for it before reading its input. Chains the layers (each reads the output of the one before, directly or through
+    a torch kernel between two of them), captures the PDL chain (pdl_call(layer, h)) in a CUDA graph, replays it on
+    five new inputs and checks each result equals the chain launched plainly (plain_call), bit for bit: a kernel that
+    read its input too early would see the previous replay's values."""
+    def chain(x, call):
+        h = x
+        for i, layer in enumerate(layers):
+            h = call(layer, h)
+            if i % 2:
+                h = h * 0.25  # a torch kernel between two lpq kernels
+        return h
+
+    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x_static, pdl_call)  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x_static, pdl_call)
+    for _ in range(5):
+        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
+        x_static.copy_(xi)
+        graph.replay()
+        want = chain(xi, plain_call)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        assert torch.equal(out, want)

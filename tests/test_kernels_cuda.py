@@ -17,6 +17,7 @@ import torch
 import lpq.kernels as K
 from lpq.errors import LpqError
 from lpq.formats.uniform import UNIFORM, pack_uniform
+from conftest import assert_pdl_chain_matches_plain
 from lpq.kernels import cuda_build, uniform_cuda
 from lpq.kernels.w3_layout import W3_SLOTS, W3_SPARE_BITS
 from lpq.nn import QuantizedLinear
@@ -453,32 +454,9 @@ def test_pdl_chain_in_cuda_graph(bits, m):
         sts.append(uniform_cuda.repack(qw.tensors, qw.spec, k, k))
     variant = uniform_cuda.default_variant(sts[0], m)
     assert variant in (4, 5)
-
-    def chain(x, flags):
-        h = x
-        for i, st in enumerate(sts):
-            h = uniform_cuda.gemm(st, h, None, variant=variant | flags)
-            if i % 2:
-                h = h * 0.25  # a torch kernel between two lpq kernels
-        return h
-
-    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(x_static, uniform_cuda.PDL_FLAG)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = chain(x_static, uniform_cuda.PDL_FLAG)
-    for _ in range(5):
-        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-        x_static.copy_(xi)
-        g.replay()
-        want = chain(xi, 0)
-        torch.cuda.synchronize()
-        assert torch.isfinite(want).all()
-        assert torch.equal(out, want)
+    assert_pdl_chain_matches_plain(sts, m, k, gen,
+                                   lambda st, h: uniform_cuda.gemm(st, h, None, variant=variant | uniform_cuda.PDL_FLAG),
+                                   lambda st, h: uniform_cuda.gemm(st, h, None, variant=variant))
 
 
 def test_fold_divides_group():

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import lpq.kernels as K
 from lpq.formats.ptq161 import PTQ161, pack_ptq161
-from lpq.kernels import ptq161_cuda
+from conftest import assert_pdl_chain_matches_plain
+from lpq.kernels import ptq161_cuda, uniform_cuda
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
 
@@ -83,7 +84,6 @@ def test_unknown_variant_is_rejected(monkeypatch):
 def test_default_pdl_rule(monkeypatch):
     """Programmatic dependent launch for every variant that may run the ring kernel when it is on (uniform_cuda.PDL,
     the one switch LPQ_PDL sets for every lpq kernel); never for the streaming or first kernels; none with it off."""
-    from lpq.kernels import uniform_cuda
     flag = ptq161_cuda.PDL_FLAG
     monkeypatch.setattr(uniform_cuda, "PDL", True)
     assert {v: ptq161_cuda.with_default_pdl(v) & flag for v in ptq161_cuda.VARIANTS} == {
@@ -278,7 +278,6 @@ def test_pdl_chain_in_cuda_graph(m, monkeypatch):
     must wait for it before reading x or touching its split-K partials and counters. A chain of layers, each
     reading the output of the one before (directly, or through a torch kernel in between), captured in a CUDA graph
     and replayed on new inputs, equals the same chain launched plainly, bit for bit, at every replay."""
-    from lpq.kernels import uniform_cuda
     k = 1024
     sts = []
     for i in range(6):
@@ -286,33 +285,13 @@ def test_pdl_chain_in_cuda_graph(m, monkeypatch):
         sts.append(ptq161_cuda.prepare_state(qw.tensors, qw.spec, k, k))
     assert ptq161_cuda.plan(sts[0], m)["kernel"] == "ring"
 
-    def chain(x, pdl):
-        monkeypatch.setattr(uniform_cuda, "PDL", pdl)
-        h = x
-        for i, st in enumerate(sts):
-            h = ptq161_cuda.gemv(st, h, None, variant="auto")
-            if i % 2:
-                h = h * 0.25  # a torch kernel between two lpq kernels
-        return h
+    def call(pdl):
+        def run(st, h):
+            monkeypatch.setattr(uniform_cuda, "PDL", pdl)
+            return ptq161_cuda.gemv(st, h, None, variant="auto")
+        return run
 
-    gen = torch.Generator().manual_seed(7 + m)
-    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(x_static, True)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = chain(x_static, True)
-    for _ in range(5):
-        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-        x_static.copy_(xi)
-        g.replay()
-        want = chain(xi, False)
-        torch.cuda.synchronize()
-        assert torch.isfinite(want).all()
-        assert torch.equal(out, want)
+    assert_pdl_chain_matches_plain(sts, m, k, torch.Generator().manual_seed(7 + m), call(True), call(False))
     assert not any(st["counters"].any() for st in sts)
 
 

@@ -13,6 +13,7 @@ import torch
 import lpq.kernels as K
 from lpq.errors import LpqError
 from lpq.formats.squeezellm import SQUEEZELLM, pack_squeezellm
+from conftest import assert_pdl_chain_matches_plain
 from lpq.kernels import cuda_build, squeezellm_cuda
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
@@ -462,32 +463,9 @@ def test_pdl_chain_in_cuda_graph(density, m):
         qw = random_squeezellm(k, k, 3, density, device="cuda", gen=gen)
         sts.append(squeezellm_cuda.repack(qw.tensors, qw.spec, k, k))
     ring = squeezellm_cuda.VARIANTS["ring"]
-
-    def chain(x, flags):
-        h = x
-        for i, st in enumerate(sts):
-            h = squeezellm_cuda.gemm(st, h, None, variant=ring | flags)
-            if i % 2:
-                h = h * 0.25  # a torch kernel between two lpq kernels
-        return h
-
-    x_static = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(x_static, squeezellm_cuda.PDL_FLAG)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = chain(x_static, squeezellm_cuda.PDL_FLAG)
-    for _ in range(5):
-        xi = torch.randn((m, k), generator=gen).to(torch.float16).cuda()
-        x_static.copy_(xi)
-        g.replay()
-        want = chain(xi, 0)
-        torch.cuda.synchronize()
-        assert torch.isfinite(want).all()
-        assert torch.equal(out, want)
+    assert_pdl_chain_matches_plain(sts, m, k, gen,
+                                   lambda st, h: squeezellm_cuda.gemm(st, h, None, variant=ring | squeezellm_cuda.PDL_FLAG),
+                                   lambda st, h: squeezellm_cuda.gemm(st, h, None, variant=ring))
 
 
 @needs_cuda
