@@ -290,9 +290,9 @@ def render(records, ms, fmts, gpu, section: str = SECTION) -> str:
              f"replays over rotated weight copies (>= 256 MB). Bandwidth counts the packed weights + scales/zeros + "
              f"activations read and output written; roofline {ROOFLINE_TBPS} TB/s. x cuBLAS = cuBLAS time / lpq time; "
              f"x int4 = torch int4 time / lpq time (4-bit rows only). m <= 64: fused kernel; m = 2048: dequantize + cuBLAS. "
-             + pdl_note(f"the fused kernel's variant{'s' if len(uniform_cuda.PDL_DEFAULT_VARIANTS) > 1 else ''} "
-                        f"{' and '.join(map(str, uniform_cuda.PDL_DEFAULT_VARIANTS))} at "
-                        + ("m = 1" if uniform_cuda.PDL_MAX_M == 1 else f"m <= {uniform_cuda.PDL_MAX_M}")),
+             + pdl_note("the fused kernel's " + ", ".join(
+                 f"variant {v} at m {'= ' + str(lo) if lo == hi else f'{lo}..{hi}'}"
+                 for v, (lo, hi) in sorted(uniform_cuda.PDL_RULES.items()))),
              "",
              "| shape (out x in) | m | cuBLAS fp16 us | torch int4 us | kernel | us | TB/s | roofline | x cuBLAS | x int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]

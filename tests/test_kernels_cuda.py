@@ -274,27 +274,35 @@ def test_two_chunk_variants_long_groups(variant):
 
 
 def test_default_pdl_rule(monkeypatch):
-    """LPQ_PDL: unset -> programmatic dependent launch at m = 1 for variants 4 and 5 with balanced placement, for
-    variant 5 alone without it (LPQ_PDL_BALANCE=0: variant 4 lost at W3/W2 on 8192x28672, bench/RESULTS.md round
-    11); "0" -> none; "1" -> variants 4 and 5 up to m = 8; never for variants 0-3."""
-    assert uniform_cuda.pdl_settings(None) == (True, (4, 5), 1)
-    assert uniform_cuda.pdl_settings("", "1") == (True, (4, 5), 1)
-    assert uniform_cuda.pdl_settings(None, "0") == (True, (5,), 1)
-    assert uniform_cuda.pdl_settings("0") == (False, (), 0)
-    assert uniform_cuda.pdl_settings("1", "0") == (True, (4, 5), 8)
-    flag = uniform_cuda.PDL_FLAG
-    cases = (((None, None), {(4, 1): 4 | flag, (5, 1): 5 | flag}),
+    """LPQ_PDL: unset -> programmatic dependent launch for variants 4 and 5 at m = 1 and variant 0 at m = 9..16 with
+    balanced placement, for variant 5 alone at m = 1 without it (LPQ_PDL_BALANCE=0: variant 4 lost at W3/W2 on
+    8192x28672, bench/RESULTS.md round 11); "0" -> none; "1" -> variants 4 and 5 up to m = 8; never variants 1-3.
+    LPQ_PDL_EARLY=1 adds the early trigger to variants 4 and 5 only."""
+    assert uniform_cuda.pdl_settings(None) == (True, {4: (1, 1), 5: (1, 1), 0: (9, 16)})
+    assert uniform_cuda.pdl_settings("", "1") == uniform_cuda.pdl_settings(None)
+    assert uniform_cuda.pdl_settings(None, "0") == (True, {5: (1, 1)})
+    assert uniform_cuda.pdl_settings("0") == (False, {})
+    assert uniform_cuda.pdl_settings("1", "0") == (True, {4: (1, 8), 5: (1, 8), 0: (9, 16)})
+    flag, early = uniform_cuda.PDL_FLAG, uniform_cuda.EARLY_FLAG
+    cases = (((None, None), {(4, 1): 4 | flag, (5, 1): 5 | flag, (0, 9): 0 | flag, (0, 16): 0 | flag}),
              ((None, "0"), {(5, 1): 5 | flag}),
              (("0", None), {}),
-             (("1", None), {(4, 1): 4 | flag, (4, 8): 4 | flag, (5, 1): 5 | flag, (5, 8): 5 | flag}))
+             (("1", None), {(4, 1): 4 | flag, (4, 8): 4 | flag, (5, 1): 5 | flag, (5, 8): 5 | flag, (0, 9): 0 | flag,
+                            (0, 16): 0 | flag}))
     for envs, want in cases:
-        on, variants, max_m = uniform_cuda.pdl_settings(*envs)
+        on, rules = uniform_cuda.pdl_settings(*envs)
         monkeypatch.setattr(uniform_cuda, "PDL", on)
-        monkeypatch.setattr(uniform_cuda, "PDL_DEFAULT_VARIANTS", variants)
-        monkeypatch.setattr(uniform_cuda, "PDL_MAX_M", max_m)
-        for variant in uniform_cuda.GEMM_VARIANTS:
-            for m in (1, 8, 9, 16):
-                assert uniform_cuda.with_default_pdl(variant, m) == want.get((variant, m), variant), (envs, variant, m)
+        monkeypatch.setattr(uniform_cuda, "PDL_RULES", rules)
+        for early_on in (False, True):
+            monkeypatch.setattr(uniform_cuda, "PDL_EARLY", early_on)
+            for variant in uniform_cuda.GEMM_VARIANTS:
+                for m in (1, 8, 9, 16, 17):
+                    got = uniform_cuda.with_default_pdl(variant, m)
+                    expect = want.get((variant, m), variant)
+                    if early_on and expect & flag and variant in (4, 5):
+                        expect |= early
+                    assert got == expect, (envs, early_on, variant, m)
+                    assert uniform_cuda._valid_variant(got)
 
 
 def test_default_variant_rule():
@@ -329,12 +337,13 @@ def test_unknown_variant_is_refused_before_the_op():
     st = {"k": 64, "qw": torch.zeros(1, dtype=torch.int32)}
     with pytest.raises(ValueError, match="variant"):
         uniform_cuda.gemm(st, torch.zeros(1, 64, dtype=torch.float16), None, variant=len(uniform_cuda.GEMM_VARIANTS))
-    # the programmatic-launch flag rides on a known variant only
-    flag = uniform_cuda.PDL_FLAG
-    for bad in (-1, flag, 3 | flag, len(uniform_cuda.GEMM_VARIANTS) | flag, 2 * flag):
+    # the programmatic-launch flag rides on variants 0, 4 and 5 only, the early trigger on 4 and 5 with it
+    flag, early = uniform_cuda.PDL_FLAG, uniform_cuda.EARLY_FLAG
+    for bad in (-1, 1 | flag, 3 | flag, len(uniform_cuda.GEMM_VARIANTS) | flag, 2 * flag, 4 | early, flag | early,
+                3 * flag):
         with pytest.raises(ValueError, match="variant"):
             uniform_cuda.gemm(st, torch.zeros(1, 64, dtype=torch.float16), None, variant=bad)
-    assert uniform_cuda._valid_variant(4 | flag) and uniform_cuda._valid_variant(5 | flag)
+    assert all(uniform_cuda._valid_variant(v) for v in (0 | flag, 4 | flag, 5 | flag, 4 | flag | early, 5 | flag | early))
 
 
 EDGE_SHAPES = [(1, 128), (16, 128), (17, 136), (33, 576), (100, 1000), (4100, 256), (48, 4104), (576, 1536)]

@@ -152,43 +152,49 @@ GEMM_VARIANT = _gemm_variant()
 # its dynamic shared memory is padded so that no SM takes more than ceil(blocks / SMs) of its blocks (csrc/
 # async_copy.cuh, launch_with_pdl; LPQ_PDL_BALANCE=0 turns the padding off): without it, the blocks filled the SMs
 # that freed up first, and a grid smaller than the GPU ran on part of it (4096x11008 W3 10.0 us against 8.6).
-# On by default at m = 1 (variants 5 and 4, the m = 1 kernels): a decode step of the 7B-shaped model took 1.82 ms
-# instead of 1.91 at W3 (bench/RESULTS.md, H100). LPQ_PDL=0 turns it off; LPQ_PDL=1 also takes variant 4 at
-# m = 2..8 (not measured there). Without the padding, variant 4 lost on 8192x28672 (W3 41.6 us against 38.9 plain)
-# and only variant 5 takes the flag.
+# On by default for the m = 1 kernels (variants 5 and 4) and for variant 0 at m = 9..16: a decode step of the
+# 7B-shaped model took 1.81 ms instead of 1.91 at W3 (bench/RESULTS.md, H100). LPQ_PDL=0 turns it off; LPQ_PDL=1 also
+# takes variants 4 and 5 at m = 2..8 (not measured there). Without the padding, variant 4 lost on 8192x28672 (W3
+# 41.6 us against 38.9 plain) and only variant 5 takes the flag.
 PDL_FLAG = 8
 
 
-def pdl_settings(env: str | None, balance_env: str | None = None) -> tuple[bool, tuple[int, ...], int]:
-    """(PDL on, the variants that take it by default, the largest m that does) for values of LPQ_PDL and
-    LPQ_PDL_BALANCE: LPQ_PDL unset (or any other value) -> on for variants 4 and 5 at m = 1 (variant 5 alone with
-    LPQ_PDL_BALANCE=0); "0" -> off; "1" -> on for variants 4 and 5 up to m = 8."""
+def pdl_settings(env: str | None, balance_env: str | None = None) -> tuple[bool, dict[int, tuple[int, int]]]:
+    """(PDL on, {variant: (smallest m, largest m) at which it takes PDL by default}) for values of LPQ_PDL and
+    LPQ_PDL_BALANCE: LPQ_PDL unset (or any other value) -> variants 4 and 5 at m = 1 and variant 0 at m = 9..16
+    (variant 5 alone with LPQ_PDL_BALANCE=0); "0" -> off; "1" -> variants 4 and 5 up to m = 8 as well."""
     if env == "0":
-        return False, (), 0
-    if env == "1":
-        return True, (4, 5), 8
-    return True, ((5,) if balance_env == "0" else (4, 5)), 1
+        return False, {}
+    if balance_env == "0" and env != "1":
+        return True, {5: (1, 1)}
+    m1 = (1, 8) if env == "1" else (1, 1)
+    return True, {4: m1, 5: m1, 0: (9, 16)}
 
 
-PDL, PDL_DEFAULT_VARIANTS, PDL_MAX_M = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL_BALANCE"))
+PDL, PDL_RULES = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL_BALANCE"))
 # what the extensions read from LPQ_PDL_BALANCE (csrc/async_copy.cuh): the padding of PDL launches, on unless "0"
 PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
-# or-ed in with PDL_FLAG: the grid lets the next kernel launch right after its own wait rather than after its main
-# loop (the early trigger). LPQ_PDL_EARLY=1 adds it wherever PDL_FLAG is added by default.
+# or-ed in with PDL_FLAG into variant 4 or 5: the grid lets the next kernel launch right after its own wait rather
+# than after its main loop (the early trigger). LPQ_PDL_EARLY=1 adds it wherever PDL_FLAG is added to them by default.
 EARLY_FLAG = 16
 PDL_EARLY = os.environ.get("LPQ_PDL_EARLY") == "1"
 
 
 def with_default_pdl(variant: int, m: int) -> int:
     """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
-    dependent launch is on for it (m <= PDL_MAX_M, a variant of PDL_DEFAULT_VARIANTS)."""
-    if PDL and m <= PDL_MAX_M and variant in PDL_DEFAULT_VARIANTS:
-        return variant | PDL_FLAG | (EARLY_FLAG if PDL_EARLY else 0)
-    return variant
+    dependent launch is on for it (PDL_RULES), and EARLY_FLAG with it on variants 4 and 5 under LPQ_PDL_EARLY=1."""
+    lo_hi = PDL_RULES.get(variant)
+    if not PDL or lo_hi is None or not lo_hi[0] <= m <= lo_hi[1]:
+        return variant
+    return variant | PDL_FLAG | (EARLY_FLAG if PDL_EARLY and variant in (4, 5) else 0)
 
 
 def _valid_variant(v: int) -> bool:
-    return isinstance(v, int) and (v in GEMM_VARIANTS or (bool(v & PDL_FLAG) and (v & ~(PDL_FLAG | EARLY_FLAG)) in (4, 5)))
+    if not isinstance(v, int):
+        return False
+    if v in GEMM_VARIANTS or v == 0 | PDL_FLAG:
+        return True
+    return bool(v & PDL_FLAG) and (v & ~(PDL_FLAG | EARLY_FLAG)) in (4, 5)
 
 # Round 5 (bench/NOTES-kernels.md; H100 timings of every variant x warps in bench/RESULTS.md "round 5"):
 # variants 4 and 5 take two chunks per ring stage, which cuts the static main-loop instructions per 16x128
@@ -244,8 +250,8 @@ def default_variant(st: dict, m: int) -> int:
 def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int | None) -> tuple[int, int]:
     """(warps, variant) of the fused kernel for x2 [m, k]: the ones given, else the H100 rules; checks x2."""
     if variant is not None and not _valid_variant(variant):  # here: a failing check inside the op ends the process
-        raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS} (4 and 5 optionally "
-                         f"| {PDL_FLAG}), got {variant}")
+        raise ValueError(f"lpq uniform_gemm: variant must be one of {GEMM_VARIANTS} (0, 4 and 5 optionally "
+                         f"| {PDL_FLAG}; 4 and 5 with it optionally | {EARLY_FLAG}), got {variant}")
     k = st["k"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq uniform_gemm: x must be [m, {k}], got {list(x2.shape)}")

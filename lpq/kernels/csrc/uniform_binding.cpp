@@ -53,9 +53,10 @@ static GemmCall prepare_gemm(const at::Tensor& x_in, const at::Tensor& qw, const
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq uniform_gemm: warps must be in 1..8");
   const int64_t base = variant & ~(int64_t)(kVariantPDL | kVariantEarly);
   const bool pdl_flags_ok = (variant & kVariantEarly) == 0 || (variant & kVariantPDL) != 0;
-  TORCH_CHECK((variant >= 0 && variant <= 5) || ((base == 4 || base == 5) && (variant & kVariantPDL) && pdl_flags_ok),
-              "lpq uniform_gemm: variant must be in 0..5, or 4 or 5 | 8 (programmatic dependent launch), optionally | 16 "
-              "(the next kernel let in right after the wait)");
+  TORCH_CHECK((variant >= 0 && variant <= 5) || ((base == 4 || base == 5) && (variant & kVariantPDL) && pdl_flags_ok) ||
+                  variant == (0 | kVariantPDL),
+              "lpq uniform_gemm: variant must be in 0..5, or 0, 4 or 5 | 8 (programmatic dependent launch), 4 or 5 "
+              "optionally also | 16 (the next kernel let in right after the wait)");
   TORCH_CHECK(gs > 0, "lpq uniform_gemm: group size must be positive (in_features for per-channel)");
   const void* bptr = nullptr;
   if (bias.has_value() && bias->defined()) {

@@ -18,7 +18,7 @@ cudaError_t launch_gemm_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) 
 // v3 (cp.async ring) launch. The ring's shared memory per block is nwarps * STAGES * stage bytes;
 // warps are halved until it fits (and the reduction buffer always fits).
 template <int BITS, typename T, int S, int MT, int NT, int STAGES>
-cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream) {
+cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t stream, bool pdl = false) {
   using Geo = StageGeom<BITS, S, MT, NT>;
   const int xrows = a.M < MT * 8 ? a.M : MT * 8;
   const size_t stage_bytes = (size_t)Geo::words(xrows) * 4;
@@ -34,6 +34,8 @@ cudaError_t launch_gemm_cp_cfg(const GemmArgs& a, int nwarps, cudaStream_t strea
     if (e != cudaSuccess) return e;
   }
   dim3 grid(a.n_tiles / NT, (a.M + MT * 8 - 1) / (MT * 8));
+  // with PDL: the blocks request their first stage's weights, then wait for the previous kernel (uniform_gemm_cp_kernel)
+  if (pdl && device_has_pdl()) return launch_with_pdl(kern, grid, dim3(nwarps * 32), smem, stream, a, xrows);
   kern<<<grid, nwarps * 32, smem, stream>>>(a, xrows);
   return cudaGetLastError();
 }
@@ -109,7 +111,8 @@ template <int BITS> constexpr int ring_m8_deep() { return BITS == 2 ? 12 : (BITS
 // and scale work shared by 32 output rows instead of 16); 4: two n-tiles and two chunks per ring stage
 // at m <= 8 (uniform_gemm_kc_kernel); 5: one n-tile and two chunks per stage at m <= 8. Above m = 8,
 // variants 2-5 run variant 0.
-// variant | kVariantPDL (variants 4 and 5 only): launched with programmatic dependent launch on sm_90+.
+// variant | kVariantPDL (variants 4 and 5 at m <= 8, variant 0 at m = 9..16): launched with programmatic dependent
+// launch on sm_90+.
 template <int BITS, typename T, int S>
 cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant_flags, cudaStream_t stream) {
   const bool pdl = (variant_flags & kVariantPDL) != 0;
@@ -134,8 +137,9 @@ cudaError_t launch_gemm_s(const GemmArgs& a, int nwarps, int variant_flags, cuda
   }
   // 9 <= m <= 16 on 2- to 4-bit layers with >= 8192 outputs: a 2-stage ring (more blocks an SM; round 9,
   // bench/RESULTS.md); with fewer outputs (few blocks) 3 stages keep more chunks in flight
-  if (a.M <= 16 && a.M > 8 && a.N >= 8192 && BITS <= 4) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 2>(a, nwarps, stream);
-  if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream);
+  // (variant 0 | kVariantPDL: launched with programmatic dependent launch, up to m = 16)
+  if (a.M <= 16 && a.M > 8 && a.N >= 8192 && BITS <= 4) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 2>(a, nwarps, stream, pdl);
+  if (a.M <= 16) return launch_gemm_cp_cfg<BITS, T, S, 2, 2, 3>(a, nwarps, stream, pdl);
   return launch_gemm_cp_cfg<BITS, T, S, 4, 2, 2>(a, nwarps, stream);
 }
 

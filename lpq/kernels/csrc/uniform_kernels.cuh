@@ -684,7 +684,9 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
   const bool fastdiv = (unsigned long long)p.K * (unsigned long long)p.gs < (1ull << 32);
   int k_issue = warp * 128;
   int slot_w = 0;
-  auto issue = [&]() {
+  // a stage's copies in two parts: the weights (codes, scales, zeros: constant), then the activations and the step
+  // to the next stage
+  auto issue_weights = [&]() {
     uint32_t* st = ring + slot_w * stage_words;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -693,6 +695,18 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
         if ((8 * WPL) % 32 == 0 || lane + 32 * q < 8 * WPL)
           cp_async16_cg(st + nt * 32 * WPL + 4 * (lane + 32 * q), qsrc + nt * q_nt + 128 * q, 16);
     qsrc += q_step;
+    if (s_lane) {
+      const uint32_t kf = (uint32_t)(k_issue + s_f * S);
+      uint32_t grp = 0;
+      if (kf < (uint32_t)p.K) grp = fastdiv ? __umulhi(kf, gmagic) : kf / (uint32_t)p.gs;  // padding folds: skipped at use
+      const size_t si = ((size_t)grp * p.n_tiles + nt0 + s_nt) * 8;
+      uint32_t* dst = st + G::CW + xrows * kXS + s_off;
+      if (s_piece < 2) cp_async16_cg(dst, p.sc + si + s_piece * 4, 16);
+      else cp_async16_cg(dst, p.zp + si, 16);
+    }
+  };
+  auto issue_activations = [&]() {
+    uint32_t* st = ring + slot_w * stage_words;
     const int k0 = k_issue;
     uint32_t* xs = st + G::CW;
     {
@@ -710,17 +724,12 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
           cp_async16_ca(xs + r * kXS + xc / 2, src, in ? 16 : 0);
       }
     }
-    if (s_lane) {
-      const uint32_t kf = (uint32_t)(k0 + s_f * S);
-      uint32_t grp = 0;
-      if (kf < (uint32_t)p.K) grp = fastdiv ? __umulhi(kf, gmagic) : kf / (uint32_t)p.gs;  // padding folds: skipped at use
-      const size_t si = ((size_t)grp * p.n_tiles + nt0 + s_nt) * 8;
-      uint32_t* dst = xs + xrows * kXS + s_off;
-      if (s_piece < 2) cp_async16_cg(dst, p.sc + si + s_piece * 4, 16);
-      else cp_async16_cg(dst, p.zp + si, 16);
-    }
     k_issue += nwarps * 128;
     slot_w = slot_w + 1 == STAGES ? 0 : slot_w + 1;
+  };
+  auto issue = [&]() {
+    issue_weights();
+    issue_activations();
   };
 
   float acc[NT][MT][4];
@@ -731,8 +740,14 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
+  // Programmatic dependent launch (no-ops when launched without it), as in uniform_gemm_kc_kernel: only the first
+  // stage's weights are requested before griddepcontrol.wait; x and norm_x are read after it.
+  if (n_my > 0) issue_weights();
+  pdl_wait();
+  if (n_my > 0) issue_activations();
+  cp_async_commit();
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
+  for (int i = 1; i < STAGES - 1; ++i) {
     if (i < n_my) issue();
     cp_async_commit();
   }
@@ -842,6 +857,7 @@ __global__ void __launch_bounds__(256) uniform_gemm_cp_kernel(GemmArgs p, int xr
     });
     __syncwarp();  // every lane has read this buffer before it is refilled
   }
+  pdl_launch_dependents();  // every load is requested: the next kernel may be scheduled (late, as in the kc kernel)
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the reduction
 
