@@ -145,15 +145,16 @@ def _gemm_variant() -> int | None:
 
 GEMM_VARIANT = _gemm_variant()
 
-# or-ed into variant 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a plain launch
+# or-ed into variant 0, 4 or 5: the op launches the kernel with programmatic dependent launch (sm_90+; a plain launch
 # elsewhere): its blocks may be scheduled before the previous kernel in the stream ends; they request their first
 # stage of weights, then wait for it before they read anything it may write; each lets the next kernel in once its
-# own loads are requested (uniform_gemm_kc_kernel). Such a grid is placed while the previous kernel still holds SMs;
+# own loads are requested (uniform_gemm_kc_kernel, uniform_gemm_cp_kernel). Such a grid is placed while the previous kernel still holds SMs;
 # its dynamic shared memory is padded so that no SM takes more than ceil(blocks / SMs) of its blocks (csrc/
 # async_copy.cuh, launch_with_pdl; LPQ_PDL_BALANCE=0 turns the padding off): without it, the blocks filled the SMs
 # that freed up first, and a grid smaller than the GPU ran on part of it (4096x11008 W3 10.0 us against 8.6).
 # On by default for the m = 1 kernels (variants 5 and 4) and for variant 0 at m = 9..16: a decode step of the
-# 7B-shaped model took 1.81 ms instead of 1.91 at W3 (bench/RESULTS.md, H100). LPQ_PDL=0 turns it off; LPQ_PDL=1 also
+# 7B-shaped model took 1.81 ms instead of 1.91 at W3, and W4 at m = 16 4096x4096 6.0 us instead of 7.2 plain
+# (bench/RESULTS.md, H100). LPQ_PDL=0 turns it off; LPQ_PDL=1 also
 # takes variants 4 and 5 at m = 2..8 (not measured there). Without the padding, variant 4 lost on 8192x28672 (W3
 # 41.6 us against 38.9 plain) and only variant 5 takes the flag.
 PDL_FLAG = 8
