@@ -74,8 +74,9 @@ def _pdl_words() -> str:
     return ("the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default; "
             + ("each such grid padded in shared memory so that no SM holds more than ceil(blocks / SMs) of its blocks"
                if uniform_cuda.PDL_BALANCE else "without the placement padding (LPQ_PDL_BALANCE=0)")
-            + ("; each uniform kernel lets the next launch right after its own wait (LPQ_PDL_EARLY=1)"
-               if uniform_cuda.PDL_EARLY else ""))
+            + ("; the m = 1 uniform kernels of " + "/".join(f"W{b}" for b in sorted(uniform_cuda.PDL_EARLY_BITS))
+               + " layers let the next launch right after their own wait (the early trigger)"
+               if uniform_cuda.PDL_EARLY_BITS else ""))
 from results_io import device_name, versions, write_records, write_section  # noqa: E402
 
 SECTION = "End to end: decode, LLaMA-7B-shaped model (random weights)"

@@ -231,3 +231,42 @@ def test_script_block_fusion(capsys):
     assert all(r["check"].startswith("== generate") for r in recs)
     assert decode.main(common + ["--block-fusion", "on"]) == 2
     assert "--block-fusion on needs --epilogues" in capsys.readouterr().err
+
+
+decode_ab = load_bench_script("decode_ab")
+
+
+def test_ab_script_on_the_cpu(capsys):
+    """bench/decode_ab.py: both arms checked and timed in alternation, one record per format with a ratio per pair."""
+    rc = decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--formats", "fp16,w4g128", "--attn", "sdpa",
+                         "--setting", "LPQ_PDL_EARLY=4", "--repeats", "3", "--new-tokens", "4", "--prompt-len", "10",
+                         "--no-write"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["format"] for r in records] == ["fp16", "w4g128"]
+    for r in records:
+        assert r["check"] == "A == B, 8 steps" and r["pairs"] == 3
+        assert len(r["a_ms_repeats"]) == len(r["b_ms_repeats"]) == 3
+        assert r["b_over_a_min"] <= r["b_over_a"] <= r["b_over_a_max"]
+        assert r["setting"] == "LPQ_PDL_EARLY=4"
+    assert "| w4g128 |" in out and "B: LPQ_PDL_EARLY=4" in out
+
+
+def test_ab_setting_is_applied_and_restored():
+    """Inside launch_setting the uniform kernels' module settings are those of the variable; outside, as before."""
+    from lpq.kernels import uniform_cuda
+
+    before = (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY_BITS)
+    with decode_ab.launch_setting("LPQ_PDL_EARLY", "3,4"):
+        assert uniform_cuda.PDL_EARLY_BITS == {3, 4}
+    with decode_ab.launch_setting("LPQ_PDL", "0"):
+        assert uniform_cuda.PDL is False and uniform_cuda.PDL_RULES == {}
+    assert (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY_BITS) == before
+
+
+@pytest.mark.parametrize("setting", ["LPQ_FOO=1", "LPQ_PDL", "LPQ_PDL=2", "LPQ_PDL_EARLY=8", "LPQ_PDL_EARLY="])
+def test_ab_script_refuses_bad_settings(setting, capsys):
+    assert decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--setting", setting, "--no-write"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --setting") and "Traceback" not in err

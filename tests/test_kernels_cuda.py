@@ -277,7 +277,7 @@ def test_default_pdl_rule(monkeypatch):
     """LPQ_PDL: unset -> programmatic dependent launch for variants 4 and 5 at m = 1 and variant 0 at m = 9..16 with
     balanced placement, for variant 5 alone at m = 1 without it (LPQ_PDL_BALANCE=0: variant 4 lost at W3/W2 on
     8192x28672, bench/RESULTS.md round 11); "0" -> none; "1" -> variants 4 and 5 up to m = 8; never variants 1-3.
-    LPQ_PDL_EARLY=1 adds the early trigger to variants 4 and 5 only."""
+    The early trigger goes with it on variants 4 and 5 only, for the code widths LPQ_PDL_EARLY names."""
     assert uniform_cuda.pdl_settings(None) == (True, {4: (1, 1), 5: (1, 1), 0: (9, 16)})
     assert uniform_cuda.pdl_settings("", "1") == uniform_cuda.pdl_settings(None)
     assert uniform_cuda.pdl_settings(None, "0") == (True, {5: (1, 1)})
@@ -293,16 +293,31 @@ def test_default_pdl_rule(monkeypatch):
         on, rules = uniform_cuda.pdl_settings(*envs)
         monkeypatch.setattr(uniform_cuda, "PDL", on)
         monkeypatch.setattr(uniform_cuda, "PDL_RULES", rules)
-        for early_on in (False, True):
-            monkeypatch.setattr(uniform_cuda, "PDL_EARLY", early_on)
-            for variant in uniform_cuda.GEMM_VARIANTS:
-                for m in (1, 8, 9, 16, 17):
-                    got = uniform_cuda.with_default_pdl(variant, m)
-                    expect = want.get((variant, m), variant)
-                    if early_on and expect & flag and variant in (4, 5):
-                        expect |= early
-                    assert got == expect, (envs, early_on, variant, m)
-                    assert uniform_cuda._valid_variant(got)
+        for early_env in ("0", "1", "4", "3,4"):
+            widths = uniform_cuda.early_bits(early_env)
+            monkeypatch.setattr(uniform_cuda, "PDL_EARLY_BITS", widths)
+            for bits in (2, 3, 4, 8):
+                for variant in uniform_cuda.GEMM_VARIANTS:
+                    for m in (1, 8, 9, 16, 17):
+                        got = uniform_cuda.with_default_pdl(variant, m, bits)
+                        expect = want.get((variant, m), variant)
+                        if bits in widths and expect & flag and variant in (4, 5):
+                            expect |= early
+                        assert got == expect, (envs, early_env, bits, variant, m)
+                        assert uniform_cuda._valid_variant(got)
+
+
+def test_early_trigger_setting(caplog):
+    """LPQ_PDL_EARLY: unset -> the default widths; 0 -> none; 1 -> every width of variants 4 and 5; a list -> those;
+    anything else is logged and read as unset."""
+    assert uniform_cuda.early_bits(None) == uniform_cuda.early_bits("") == uniform_cuda.DEFAULT_EARLY_BITS
+    assert uniform_cuda.early_bits("0") == frozenset()
+    assert uniform_cuda.early_bits("1") == {2, 3, 4}
+    assert uniform_cuda.early_bits("4") == {4} and uniform_cuda.early_bits(" 3,4") == {3, 4}
+    with caplog.at_level("WARNING", logger="lpq.kernels"):
+        assert uniform_cuda.early_bits("8") == uniform_cuda.DEFAULT_EARLY_BITS
+        assert uniform_cuda.early_bits("yes") == uniform_cuda.DEFAULT_EARLY_BITS
+    assert sum("LPQ_PDL_EARLY" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_default_variant_rule():

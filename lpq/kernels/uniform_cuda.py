@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.packing import unpack_cols, unpack_rows
-from . import Kernel, cuda_input_problem, register_kernel
+from . import Kernel, cuda_input_problem, log, register_kernel
 from . import cuda_build
 from .w3_layout import W3_LAYOUT, pack_w3_fields
 
@@ -176,18 +176,44 @@ PDL, PDL_RULES = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL
 # what the extensions read from LPQ_PDL_BALANCE (csrc/async_copy.cuh): the padding of PDL launches, on unless "0"
 PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
 # or-ed in with PDL_FLAG into variant 4 or 5: the grid lets the next kernel launch right after its own wait rather
-# than after its main loop (the early trigger). LPQ_PDL_EARLY=1 adds it wherever PDL_FLAG is added to them by default.
+# than after its main loop (the early trigger), for layers whose code width is in PDL_EARLY_BITS (LPQ_PDL_EARLY).
 EARLY_FLAG = 16
-PDL_EARLY = os.environ.get("LPQ_PDL_EARLY") == "1"
+EARLY_WIDTHS = frozenset((2, 3, 4))  # the widths variants 4 and 5 serve
+DEFAULT_EARLY_BITS: frozenset[int] = frozenset()
 
 
-def with_default_pdl(variant: int, m: int) -> int:
+def early_bits(env: str | None) -> frozenset[int]:
+    """Code widths whose m = 1 kernels take the early trigger, from LPQ_PDL_EARLY: unset or empty -> the default
+    (DEFAULT_EARLY_BITS); "0" -> none; "1" -> all (2, 3, 4); a comma list such as "4" or "3,4" -> those widths.
+    Anything else is logged and read as unset, as the other LPQ_ launch settings are."""
+    if env is None or env.strip() == "":
+        return DEFAULT_EARLY_BITS
+    if env.strip() == "0":
+        return frozenset()
+    if env.strip() == "1":
+        return EARLY_WIDTHS
+    try:
+        widths = frozenset(int(v) for v in env.split(","))
+    except ValueError:
+        widths = frozenset((-1,))
+    if not widths <= EARLY_WIDTHS:
+        log.warning("LPQ_PDL_EARLY=%r is not 0, 1 or a list of code widths among 2, 3, 4 (such as 4 or 3,4): "
+                    "using the default", env)
+        return DEFAULT_EARLY_BITS
+    return widths
+
+
+PDL_EARLY_BITS = early_bits(os.environ.get("LPQ_PDL_EARLY"))
+
+
+def with_default_pdl(variant: int, m: int, bits: int | None = None) -> int:
     """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
-    dependent launch is on for it (PDL_RULES), and EARLY_FLAG with it on variants 4 and 5 under LPQ_PDL_EARLY=1."""
+    dependent launch is on for it (PDL_RULES), and EARLY_FLAG with it on variants 4 and 5 of a layer whose code
+    width ``bits`` is in PDL_EARLY_BITS."""
     lo_hi = PDL_RULES.get(variant)
     if not PDL or lo_hi is None or not lo_hi[0] <= m <= lo_hi[1]:
         return variant
-    return variant | PDL_FLAG | (EARLY_FLAG if PDL_EARLY and variant in (4, 5) else 0)
+    return variant | PDL_FLAG | (EARLY_FLAG if bits in PDL_EARLY_BITS and variant in (4, 5) else 0)
 
 
 def _valid_variant(v: int) -> bool:
@@ -262,7 +288,7 @@ def _launch_choice(st: dict, x2: torch.Tensor, warps: int | None, variant: int |
         raise ValueError(f"lpq uniform_gemm: x is on {x2.device}, the weights on {st['qw'].device}")
     if variant is None:
         variant = GEMM_VARIANT if GEMM_VARIANT is not None else default_variant(st, x2.shape[0])
-        variant = with_default_pdl(variant, x2.shape[0])
+        variant = with_default_pdl(variant, x2.shape[0], st["bits"])
     if warps is None:
         warps = default_warps(st, x2.shape[0], variant & ~(PDL_FLAG | EARLY_FLAG))
     return warps, variant
