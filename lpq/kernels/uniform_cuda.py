@@ -177,9 +177,12 @@ PDL, PDL_RULES = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL
 PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
 # or-ed in with PDL_FLAG into variant 4 or 5: the grid lets the next kernel launch right after its own wait rather
 # than after its main loop (the early trigger), for layers whose code width is in PDL_EARLY_BITS (LPQ_PDL_EARLY).
+# 4-bit only by default: in a paired A/B of the 7B-shaped decode step on the H100 (bench/decode_ab.py, 10 alternating
+# pairs each) it took W4 0.991x the time (every pair 0.990-0.992) and W3 1.024x (1.022-1.024), the fp16 control
+# 1.001x; in the kernel benchmark it took W4 11008x4096 from 11.5 to 10.6 us and 8192x8192 from 15.8 to 14.8.
 EARLY_FLAG = 16
 EARLY_WIDTHS = frozenset((2, 3, 4))  # the widths variants 4 and 5 serve
-DEFAULT_EARLY_BITS: frozenset[int] = frozenset()
+DEFAULT_EARLY_BITS: frozenset[int] = frozenset((4,))
 
 
 def early_bits(env: str | None) -> frozenset[int]:
