@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import copies_for, timed  # noqa: E402
-from results_io import device_name, versions, write_records, write_section  # noqa: E402
+from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.kernels import attention_cuda  # noqa: E402
 
@@ -113,11 +113,7 @@ def main(argv=None) -> int:
                      f"{r['lpq_us']:.1f} | {r['lpq_gbs']:.0f} | {r['sdpa_us']:.1f} | {fmt(r['sdpa_cudnn_us'])} | "
                      f"{fmt(r['sdpa_efficient_us'])} | {fmt(r['sdpa_math_us'])} | {r['speedup_vs_sdpa']:.2f} | "
                      f"{r['max_abs_err']:.1e} |")
-    body = "\n".join(lines)
-    if not args.no_write:
-        write_records("attention-h100", records)
-        write_section(SECTION, body)
-    print(body)
+    publish(SECTION, "attention-h100", records, "\n".join(lines), write=not args.no_write)
     return 0
 
 

@@ -29,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FORMATS, copies_for, random_packed, st_bytes, timed  # noqa: E402
-from results_io import device_name, versions, write_records, write_section  # noqa: E402
+from kernels import FORMATS, checked_rel_err, epilogue_bench_setup, timed, weight_copies  # noqa: E402
+from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.epilogue import swiglu_interleaved  # noqa: E402
 from lpq.formats.uniform import UNIFORM  # noqa: E402
-from lpq.kernels import cuda_build, uniform_cuda  # noqa: E402
+from lpq.kernels import uniform_cuda  # noqa: E402
 
 SECTION = "Block epilogues in the uniform kernel (decode shapes)"
 # name: (N, K, epilogue) with epilogue "norm_sq", "norm_sq+swiglu" or "residual"
@@ -67,10 +67,7 @@ def check(st, qw, n: int, k: int, epilogue: str) -> float:
         got = uniform_cuda.gemm(st, x, None, norm_sq=sq, norm_eps=EPS, swiglu=swiglu)
         ref = (x.float() * torch.rsqrt(sq.sum(-1, keepdim=True) / k + EPS)) @ wt.t()
         ref = swiglu_interleaved(ref) if swiglu else ref
-    err = ((got.float() - ref).norm() / ref.norm()).item()
-    if not err < 2e-3:
-        raise SystemExit(f"block epilogue check failed: {qw.spec.label()} {n}x{k} {epilogue}: rel err {err:.2e}")
-    return err
+    return checked_rel_err(got, ref, f"block epilogue: {qw.spec.label()} {n}x{k} {epilogue}")
 
 
 def main(argv=None) -> int:
@@ -78,22 +75,15 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="w4g128,w3g128")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or not cuda_build.load():
-        print(f"error: needs a CUDA GPU and lpq's kernels ({cuda_build.failure_reason() or 'no CUDA device'})",
-              file=sys.stderr)
+    fmts = epilogue_bench_setup(args)
+    if fmts == 2:
         return 2
     records = []
-    for fmt in args.formats.split(","):
-        if fmt not in FORMATS:
-            print(f"error: --formats: {fmt!r} is not one of {', '.join(FORMATS)}", file=sys.stderr)
-            return 2
+    for fmt in fmts:
         bits, gs = FORMATS[fmt]
         for proj, (n, k, epilogue) in PROJECTIONS.items():
-            qw = random_packed(n, k, bits, gs)
-            st0 = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
-            copies = copies_for(st_bytes(st0))
-            sts = [st0] + [uniform_cuda.repack(random_packed(n, k, bits, gs).tensors, qw.spec, k, n)
-                           for _ in range(copies - 1)]
+            qw, sts = weight_copies(n, k, bits, gs)
+            st0, copies = sts[0], len(sts)
             err = check(st0, qw, n, k, epilogue)
             x, h, sq, res, w = inputs(n, k)
             swiglu = epilogue.endswith("swiglu")
@@ -127,11 +117,7 @@ def main(argv=None) -> int:
                          f"{r['block_us']:.2f} | {r['block_us'] - r['plain_us']:+.2f} | {r['rel_err']:.1e} |")
         plain, block = sum(r["plain_us"] for r in rows), sum(r["block_us"] for r in rows)
         lines.append(f"| {fmt} | a block's four | | {plain:.2f} | {block:.2f} | {block - plain:+.2f} | |")
-    body = "\n".join(lines)
-    if not args.no_write:
-        write_records("block-epilogue-h100", records)
-        write_section(SECTION, body)
-    print(body)
+    publish(SECTION, "block-epilogue-h100", records, "\n".join(lines), write=not args.no_write)
     return 0
 
 

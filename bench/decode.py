@@ -722,6 +722,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION, help="RESULTS.md section (without '## ')")
     ap.add_argument("--records", default="decode-h100", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
+    return run_script(ap, argv, run)
+
+
+def run_script(ap: argparse.ArgumentParser, argv: list[str] | None, run) -> int:
+    """Parse argv, settle the fusion options (fusion_settled) and call run(args, argv): a decode bench script's main.
+    A refused input (LpqError) prints one line and returns 2."""
     args = ap.parse_args(argv)
     try:
         return run(fusion_settled(args), argv)

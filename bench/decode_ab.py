@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import decode  # noqa: E402
 from lpq.errors import LpqError  # noqa: E402
-from results_io import device_name, versions, write_records, write_section  # noqa: E402
+from results_io import device_name, publish, versions  # noqa: E402
 
 SETTINGS = ("LPQ_PDL_EARLY", "LPQ_PDL")
 
@@ -182,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=None, help="RESULTS.md section (default: 'End to end: decode A/B, SETTING')")
     ap.add_argument("--records", default="decode-ab", help="bench/results/<name>.json")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        return run(decode.fusion_settled(args), argv)
-    except LpqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return decode.run_script(ap, argv, run)
 
 
 def run(args, argv) -> int:
@@ -240,11 +235,8 @@ def run(args, argv) -> int:
         print(json.dumps(rec), flush=True)
         del model
         decode.free_device(device, args.mode)
-    body = section_body(records, args, setting, gpu, date, command, cfg)
-    if not args.no_write:
-        write_records(args.records, records)
-        write_section(args.section or f"End to end: decode A/B, {setting[0]}={setting[1]}", body)
-    print(body)
+    publish(args.section or f"End to end: decode A/B, {setting[0]}={setting[1]}", args.records, records,
+            section_body(records, args, setting, gpu, date, command, cfg), write=not args.no_write)
     failed = [r["format"] for r in records if r["check"].startswith("FAILED")]
     if failed:
         print(f"error: the check failed for {', '.join(failed)}; no timing for them", file=sys.stderr)

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FORMATS, copies_for, random_packed, st_bytes, timed  # noqa: E402
-from results_io import device_name, versions, write_records, write_section  # noqa: E402
+from kernels import FORMATS, checked_rel_err, epilogue_bench_setup, st_bytes, timed, weight_copies  # noqa: E402
+from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.epilogue import rms_scale, swiglu_interleaved  # noqa: E402
 from lpq.formats.uniform import UNIFORM  # noqa: E402
-from lpq.kernels import cuda_build, uniform_cuda  # noqa: E402
+from lpq.kernels import uniform_cuda  # noqa: E402
 
 SECTION = "Fused epilogues in the uniform kernel (decode shapes)"
 PROJECTIONS = {"qkv": (12288, 4096, False), "gate_up": (22016, 4096, True)}  # N, K, swiglu
@@ -72,10 +72,7 @@ def check(st, qw, n, k, m, swiglu: bool) -> float:
     ref = (w.float() * h.float() * rms_scale(h, EPS)) @ wt.t()
     ref = swiglu_interleaved(ref) if swiglu else ref
     y = uniform_cuda.gemm(st, (w * h).half(), None, norm_x=h, norm_eps=EPS, swiglu=swiglu)
-    err = ((y.float() - ref).norm() / ref.norm()).item()
-    if not err < 2e-3:
-        raise SystemExit(f"epilogue check failed: {qw.spec.label()} {n}x{k} m={m}: rel err {err:.2e}")
-    return err
+    return checked_rel_err(y, ref, f"epilogue: {qw.spec.label()} {n}x{k} m={m}")
 
 
 def main(argv=None) -> int:
@@ -84,19 +81,15 @@ def main(argv=None) -> int:
     ap.add_argument("--m", default="1")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or not cuda_build.load():
-        print(f"error: needs a CUDA GPU and lpq's kernels ({cuda_build.failure_reason() or 'no CUDA device'})",
-              file=sys.stderr)
+    fmts = epilogue_bench_setup(args)
+    if fmts == 2:
         return 2
     records = []
-    for fmt in args.formats.split(","):
+    for fmt in fmts:
         bits, gs = FORMATS[fmt]
         for proj, (n, k, swiglu) in PROJECTIONS.items():
-            qw = random_packed(n, k, bits, gs)
-            st0 = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
-            copies = copies_for(st_bytes(st0))
-            sts = [st0] + [uniform_cuda.repack(random_packed(n, k, bits, gs).tensors, qw.spec, k, n)
-                           for _ in range(copies - 1)]
+            qw, sts = weight_copies(n, k, bits, gs)
+            st0, copies = sts[0], len(sts)
             for m in [int(v) for v in args.m.split(",")]:
                 err = check(st0, qw, n, k, m, swiglu)
                 r = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -136,11 +129,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['format']} | {r['projection']} {r['n']}x{r['k']} | {r['m']} | {r['kernel_us']:.1f} | "
                      f"{r['kernel_norm_us']:.1f} | {sw} | {r['kernel_epi_us']:.1f} | {r['unfused_us']:.1f} | {r['fused_us']:.1f} | "
                      f"{r['unfused_us'] - r['fused_us']:.1f} | {r['rel_err']:.1e} |")
-    body = "\n".join(lines)
-    if not args.no_write:
-        write_records("epilogue-h100", records)
-        write_section(SECTION, body)
-    print(body)
+    publish(SECTION, "epilogue-h100", records, "\n".join(lines), write=not args.no_write)
     return 0
 
 

@@ -101,6 +101,46 @@ def st_bytes(st: dict) -> int:
     return st["qw"].numel() * 4 + st["sc"].numel() * 4 + st["zp"].numel() * 2
 
 
+def weight_copies(n: int, k: int, bits: int, gs: int):
+    """A random packed layer [n, k] and the uniform kernel's states of it and of further random layers of the same
+    shape, enough of them to rotate through >= ROTATE_BYTES (so that L2 never holds the weights a timed call reads):
+    (qw, [state of qw, state, ...])."""
+    qw = random_packed(n, k, bits, gs)
+    st0 = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
+    return qw, [st0] + [uniform_cuda.repack(random_packed(n, k, bits, gs).tensors, qw.spec, k, n)
+                        for _ in range(copies_for(st_bytes(st0)) - 1)]
+
+
+def epilogue_bench_setup(args) -> list[str] | int:
+    """The start of an epilogue bench's main (bench/epilogue.py, bench/block_epilogue.py): its --formats as a list
+    of FORMATS names, or 2 after one line on stderr where the kernels cannot run here or a format is unknown."""
+    missing = kernels_missing()
+    if missing:
+        print(f"error: needs a CUDA GPU and lpq's kernels ({missing})", file=sys.stderr)
+        return 2
+    fmts = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in fmts if f not in FORMATS]
+    if unknown or not fmts:
+        print(f"error: --formats: {', '.join(unknown) or 'nothing'} is not one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    return fmts
+
+
+def checked_rel_err(got: torch.Tensor, ref: torch.Tensor, what: str, tol: float = 2e-3) -> float:
+    """||got - ref|| / ||ref||; stops the bench with ``what`` where it is not below ``tol``."""
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    if not err < tol:
+        raise SystemExit(f"{what} check failed: rel err {err:.2e}")
+    return err
+
+
+def kernels_missing() -> str | None:
+    """Why lpq's uniform kernels cannot run here (no CUDA device, or their build failed), else None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None if cuda_build.load() else (cuda_build.failure_reason() or "the kernels did not build")
+
+
 def check(st, qw, n, k, m, dtype=torch.float16, warps: int | None = None, variant: int | None = None) -> float:
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = UNIFORM.dequantize(qw.tensors, qw.spec, k, n)

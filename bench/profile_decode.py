@@ -177,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION)
     ap.add_argument("--records", default="decode-profile-h100")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        return run(decode.fusion_settled(args), argv)
-    except LpqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return decode.run_script(ap, argv, run)
 
 
 def run(args, argv) -> int:

@@ -44,3 +44,13 @@ def write_records(name: str, records: list[dict]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1) + "\n")
     return out
+
+
+def publish(section: str, records_name: str, records: list[dict], body: str, write: bool = True) -> None:
+    """Print a bench's section body; unless ``write`` is false, also write its records (bench/results/<records_name>
+    .json) and its section of RESULTS.md."""
+    if write:
+        write_records(records_name, records)
+        write_section(section, body)
+    print(body)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import string
 import sys
@@ -271,3 +272,17 @@ def assert_pdl_chain_matches_plain(layers, m: int, k: int, gen, pdl_call, plain_
         torch.cuda.synchronize()
         assert torch.isfinite(want).all()
         assert torch.equal(out, want)
+
+
+@contextlib.contextmanager
+def counted_calls(owner, name: str):
+    """Inside the block each call of ``owner.name`` goes through as before and is counted: yields the list that
+    grows by one per call; the attribute is restored on the way out."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+    setattr(owner, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, real)
+

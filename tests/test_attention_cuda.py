@@ -16,8 +16,8 @@ import torch
 import lpq
 from lpq.kernels import attention_cuda
 
-from conftest import (assert_step_compiles_whole_and_replays, decode_bench, decode_inputs, forced_step_logits,
-                      tiny_cuda_llama)
+from conftest import (assert_step_compiles_whole_and_replays, counted_calls, decode_bench, decode_inputs,
+                      forced_step_logits, tiny_cuda_llama)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -155,13 +155,8 @@ def test_model_decode_matches_sdpa_eager_compiled_and_graphed(kv_heads):
     with torch.no_grad():
         want = forced_logits(decode.Decoder(model, prompt, 10, "eager"))
         assert "lpq decode kernel" in lpq.attention.enable(model)
-        calls = []
-        real = attention_cuda.decode_attention
-        attention_cuda.decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        try:
+        with counted_calls(attention_cuda, "decode_attention") as calls:
             got = forced_logits(decode.Decoder(model, prompt, 10, "eager"))
-        finally:
-            attention_cuda.decode_attention = real
         # every decode step of both blocks went to the kernel; a grouped-query model stays on SDPA
         assert len(calls) == (8 * 2 if kv_heads == 4 else 0)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -18,8 +18,8 @@ from lpq.kernels import cuda_build, uniform_cuda
 from lpq.nn import QuantizedLinear
 from lpq.spec import QuantSpec
 
-from conftest import (assert_step_compiles_whole_and_replays, compile_recording_graphs, decode_bench, decode_inputs,
-                      forced_step_logits, make_model, tiny_cuda_llama)
+from conftest import (assert_step_compiles_whole_and_replays, compile_recording_graphs, counted_calls, decode_bench,
+                      decode_inputs, forced_step_logits, make_model, tiny_cuda_llama)
 from test_kernels_cuda import PDL_VARIANTS, TOL, poison_cache, random_qweight, rel_err
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none); run on the device")
@@ -34,6 +34,22 @@ def reference(x, h, w_ref, bias, norm: bool, swiglu: bool):
     return swiglu_interleaved(y) if swiglu else y
 
 
+def epilogue_layers(bits: int, group_sizes, gen: torch.Generator):
+    """Random packed layers on the GPU for the epilogue tests: n = 208 (13 n-tiles: the two-tile kernels' last tile is
+    padding) with each group size in fp16 and bf16, then a long K with a partial chunk. Yields (n, k, dtype, qw, the
+    kernel state, the fp32 dequantized weight, c): c scales the inputs (8-bit codes span 16x the 4-bit range; smaller
+    inputs keep gate * up inside fp16, where the fp32 reference would not overflow but the kernel's output would)."""
+    assert cuda_build.load(), cuda_build.failure_reason()
+    shapes = [((208, 320), gs, dt) for gs in group_sizes for dt in (torch.float16, torch.bfloat16)]
+    shapes.append(((48, 4104), 128, torch.float16))
+    step = {2: 16, 3: 32, 4: 8, 8: 8}[bits]  # K a multiple of the codes' packing
+    for (n, k), gs, dtype in shapes:
+        k = -(-k // step) * step
+        qw = random_qweight(n, k, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
+        st = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
+        yield n, k, dtype, qw, st, UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float(), 1 / 16 if bits == 8 else 1.0
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", uniform_cuda.GEMM_VARIANTS + PDL_VARIANTS)
@@ -42,18 +58,8 @@ def test_epilogues_of_every_variant_match_reference(bits, variant):
     """Each variant with 4 and 8 warps, every group size, fp16/bf16, with and without bias; m from 1 to 33 (one
     token tile, several, a partial one); n = 208 (13 n-tiles: the two-tile kernels' last tile is padding) and a
     long K with a partial chunk. Hidden states with a wide range of magnitudes; outputs poisoned before each call."""
-    assert cuda_build.load(), cuda_build.failure_reason()
     gen = torch.Generator().manual_seed(1000 + bits * 16 + variant)
-    shapes = [((208, 320), gs, dt) for gs in (32, 64, 128, -1) for dt in (torch.float16, torch.bfloat16)]
-    shapes.append(((48, 4104), 128, torch.float16))
-    for (n, k), gs, dtype in shapes:
-        k = -(-k // {2: 16, 3: 32, 4: 8, 8: 8}[bits]) * {2: 16, 3: 32, 4: 8, 8: 8}[bits]
-        qw = random_qweight(n, k, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
-        st = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
-        w_ref = UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float()
-        # 8-bit codes span 16x the 4-bit range: smaller inputs keep gate * up inside fp16 (the fp32 reference
-        # does not overflow where the kernel's fp16 output would)
-        c = 1 / 16 if bits == 8 else 1.0
+    for n, k, dtype, qw, st, w_ref, c in epilogue_layers(bits, (32, 64, 128, -1), gen):
         for m in (1, 3, 8, 9, 17, 33):
             h = (torch.randn((m, k), generator=gen) * torch.logspace(-1, 1, k) * c).to(dtype).cuda()
             wn = ((torch.rand(k, generator=gen) + 0.5) * c).to(dtype).cuda()
@@ -92,16 +98,8 @@ def test_residual_epilogue_of_every_variant_matches_reference(bits, variant):
     """gemm_residual: h = y + residual, next_w * h exactly as torch forms it from h, and each 16-output tile's sum of
     h^2 (padding tiles 0), deterministic; every variant with 4 and 8 warps, fp16/bf16, m from 1 to 33, n = 208 (the
     last tile is padding for the two-tile kernels) and a long K; outputs poisoned before each call."""
-    assert cuda_build.load(), cuda_build.failure_reason()
     gen = torch.Generator().manual_seed(2000 + bits * 16 + variant)
-    shapes = [((208, 320), gs, dt) for gs in (32, 128, -1) for dt in (torch.float16, torch.bfloat16)]
-    shapes.append(((48, 4104), 128, torch.float16))
-    for (n, k), gs, dtype in shapes:
-        k = -(-k // {2: 16, 3: 32, 4: 8, 8: 8}[bits]) * {2: 16, 3: 32, 4: 8, 8: 8}[bits]
-        qw = random_qweight(n, k, QuantSpec(bits=bits, group_size=gs), device="cuda", gen=gen)
-        st = uniform_cuda.repack(qw.tensors, qw.spec, k, n)
-        w_ref = UNIFORM.dequantize(qw.tensors, qw.spec, k, n).float()
-        c = 1 / 16 if bits == 8 else 1.0
+    for n, k, dtype, qw, st, w_ref, c in epilogue_layers(bits, (32, 128, -1), gen):
         n_tiles = st["sc"].shape[1]
         for m in (1, 3, 8, 9, 17, 33):
             x = (torch.randn((m, k), generator=gen) * c).to(dtype).cuda()
@@ -215,13 +213,8 @@ def test_model_with_fused_blocks_matches_unfused_eager_compiled_and_graphed(bits
         fused = copy.deepcopy(model)
         lpq.attention.enable(fused)
         assert len(fuse_for_decode(fused, blocks=True)["blocks"]) == 2
-        calls = []
-        real = lpq.fuse.linear_residual
-        lpq.fuse.linear_residual = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        try:
+        with counted_calls(lpq.fuse, "linear_residual") as calls:
             got = forced_step_logits(decode.Decoder(fused, prompt, 10, "eager"), forced)
-        finally:
-            lpq.fuse.linear_residual = real
         assert len(calls) == 8 * 3
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
         if bits is not None:

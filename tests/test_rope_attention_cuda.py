@@ -17,8 +17,8 @@ import lpq
 from lpq.fuse import DecodeAttention, fuse_for_decode
 from lpq.kernels import attention_cuda
 
-from conftest import (assert_step_compiles_whole_and_replays, decode_bench, decode_inputs, forced_step_logits,
-                      tiny_cuda_llama)
+from conftest import (assert_step_compiles_whole_and_replays, counted_calls, decode_bench, decode_inputs,
+                      forced_step_logits, tiny_cuda_llama)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -172,13 +172,8 @@ def test_model_decode_fused_matches_unfused_eager_compiled_and_graphed():
         fused = copy.deepcopy(model)
         assert "lpq decode kernel" in lpq.attention.enable(fused)
         assert len(fuse_for_decode(fused)["attention"]) == 2
-        calls = []
-        real = attention_cuda.rope_cache_attention
-        attention_cuda.rope_cache_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-        try:
+        with counted_calls(attention_cuda, "rope_cache_attention") as calls:
             got = forced_logits(decode.Decoder(fused, prompt, 10, "eager"))
-        finally:
-            attention_cuda.rope_cache_attention = real
         assert len(calls) == 8 * 2
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         assert_step_compiles_whole_and_replays(decode, fused, prompt)
