@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FORMATS, checked_rel_err, epilogue_bench_setup, timed, weight_copies  # noqa: E402
+from kernels import FORMATS, checked_rel_err, uniform_bench_setup, timed, weight_copies  # noqa: E402
 from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.epilogue import swiglu_interleaved  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="w4g128,w3g128")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    fmts = epilogue_bench_setup(args)
+    fmts = uniform_bench_setup(args)
     if fmts == 2:
         return 2
     records = []

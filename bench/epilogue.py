@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FORMATS, checked_rel_err, epilogue_bench_setup, st_bytes, timed, weight_copies  # noqa: E402
+from kernels import FORMATS, checked_rel_err, uniform_bench_setup, st_bytes, timed, weight_copies  # noqa: E402
 from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.epilogue import rms_scale, swiglu_interleaved  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", default="1")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    fmts = epilogue_bench_setup(args)
+    fmts = uniform_bench_setup(args)
     if fmts == 2:
         return 2
     records = []

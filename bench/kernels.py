@@ -111,9 +111,10 @@ def weight_copies(n: int, k: int, bits: int, gs: int):
                         for _ in range(copies_for(st_bytes(st0)) - 1)]
 
 
-def epilogue_bench_setup(args) -> list[str] | int:
-    """The start of an epilogue bench's main (bench/epilogue.py, bench/block_epilogue.py): its --formats as a list
-    of FORMATS names, or 2 after one line on stderr where the kernels cannot run here or a format is unknown."""
+def uniform_bench_setup(args) -> list[str] | int:
+    """The start of a bench of the uniform kernels (bench/epilogue.py, block_epilogue.py, prefill_parts.py): its
+    --formats as a list of FORMATS names, or 2 after one line on stderr where the kernels cannot run here or a format
+    is unknown."""
     missing = kernels_missing()
     if missing:
         print(f"error: needs a CUDA GPU and lpq's kernels ({missing})", file=sys.stderr)

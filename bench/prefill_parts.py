@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import FORMATS, ROOFLINE_TBPS, copies_for, kernels_missing, st_bytes, timed, weight_copies  # noqa: E402
+from kernels import FORMATS, ROOFLINE_TBPS, copies_for, st_bytes, timed, uniform_bench_setup, weight_copies  # noqa: E402
 from results_io import device_name, publish, versions  # noqa: E402
 
 from lpq.kernels import uniform_cuda  # noqa: E402
@@ -43,13 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=2048)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    missing = kernels_missing()
-    if missing:
-        print(f"error: needs a CUDA GPU and lpq's kernels ({missing})", file=sys.stderr)
-        return 2
-    fmts = [f for f in args.formats.split(",") if f]
-    if not fmts or any(f not in FORMATS for f in fmts):
-        print(f"error: --formats: each of {args.formats!r} must be one of {', '.join(FORMATS)}", file=sys.stderr)
+    fmts = uniform_bench_setup(args)
+    if fmts == 2:
         return 2
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
