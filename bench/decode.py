@@ -8,7 +8,9 @@
 A LLaMA-7B-shaped model (32 blocks, hidden 4096, MLP 11008, 32 heads, vocabulary 32000) is built from
 its config with random weights (seeded), directly on the GPU. Each lpq format ``wXgY`` is RTN of those
 same weights (X bits, groups of Y, asymmetric, the ``lpq`` uniform format) over the decoder linears;
-embeddings, norms and lm_head stay fp16. Quantization runs on a CPU copy whose blocks stream through
+``sX`` / ``sXsp`` are squeezellm (X-bit per-row codebooks by unweighted k-means; sp: 0.45 % of the weights
+kept exactly) and ``p161`` ptq161 in closed form (no block-wise training): speed needs the formats' shapes
+and sparse counts, not their quality. Embeddings, norms and lm_head stay fp16. Quantization runs on a CPU copy whose blocks stream through
 the GPU (lpq.quantize), then the packed model moves to the GPU.
 
 Every format decodes the same way: a transformers ``StaticCache`` of prompt + new tokens, one prefill
@@ -74,9 +76,9 @@ def _pdl_words() -> str:
     return ("the batch-1 uniform kernel and the attention kernel launch with programmatic dependent launch, the default; "
             + ("each such grid padded in shared memory so that no SM holds more than ceil(blocks / SMs) of its blocks"
                if uniform_cuda.PDL_BALANCE else "without the placement padding (LPQ_PDL_BALANCE=0)")
-            + ("; the m = 1 uniform kernels of " + "/".join(f"W{b}" for b in sorted(uniform_cuda.PDL_EARLY_BITS))
-               + " layers let the next launch right after their own wait (the early trigger)"
-               if uniform_cuda.PDL_EARLY_BITS else ""))
+            + ("; the kernels of " + uniform_cuda.early_words() + " layers (W: uniform m = 1, S: squeezellm LUT m = 1, "
+               "P161: ptq161 ring) let the next launch right after their own wait (the early trigger)"
+               if uniform_cuda.PDL_EARLY else ""))
 from results_io import device_name, versions, write_records, write_section  # noqa: E402
 
 SECTION = "End to end: decode, LLaMA-7B-shaped model (random weights)"
@@ -98,28 +100,42 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
 
 @dataclass(frozen=True)
 class Format:
-    name: str  # "fp16" (the unquantized model, whatever --dtype is) or "wXgY"
+    name: str  # "fp16" (the unquantized model, whatever --dtype is), "wXgY", "sX", "sXsp" or "p161"
     bits: int | None = None
     group_size: int | None = None
+    method: str = "rtn"  # how the packed model is made: rtn, squeezellm or ptq161 (quantize_copy)
+    sparse: float = 0.0  # squeezellm: percent of the weights kept exactly (the outliers)
 
     @property
     def quantized(self) -> bool:
         return self.bits is not None
 
 
+# squeezellm and ptq161 models for decode speed: their layers need the formats' own shapes and sparse counts, not
+# their quality, so they are made without calibration gradients or block-wise training (quantize_copy).
+SQUEEZELLM_SPARSE = 0.45  # percent kept in fp16 for sXsp: issue 5's dense-and-sparse point
+SQUEEZELLM_ITERS = 8  # k-means iterations
+PTQ161_SALIENT = 0.2  # the method's default share of 4-bit input channels
+PTQ161_CALIB = (4, 128)  # random-token windows x tokens for the salient-channel statistics
+FORMAT_FORMS = "fp16, wXgY (RTN, X bits, groups of Y), sX or sXsp (squeezellm, X in 2-4; sp: 0.45 % sparse) or p161"
+
+
 def parse_formats(text: str) -> list[Format]:
-    """'fp16,w4g128,w3g128' -> Formats, the unquantized one first (the speed-ups are relative to it)."""
+    """'fp16,w4g128,s3sp,p161' -> Formats, the unquantized one first (the speed-ups are relative to it)."""
     out: list[Format] = []
     for name in (t.strip() for t in text.split(",")):
         if not name:
             continue
         if name == "fp16":
             fmt = Format("fp16")
+        elif name == "p161":
+            fmt = Format(name, 4, -1, "ptq161")
+        elif (sq := re.fullmatch(r"s([234])(sp)?", name)) is not None:
+            fmt = Format(name, int(sq.group(1)), -1, "squeezellm", SQUEEZELLM_SPARSE if sq.group(2) else 0.0)
         else:
             m = re.fullmatch(r"w(\d+)g(-?\d+)", name)
             if m is None:
-                raise LpqError(f"--formats: {name!r} is not a format: write fp16 or wXgY (X bits, groups of Y), "
-                               "e.g. w4g128")
+                raise LpqError(f"--formats: {name!r} is not a format: write {FORMAT_FORMS}, e.g. w4g128")
             fmt = Format(name, int(m.group(1)), int(m.group(2)))
         if fmt in out:
             raise LpqError(f"--formats: {name} is listed twice")
@@ -201,9 +217,34 @@ def build_model(cfg, device: str | torch.device, dtype: torch.dtype, seed: int =
     return model.eval()
 
 
+def check_fusion(formats: list[Format], args) -> None:
+    """Refuses --fuse / --epilogues for a format whose sibling linears cannot join: ptq161 layers each have their
+    own column scales, so q/k/v (and gate/up) stay separate linears."""
+    if args.fuse and any(f.method == "ptq161" for f in formats):
+        raise LpqError("--fuse / --epilogues: p161 layers cannot join (each linear has its own column scales); "
+                       "time p161 without them, in a run of its own")
+
+
+def format_words(formats: list[Format]) -> str:
+    """How the quantized ``formats`` of a run were made, for a section's text."""
+    words = []
+    if any(f.method == "rtn" for f in formats if f.quantized):
+        words.append("wXgY: RTN, X bits, groups of Y, asymmetric, lpq's uniform format")
+    if any(f.method == "squeezellm" for f in formats):
+        words.append(f"sX: squeezellm, per-row X-bit codebooks by unweighted k-means ({SQUEEZELLM_ITERS} iterations, no "
+                     f"Fisher, nearest-centroid codes), sXsp the same with {SQUEEZELLM_SPARSE} % of the weights, the "
+                     "outliers, kept exactly in CSR")
+    if any(f.method == "ptq161" for f in formats):
+        words.append(f"p161: ptq161 in closed form ({PTQ161_SALIENT:.0%} of the input channels by max |x| over "
+                     f"{PTQ161_CALIB[0]} random-token windows of {PTQ161_CALIB[1]} at 4 bits, the rest binarized; no "
+                     "block-wise training)")
+    return "; ".join(words)
+
+
 def quantize_copy(master, fmt: Format, device: str, head: bool = False):
-    """RTN of a copy of ``master`` (left untouched) in ``fmt``; returns (packed model, seconds). With ``head``
-    the lm_head too (RTN in the same format; lpq.quantize leaves it in full precision).
+    """A copy of ``master`` (left untouched) packed in ``fmt``; returns (packed model, seconds). RTN for wXgY;
+    squeezellm and ptq161 without calibration gradients or block training (format_words). With ``head`` the
+    lm_head too (RTN formats only, in the same format; lpq.quantize leaves it in full precision).
 
     lpq.quantize streams the blocks of a CPU model through ``device``; the packed model stays where
     ``master`` is (move it afterwards)."""
@@ -212,10 +253,24 @@ def quantize_copy(master, fmt: Format, device: str, head: bool = False):
     from lpq.nn import QuantizedLinear
     from lpq.spec import QuantSpec
 
+    if head and fmt.method != "rtn":
+        raise LpqError(f"--head quantized: only the RTN formats (wXgY) quantize the lm_head, not {fmt.name}")
     t0 = time.perf_counter()
     model = copy.deepcopy(master)
-    res = lpq.quantize(model, None, method="rtn", bits=fmt.bits, group_size=fmt.group_size, sym=False,
-                       device=device)
+    if fmt.method == "squeezellm":
+        res = lpq.quantize(model, None, method="squeezellm", bits=fmt.bits, group_size=-1, device=device,
+                           method_options={"fisher": False, "gptq": False, "outliers": fmt.sparse, "sensitive": 0,
+                                           "iters": SQUEEZELLM_ITERS})
+    elif fmt.method == "ptq161":
+        n, length = PTQ161_CALIB
+        tokens = torch.randint(0, master.config.vocab_size, (n, min(length, master.config.max_position_embeddings)),
+                               generator=torch.Generator().manual_seed(0))
+        res = lpq.quantize(model, None, method="ptq161", bits=4, group_size=-1, device=device, calib=tokens,
+                           method_options={"salient_ratio": PTQ161_SALIENT, "epochs": 0, "init": "closed",
+                                           "sequential": False, "fp_targets": 0, "act_stat": "max"})
+    else:
+        res = lpq.quantize(model, None, method="rtn", bits=fmt.bits, group_size=fmt.group_size, sym=False,
+                           device=device)
     model = res.model.eval()
     if head:
         lm = model.get_output_embeddings()
@@ -598,8 +653,8 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
     lines = [
         f"{gpu}; {versions()}; date {date}.",
         f"Command: `{command}`. Model: {model_label.split(' (')[0]} ({shape}) built from its config with random weights "
-        f"(seed {args.seed}), {args.dtype}; each lpq format is RTN of the same weights (wXgY = X bits, groups of Y, "
-        "asymmetric, lpq's uniform format) over the decoder linears, "
+        f"(seed {args.seed}), {args.dtype}; each lpq format packs the same weights over the decoder linears "
+        f"({format_words(parse_formats(','.join(r['format'] for r in records))) if records else '-'}), "
         + ("and the lm_head too (--head quantized, RTN in the same format), embeddings left as they are. "
            if args.head == "quantized" else "embeddings and lm_head left as they are. ")
         + f"Batch 1: a random prompt of {plen} tokens prefilled, then {steps} greedy decode steps through transformers "
@@ -635,7 +690,7 @@ def section_body(records: list[dict], args, gpu: str, date: str, command: str, c
         ms = "-" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}"
         tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
         x = "-" if r.get("speedup_vs_fp16") is None else f"{r['speedup_vs_fp16']:.2f}"
-        target = TARGETS.get(r["bits"])
+        target = TARGETS.get(r["bits"]) if r["format"].startswith("w") else None  # issue 4's targets: RTN formats
         if target is None or not cuda:  # a CPU smoke run says nothing about the GPU targets
             tgt = "-"
         elif r.get("speedup_vs_fp16") is None:
@@ -700,7 +755,7 @@ def fuse_as_asked(model, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", default=DEFAULT_FORMATS, help="fp16 and/or wXgY (RTN, X bits, groups of Y)")
+    ap.add_argument("--formats", default=DEFAULT_FORMATS, help="comma list of " + FORMAT_FORMS)
     ap.add_argument("--layers", type=int, default=None, help="decoder blocks (default 32; 2 with --tiny)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (32 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode steps timed; default 256 (32 with --tiny)")
@@ -738,6 +793,7 @@ def run_script(ap: argparse.ArgumentParser, argv: list[str] | None, run) -> int:
 
 def run(args, argv) -> int:
     formats = parse_formats(args.formats)
+    check_fusion(formats, args)
     parse_attention(args.attn)  # a bad --attn is refused before anything is built
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -12,8 +12,9 @@ timing --new-tokens steps after a fresh prefill. The table gives each arm's medi
 shows the noise that is left. Before timing, each arm's replayed step must give the greedy tokens of the same step
 called from Python, and A's tokens must equal B's (a launch setting must not change a result).
 
-Settings: LPQ_PDL_EARLY (the early trigger of the m = 1 uniform kernels, by code width: 0, 1, or widths such as 4
-or 3,4) and LPQ_PDL (programmatic dependent launch of the uniform and attention kernels: 0 or 1).
+Settings: LPQ_PDL_EARLY (the early trigger, by kernel key: 0, 1, or keys such as w4 or w4,s3,p161; w2-w4 the m = 1
+uniform kernels, s2-s4 the m = 1 squeezellm LUT kernels, p161 the ptq161 ring kernel) and LPQ_PDL (programmatic
+dependent launch of the uniform, LUT, ptq161 and attention kernels: 0 or 1).
 
 Writes the section "## End to end: decode A/B, SETTING=VALUE" of bench/RESULTS.md and bench/results/decode-ab.json
 (--section / --records name others; --no-write writes neither).
@@ -52,8 +53,13 @@ def parse_setting(text: str) -> tuple[str, str]:
         raise LpqError(f"--setting {text!r}: write NAME=VALUE with NAME one of {', '.join(SETTINGS)}")
     if name == "LPQ_PDL" and value not in ("0", "1"):
         raise LpqError(f"--setting {text}: LPQ_PDL takes 0 or 1")
-    if name == "LPQ_PDL_EARLY" and not (value in ("0", "1") or (value and set(value.split(",")) <= {"2", "3", "4"})):
-        raise LpqError(f"--setting {text}: LPQ_PDL_EARLY takes 0, 1 or code widths among 2, 3, 4 (such as 4 or 3,4)")
+    if name == "LPQ_PDL_EARLY":
+        from lpq.kernels import uniform_cuda as u
+
+        keys = {("w" + t if t.isdigit() else t) for t in (v.strip().lower() for v in value.split(","))}
+        if not (value in ("0", "1") or (value and keys <= u.EARLY_KEYS)):
+            raise LpqError(f"--setting {text}: LPQ_PDL_EARLY takes 0, 1 or kernel keys among "
+                           f"{', '.join(u.EARLY_ORDER)} (such as w4 or w4,s3,p161; a bare width N means wN)")
     return name, value
 
 
@@ -66,15 +72,15 @@ def launch_setting(name: str | None, value: str | None):
         return
     from lpq.kernels import uniform_cuda as u
 
-    saved = (u.PDL, u.PDL_RULES, u.PDL_EARLY_BITS)
+    saved = (u.PDL, u.PDL_RULES, u.PDL_EARLY)
     try:
         if name == "LPQ_PDL_EARLY":
-            u.PDL_EARLY_BITS = u.early_bits(value)
+            u.PDL_EARLY = u.early_kernels(value)
         else:
             u.PDL, u.PDL_RULES = u.pdl_settings(value, os.environ.get("LPQ_PDL_BALANCE"))
         yield
     finally:
-        u.PDL, u.PDL_RULES, u.PDL_EARLY_BITS = saved
+        u.PDL, u.PDL_RULES, u.PDL_EARLY = saved
 
 
 def arm_decoder(model, prompt, steps: int, mode: str, setting: tuple[str | None, str | None]):
@@ -141,7 +147,8 @@ def section_body(records, args, setting, gpu: str, date: str, command: str, cfg)
         f"{gpu}; {versions()}; date {date}.",
         f"Command: `{command}`. Model: {'tiny Llama' if args.tiny else 'LLaMA-7B-shaped'} ({cfg.num_hidden_layers} "
         f"blocks, hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, random weights, seed {args.seed}), {args.dtype}, "
-        f"built and quantized as bench/decode.py does (RTN, lpq's uniform format), mode {args.mode}, attention "
+        f"built and quantized as bench/decode.py does ({decode.format_words(decode.parse_formats(args.formats))}), "
+        f"mode {args.mode}, attention "
         f"{args.attn}" + (", --epilogues (blocks fused as bench/decode.py's)" if args.epilogues else
                           ", --fuse" if args.fuse else "") + ". "
         f"A: this process's settings ({name} {a_value}); B: {name}={value}. Each arm has its own decoder and static cache"
@@ -167,7 +174,7 @@ def section_body(records, args, setting, gpu: str, date: str, command: str, cfg)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", required=True, help="NAME=VALUE for arm B, NAME one of " + ", ".join(SETTINGS))
-    ap.add_argument("--formats", default="w4g128,w3g128", help="fp16 and/or wXgY (RTN, X bits, groups of Y)")
+    ap.add_argument("--formats", default="w4g128,w3g128", help="comma list of " + decode.FORMAT_FORMS)
     ap.add_argument("--layers", type=int, default=None, help="decoder blocks (default 32; 2 with --tiny)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 128 (32 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode steps a timing; default 256 (32 with --tiny)")
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, argv) -> int:
     setting = parse_setting(args.setting)
     formats = decode.parse_formats(args.formats)
+    decode.check_fusion(formats, args)
     decode.parse_attention(args.attn)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -311,20 +311,15 @@ def pdl_env_prefix() -> str:
     return "".join(f"{k}={os.environ[k]} " for k in PDL_ENV if k in os.environ)
 
 
-def early_words() -> str:
-    """'W4' or 'W3/W4': the code widths that take the early trigger (uniform_cuda.PDL_EARLY_BITS)."""
-    return "/".join(f"W{b}" for b in sorted(uniform_cuda.PDL_EARLY_BITS))
-
-
 def pdl_note(which: str) -> str:
     """One sentence on how `which` (the kernels a bench times) is launched under this process's PDL settings."""
     if not uniform_cuda.PDL:
         return "LPQ_PDL=0: plain launches."
     placement = ("its dynamic shared memory padded so that no SM holds more than ceil(blocks / SMs) of its blocks"
                  if uniform_cuda.PDL_BALANCE else "placed without padding (LPQ_PDL_BALANCE=0)")
-    if uniform_cuda.PDL_EARLY_BITS:
-        placement += (", the m = 1 uniform kernels of " + early_words() + " layers letting the next launch right after "
-                      "their own wait (the early trigger)")
+    if uniform_cuda.PDL_EARLY:
+        placement += (", the kernels of " + uniform_cuda.early_words() + " layers (W: uniform m = 1, S: squeezellm LUT "
+                      "m = 1, P161: ptq161 ring) letting the next launch right after their own wait (the early trigger)")
     return (f"Programmatic dependent launch (lpq's default; LPQ_PDL=0 turns it off) for {which}, {placement}: a "
             "replayed call may request its first weights while the call before it finishes, as consecutive linears do "
             "in a model; cuBLAS and torch int4 launch plainly.")

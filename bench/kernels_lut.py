@@ -159,7 +159,7 @@ def main() -> None:
                 for vname in variants if fused else ["dequant+cublas"]:
                     base_v = squeezellm_cuda.VARIANTS.get(vname)
                     # as gemm launches it by default: the ring kernel with programmatic dependent launch where it is on
-                    v = None if base_v is None else squeezellm_cuda.with_default_pdl(base_v, m, nnz > 0)
+                    v = None if base_v is None else squeezellm_cuda.with_default_pdl(base_v, m, nnz > 0, bits)
                     us = timed(lambda i: lpq_call(sts[i], x, None, v), ncp)
                     io = (m * k + m * n) * 2
                     tb = (nbytes + io) / us / 1e6

@@ -114,9 +114,36 @@ def test_parse_formats():
     fmts = decode.parse_formats("w3g128,fp16,w2g64")
     assert [f.name for f in fmts] == ["fp16", "w3g128", "w2g64"]
     assert (fmts[1].bits, fmts[1].group_size, fmts[2].bits, fmts[2].group_size) == (3, 128, 2, 64)
-    for bad in ("w4", "int4", "", "fp16,fp16"):
+    for bad in ("w4", "int4", "", "fp16,fp16", "s5", "s3s", "p16"):
         with pytest.raises(LpqError):
             decode.parse_formats(bad)
+    fmts = decode.parse_formats("s3sp,p161,s4")
+    assert [(f.name, f.method, f.bits, f.sparse) for f in fmts] == [
+        ("s3sp", "squeezellm", 3, decode.SQUEEZELLM_SPARSE), ("p161", "ptq161", 4, 0.0), ("s4", "squeezellm", 4, 0.0)]
+
+
+def test_script_squeezellm_and_ptq161_formats(capsys):
+    """sXsp and p161 models: made in the formats asked for (their layers' specs say so, the sparse part present),
+    decoding generate's tokens on the CPU; the section says how they were made."""
+    master = decode.build_model(decode.make_config(tiny=True), "cpu", torch.float32)
+    for name, fmt, key in (("s3sp", "squeezellm", "sp_val"), ("p161", "ptq161", "mask")):
+        model, _ = decode.quantize_copy(master, decode.parse_formats(name)[0], "cpu")
+        layers = [m for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
+        assert len(layers) == 14 and all(m.spec.format == fmt and key in m.tensors() for m in layers)
+    rc = decode.main(["--tiny", "--device", "cpu", "--formats", "fp16,s3sp,p161", "--prompt-len", "12",
+                      "--new-tokens", "4", "--repeats", "1", "--no-write"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["format"] for r in recs] == ["fp16", "s3sp", "p161"]
+    assert all(r["check"].startswith("== generate") for r in recs)
+    assert "sXsp the same with 0.45 %" in out and "p161: ptq161 in closed form" in out
+    # joined siblings: squeezellm takes them, ptq161 is refused with one line
+    assert decode.main(["--tiny", "--device", "cpu", "--formats", "s3sp", "--prompt-len", "12", "--new-tokens", "4",
+                        "--repeats", "1", "--no-write", "--epilogues"]) == 0
+    capsys.readouterr()
+    assert decode.main(["--tiny", "--device", "cpu", "--formats", "p161", "--no-write", "--fuse"]) == 2
+    assert "p161 layers cannot join" in capsys.readouterr().err
 
 
 def test_script_end_to_end(capsys):
@@ -257,15 +284,18 @@ def test_ab_setting_is_applied_and_restored():
     """Inside launch_setting the uniform kernels' module settings are those of the variable; outside, as before."""
     from lpq.kernels import uniform_cuda
 
-    before = (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY_BITS)
+    before = (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY)
     with decode_ab.launch_setting("LPQ_PDL_EARLY", "3,4"):
-        assert uniform_cuda.PDL_EARLY_BITS == {3, 4}
+        assert uniform_cuda.PDL_EARLY == {"w3", "w4"}
+    with decode_ab.launch_setting("LPQ_PDL_EARLY", "s3,p161"):
+        assert uniform_cuda.PDL_EARLY == {"s3", "p161"}
     with decode_ab.launch_setting("LPQ_PDL", "0"):
         assert uniform_cuda.PDL is False and uniform_cuda.PDL_RULES == {}
-    assert (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY_BITS) == before
+    assert (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY) == before
 
 
-@pytest.mark.parametrize("setting", ["LPQ_FOO=1", "LPQ_PDL", "LPQ_PDL=2", "LPQ_PDL_EARLY=8", "LPQ_PDL_EARLY="])
+@pytest.mark.parametrize("setting", ["LPQ_FOO=1", "LPQ_PDL", "LPQ_PDL=2", "LPQ_PDL_EARLY=8", "LPQ_PDL_EARLY=",
+                                     "LPQ_PDL_EARLY=s5"])
 def test_ab_script_refuses_bad_settings(setting, capsys):
     assert decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--setting", setting, "--no-write"]) == 2
     err = capsys.readouterr().err

@@ -293,31 +293,35 @@ def test_default_pdl_rule(monkeypatch):
         on, rules = uniform_cuda.pdl_settings(*envs)
         monkeypatch.setattr(uniform_cuda, "PDL", on)
         monkeypatch.setattr(uniform_cuda, "PDL_RULES", rules)
-        for early_env in ("0", "1", "4", "3,4"):
-            widths = uniform_cuda.early_bits(early_env)
-            monkeypatch.setattr(uniform_cuda, "PDL_EARLY_BITS", widths)
+        for early_env in ("0", "1", "4", "3,4", "w2,s4,p161"):
+            keys = uniform_cuda.early_kernels(early_env)
+            monkeypatch.setattr(uniform_cuda, "PDL_EARLY", keys)
             for bits in (2, 3, 4, 8):
                 for variant in uniform_cuda.GEMM_VARIANTS:
                     for m in (1, 8, 9, 16, 17):
                         got = uniform_cuda.with_default_pdl(variant, m, bits)
                         expect = want.get((variant, m), variant)
-                        if bits in widths and expect & flag and variant in (4, 5):
+                        if f"w{bits}" in keys and expect & flag and variant in (4, 5):
                             expect |= early
                         assert got == expect, (envs, early_env, bits, variant, m)
                         assert uniform_cuda._valid_variant(got)
 
 
 def test_early_trigger_setting(caplog):
-    """LPQ_PDL_EARLY: unset -> the default widths; 0 -> none; 1 -> every width of variants 4 and 5; a list -> those;
-    anything else is logged and read as unset."""
-    assert uniform_cuda.early_bits(None) == uniform_cuda.early_bits("") == uniform_cuda.DEFAULT_EARLY_BITS
-    assert uniform_cuda.early_bits("0") == frozenset()
-    assert uniform_cuda.early_bits("1") == {2, 3, 4}
-    assert uniform_cuda.early_bits("4") == {4} and uniform_cuda.early_bits(" 3,4") == {3, 4}
+    """LPQ_PDL_EARLY: unset -> the default keys; 0 -> none; 1 -> every kernel key; a list of keys (a bare width N
+    meaning wN) -> those; anything else is logged and read as unset."""
+    early = uniform_cuda.early_kernels
+    assert early(None) == early("") == uniform_cuda.DEFAULT_EARLY
+    assert early("0") == frozenset()
+    assert early("1") == {"w2", "w3", "w4", "s2", "s3", "s4", "p161"}
+    assert early("4") == {"w4"} and early(" 3,4") == {"w3", "w4"}
+    assert early("w4,S3, p161") == {"w4", "s3", "p161"}
+    assert uniform_cuda.early_words(early("p161,s3,4")) == "W4/S3/P161"
     with caplog.at_level("WARNING", logger="lpq.kernels"):
-        assert uniform_cuda.early_bits("8") == uniform_cuda.DEFAULT_EARLY_BITS
-        assert uniform_cuda.early_bits("yes") == uniform_cuda.DEFAULT_EARLY_BITS
-    assert sum("LPQ_PDL_EARLY" in r.getMessage() for r in caplog.records) == 2
+        assert early("8") == uniform_cuda.DEFAULT_EARLY
+        assert early("yes") == uniform_cuda.DEFAULT_EARLY
+        assert early("s8") == uniform_cuda.DEFAULT_EARLY
+    assert sum("LPQ_PDL_EARLY" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_default_variant_rule():

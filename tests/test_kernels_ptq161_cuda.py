@@ -84,11 +84,18 @@ def test_unknown_variant_is_rejected(monkeypatch):
 def test_default_pdl_rule(monkeypatch):
     """Programmatic dependent launch for every variant that may run the ring kernel when it is on (uniform_cuda.PDL,
     the one switch LPQ_PDL sets for every lpq kernel); never for the streaming or first kernels; none with it off."""
-    flag = ptq161_cuda.PDL_FLAG
+    flag, early = ptq161_cuda.PDL_FLAG, ptq161_cuda.EARLY_FLAG
+    rings = ("auto", "ring", "ring3", "ring2", "ring2w8")
     monkeypatch.setattr(uniform_cuda, "PDL", True)
-    assert {v: ptq161_cuda.with_default_pdl(v) & flag for v in ptq161_cuda.VARIANTS} == {
-        v: flag if v in ("auto", "ring", "ring3", "ring2", "ring2w8") else 0 for v in ptq161_cuda.VARIANTS}
+    monkeypatch.setattr(uniform_cuda, "PDL_EARLY", frozenset())
+    assert {v: ptq161_cuda.with_default_pdl(v) & (flag | early) for v in ptq161_cuda.VARIANTS} == {
+        v: flag if v in rings else 0 for v in ptq161_cuda.VARIANTS}
     assert ptq161_cuda.with_default_pdl("ring2") == ptq161_cuda.VARIANTS["ring2"] | flag
+    # the early trigger with PDL, at m = 1, where LPQ_PDL_EARLY names p161
+    monkeypatch.setattr(uniform_cuda, "PDL_EARLY", uniform_cuda.early_kernels("p161"))
+    assert {v: ptq161_cuda.with_default_pdl(v, 1) & (flag | early) for v in ptq161_cuda.VARIANTS} == {
+        v: flag | early if v in rings else 0 for v in ptq161_cuda.VARIANTS}
+    assert ptq161_cuda.with_default_pdl("auto", 2) == flag
     monkeypatch.setattr(uniform_cuda, "PDL", False)
     assert all(ptq161_cuda.with_default_pdl(v) == code for v, code in ptq161_cuda.VARIANTS.items())
 
@@ -273,11 +280,14 @@ def test_cuda_graph_capture():
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 4])
-def test_pdl_chain_in_cuda_graph(m, monkeypatch):
+@pytest.mark.parametrize("early", ["0", "p161"])
+def test_pdl_chain_in_cuda_graph(m, early, monkeypatch):
     """The ring kernel launched with programmatic dependent launch starts while the previous kernel finishes and
     must wait for it before reading x or touching its split-K partials and counters. A chain of layers, each
     reading the output of the one before (directly, or through a torch kernel in between), captured in a CUDA graph
-    and replayed on new inputs, equals the same chain launched plainly, bit for bit, at every replay."""
+    and replayed on new inputs, equals the same chain launched plainly, bit for bit, at every replay (with the early
+    trigger too, which lets the next kernel in right after each block's own wait)."""
+    monkeypatch.setattr(uniform_cuda, "PDL_EARLY", uniform_cuda.early_kernels(early))
     k = 1024
     sts = []
     for i in range(6):

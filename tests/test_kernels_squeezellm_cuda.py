@@ -424,7 +424,7 @@ def test_large_shape_and_warps(monkeypatch):
         for m in (1, 3, 12):
             x = torch.randn(m, k, generator=gen).half().cuda()
             ref = x.float() @ ref_w
-            for variant in (0, 1, 0 | squeezellm_cuda.PDL_FLAG):
+            for variant in (0, 1, 0 | squeezellm_cuda.PDL_FLAG, 0 | squeezellm_cuda.PDL_FLAG | squeezellm_cuda.EARLY_FLAG):
                 for warps in (1, 2, 3, 4, 8):
                     poison_cache(1 << 16, torch.float16)
                     err = rel_err(squeezellm_cuda.gemm(st, x, None, warps, variant), ref)
@@ -437,24 +437,36 @@ def test_default_pdl_rule(monkeypatch):
     off."""
     from lpq.kernels import uniform_cuda
     ring, first, flag = squeezellm_cuda.VARIANTS["ring"], squeezellm_cuda.VARIANTS["first"], squeezellm_cuda.PDL_FLAG
+    early = squeezellm_cuda.EARLY_FLAG
     monkeypatch.setattr(uniform_cuda, "PDL", True)
-    assert [squeezellm_cuda.with_default_pdl(ring, m) for m in (1, 8, 9, 16)] == [ring | flag] * 2 + [ring] * 2
+    monkeypatch.setattr(uniform_cuda, "PDL_EARLY", frozenset())
+    assert [squeezellm_cuda.with_default_pdl(ring, m, bits=3) for m in (1, 8, 9, 16)] == [ring | flag] * 2 + [ring] * 2
     assert [squeezellm_cuda.with_default_pdl(ring, m, sparse=True) for m in (1, 2, 8)] == [ring | flag] + [ring] * 2
     assert squeezellm_cuda.with_default_pdl(first, 1) == first
+    # the early trigger: at m = 1 only, for the code widths its keys name
+    monkeypatch.setattr(uniform_cuda, "PDL_EARLY", uniform_cuda.early_kernels("w4,s3"))
+    assert squeezellm_cuda.with_default_pdl(ring, 1, bits=3) == ring | flag | early
+    assert squeezellm_cuda.with_default_pdl(ring, 1, sparse=True, bits=3) == ring | flag | early
+    assert squeezellm_cuda.with_default_pdl(ring, 1, bits=4) == ring | flag
+    assert squeezellm_cuda.with_default_pdl(ring, 2, bits=3) == ring | flag
+    assert squeezellm_cuda.with_default_pdl(first, 1, bits=3) == first
+    assert all(v in squeezellm_cuda.GEMM_CODES for v in (ring | flag | early, ring | flag, ring, first))
     monkeypatch.setattr(uniform_cuda, "PDL", False)
-    assert squeezellm_cuda.with_default_pdl(ring, 1) == ring
+    assert squeezellm_cuda.with_default_pdl(ring, 1, bits=3) == ring
 
 
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("density", [0.0, 0.0045])
 @pytest.mark.parametrize("m", [1, 4])
-def test_pdl_chain_in_cuda_graph(density, m):
+@pytest.mark.parametrize("early", [False, True])
+def test_pdl_chain_in_cuda_graph(density, m, early):
     """The ring kernel launched with programmatic dependent launch starts while the previous kernel finishes and
     must wait for it before reading x (its sparse gathers included). A chain of layers, each reading the output of
     the one before (directly, or through a torch kernel in between), captured in a CUDA graph and replayed on new
     inputs, equals the same chain launched plainly, bit for bit, at every replay: a kernel that read its input too
-    early would see the previous replay's values."""
+    early would see the previous replay's values. With the early trigger the next kernel is let in right after each
+    block's own wait, so it is resident for longer before the kernel it waits on ends."""
     assert cuda_build.load_lut(), cuda_build.lut_failure_reason()
     gen = torch.Generator().manual_seed(80 + m + int(density > 0))
     k = 1024
@@ -463,8 +475,9 @@ def test_pdl_chain_in_cuda_graph(density, m):
         qw = random_squeezellm(k, k, 3, density, device="cuda", gen=gen)
         sts.append(squeezellm_cuda.repack(qw.tensors, qw.spec, k, k))
     ring = squeezellm_cuda.VARIANTS["ring"]
+    pdl = ring | squeezellm_cuda.PDL_FLAG | (squeezellm_cuda.EARLY_FLAG if early else 0)
     assert_pdl_chain_matches_plain(sts, m, k, gen,
-                                   lambda st, h: squeezellm_cuda.gemm(st, h, None, variant=ring | squeezellm_cuda.PDL_FLAG),
+                                   lambda st, h: squeezellm_cuda.gemm(st, h, None, variant=pdl),
                                    lambda st, h: squeezellm_cuda.gemm(st, h, None, variant=ring))
 
 

@@ -346,3 +346,61 @@ def test_gptq_option_end_to_end(tmp_path, text_file):
         torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(SpecError, match="damp"):
         get_method("squeezellm", gptq=True, damp=0)
+
+
+def _random_squeezellm(n: int, k: int, bits: int, density: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 1 << bits, (n, k), generator=g)
+    lut = torch.sort(torch.randn(n, 1 << bits, generator=g) * 0.05, dim=1).values
+    mask = torch.rand(n, k, generator=g) < density if density else None
+    weight = torch.randn(n, k, generator=g) * 0.3 if density else None
+    return pack_squeezellm(idx, lut, mask, weight, QuantSpec(bits=bits, method="squeezellm"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_concat_outputs_joins_rows_with_their_sparse_parts(bits):
+    """q/k/v-style siblings (one dense-only among them) joined: the joint weight is the row-wise concatenation of
+    the parts' weights, sparse entries included, and its nnz is theirs summed."""
+    fmt = get_format("squeezellm")
+    parts = [_random_squeezellm(24, 64, bits, 0.05, 1), _random_squeezellm(8, 64, bits, 0.0, 2),
+             _random_squeezellm(16, 64, bits, 0.1, 3)]
+    joined = fmt.concat_outputs(parts)
+    assert joined.out_features == 48 and joined.in_features == 64
+    assert joined.spec.options["nnz"] == sum(p.spec.options["nnz"] for p in parts) > 0
+    torch.testing.assert_close(joined.dequantize(), torch.cat([p.dequantize() for p in parts]), rtol=0, atol=0)
+    dense = fmt.concat_outputs([parts[1], _random_squeezellm(8, 64, bits, 0.0, 4)])
+    assert "sp_val" not in dense.tensors and dense.spec.options["nnz"] == 0
+    # other widths or bits do not join
+    assert fmt.concat_outputs([parts[0], _random_squeezellm(8, 32, bits, 0.0, 5)]) is None
+    assert fmt.concat_outputs([parts[0], _random_squeezellm(8, 64, 2 if bits != 2 else 3, 0.0, 6)]) is None
+
+
+def test_permute_outputs_moves_rows_with_their_codebooks_and_sparse_entries():
+    fmt = get_format("squeezellm")
+    qw = _random_squeezellm(40, 64, 3, 0.08, 7)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(8))
+    moved = fmt.permute_outputs(qw, order)
+    torch.testing.assert_close(moved.dequantize(), qw.dequantize()[order], rtol=0, atol=0)
+    assert moved.spec.options["nnz"] == qw.spec.options["nnz"]
+    with pytest.raises(ValueError, match="permutation"):
+        fmt.permute_outputs(qw, torch.zeros(40, dtype=torch.long))
+
+
+def test_fused_squeezellm_model_gives_the_same_logits(tmp_path):
+    """A squeezellm model with its q/k/v and gate/up joined (lpq.fuse_for_decode without the attention wrappers)
+    computes what the unfused model does, on the reference kernel."""
+    import lpq.api
+    from lpq.fuse import fuse_for_decode
+
+    out = tmp_path / "sq3"
+    lpq.api.quantize(make_model("llama"), out, method="squeezellm", bits=3, group_size=-1, tokenizer=make_tokenizer(),
+                     device="cpu", dtype=torch.float32,
+                     method_options={"outliers": 0.5, "sensitive": 0, "fisher": False, "gptq": False, "iters": 5})
+    model = lpq.api.load(out, device="cpu", dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = model(ids).logits
+        report = fuse_for_decode(model, attention=False, blocks=False)
+        assert report["siblings"] and report["gated_mlp"]
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -85,6 +85,50 @@ class SqueezeLLMFormat(PackedFormat):
             w.index_put_((rows, cols), vals, accumulate=True)  # ... and the exact value is added
         return w
 
+    def _parts(self, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> idx [N, K], lut [N, 2**b] fp16, and the sparse part as a mask [N, K] with its values [N, K] fp16
+        (None, None for a dense-only layer): what :func:`pack_squeezellm` takes."""
+        idx, _, sparse = self.unpack(weight.tensors, weight.spec, weight.in_features, weight.out_features)
+        lut = weight.tensors["lut"]
+        if sparse is None:
+            return idx, lut, None, None
+        rows, cols, vals = sparse
+        mask = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+        mask[rows, cols] = True
+        values = torch.zeros(idx.shape, dtype=torch.float16, device=idx.device)
+        values[rows, cols] = vals.to(torch.float16)
+        return idx, lut, mask, values
+
+    @staticmethod
+    def _without_nnz(spec: QuantSpec) -> QuantSpec:
+        return spec.replace(options={k: v for k, v in (spec.options or {}).items() if k != "nnz"})
+
+    def concat_outputs(self, weights):
+        """Rows joined: indices, codebooks and sparse parts (a dense-only layer contributes no entries) packed again.
+        Only layers of one width and one spec (but for their sparse counts) join."""
+        first = weights[0]
+        if any(self._without_nnz(w.spec) != self._without_nnz(first.spec) or w.in_features != first.in_features
+               for w in weights):
+            return None
+        parts = [self._parts(w) for w in weights]
+        idx = torch.cat([p[0] for p in parts])
+        lut = torch.cat([p[1] for p in parts])
+        mask = values = None
+        if any(p[2] is not None for p in parts):
+            mask = torch.cat([p[2] if p[2] is not None else torch.zeros_like(p[0], dtype=torch.bool) for p in parts])
+            values = torch.cat([p[3] if p[3] is not None else torch.zeros_like(p[0], dtype=torch.float16) for p in parts])
+        return pack_squeezellm(idx, lut, mask, values, first.spec)
+
+    def permute_outputs(self, weight, order):
+        """Rows (indices, codebook and sparse entries) taken in ``order`` and packed again."""
+        idx, lut, mask, values = self._parts(weight)
+        order = order.to(idx.device).long()
+        if order.numel() != weight.out_features or not torch.equal(
+                torch.sort(order).values, torch.arange(weight.out_features, device=order.device)):
+            raise ValueError(f"permute_outputs: order must be a permutation of range({weight.out_features})")
+        return pack_squeezellm(idx[order], lut[order], mask[order] if mask is not None else None,
+                               values[order] if values is not None else None, weight.spec)
+
 
 SQUEEZELLM = register_format(SqueezeLLMFormat())
 

@@ -53,13 +53,19 @@ ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per l
 # kVariantPDL): its prologue requests weight words only, then waits for the kernel ahead of it. On by default with the
 # uniform kernels' switch (LPQ_PDL=0 turns both off); the ring kernel runs at m <= 4.
 PDL_FLAG = 16
+# Or-ed in with PDL_FLAG (kVariantEarly): that ring kernel lets the next kernel launch right after its own
+# griddepcontrol.wait (the early trigger); at m = 1 where the key p161 is in uniform_cuda.PDL_EARLY (LPQ_PDL_EARLY).
+EARLY_FLAG = 32
 RING_VARIANTS = ("auto", "ring", "ring3", "ring2", "ring2w8")
 
 
-def with_default_pdl(variant: str) -> int:
+def with_default_pdl(variant: str, m: int = 1) -> int:
     """The op's variant code for a variant name, with PDL_FLAG where programmatic dependent launch is on
-    (uniform_cuda.PDL) and the variant may run the ring kernel."""
-    return VARIANTS[variant] | PDL_FLAG if uniform_cuda.PDL and variant in RING_VARIANTS else VARIANTS[variant]
+    (uniform_cuda.PDL) and the variant may run the ring kernel, and EARLY_FLAG with it at m = 1 where the early
+    trigger is on for ptq161 (uniform_cuda.takes_early("p161"))."""
+    if not (uniform_cuda.PDL and variant in RING_VARIANTS):
+        return VARIANTS[variant]
+    return VARIANTS[variant] | PDL_FLAG | (EARLY_FLAG if m == 1 and uniform_cuda.takes_early("p161") else 0)
 
 
 
@@ -116,9 +122,9 @@ def gemv(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, variant: str | N
     variant: one of VARIANTS ("auto" picks the kernel; else LPQ_PTQ161_VARIANT); ksplit: K splits of the
     ring or streaming kernel, 0 or None for its own plan (else LPQ_PTQ161_KSPLIT)."""
     if variant is None:
-        v = with_default_pdl(_variant_from_env())
+        v = with_default_pdl(_variant_from_env(), x2.shape[0])
     elif variant in VARIANTS:
-        v = with_default_pdl(variant)
+        v = with_default_pdl(variant, x2.shape[0])
     else:
         raise ValueError(f"lpq ptq161 gemv: variant {variant!r}: use one of {', '.join(VARIANTS)}")
     k, n = st["k"], st["n"]

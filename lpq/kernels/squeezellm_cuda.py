@@ -241,21 +241,31 @@ def default_variant(m: int = 1, sparse: bool = False) -> int:
 # each (8192x8192 m = 8: 30.9 -> 33.1 us), bench/RESULTS.md.
 PDL_FLAG = 8
 PDL_MAX_M = 8
+# Or-ed in with PDL_FLAG (csrc/squeezellm_launch.h kLutVariantEarly): the ring kernel lets the next kernel launch right
+# after its own griddepcontrol.wait (the early trigger), at m = 1 for the code widths whose key (s2, s3, s4) is in
+# uniform_cuda.PDL_EARLY (LPQ_PDL_EARLY).
+EARLY_FLAG = 16
 
 
-def with_default_pdl(variant: int, m: int, sparse: bool = False) -> int:
+def with_default_pdl(variant: int, m: int, sparse: bool = False, bits: int | None = None) -> int:
     """The variant as gemm launches it when the caller did not choose: the ring kernel with PDL_FLAG where programmatic
-    dependent launch is on (uniform_cuda.PDL): m = 1, or m <= PDL_MAX_M on a dense-only layer."""
+    dependent launch is on (uniform_cuda.PDL): m = 1, or m <= PDL_MAX_M on a dense-only layer; with EARLY_FLAG too at
+    m = 1 where the early trigger is on for ``bits`` (uniform_cuda.takes_early)."""
     on = uniform_cuda.PDL and variant == VARIANTS["ring"] and (m == 1 or (m <= PDL_MAX_M and not sparse))
-    return variant | PDL_FLAG if on else variant
+    if not on:
+        return variant
+    return variant | PDL_FLAG | (EARLY_FLAG if m == 1 and uniform_cuda.takes_early(f"s{bits}") else 0)
+
+
+GEMM_CODES = (*VARIANTS.values(), VARIANTS["ring"] | PDL_FLAG, VARIANTS["ring"] | PDL_FLAG | EARLY_FLAG)
 
 
 def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | None = None,
          variant: int | None = None) -> torch.Tensor:
     """x2 [m, K] fp16/bf16 -> [m, N] through the fused LUT kernel (dense + sparse + bias); the op makes
     a contiguous, 16-byte aligned copy of x where it needs one. variant: 0 the ring kernel, 1 the first
-    kernel (csrc/squeezellm_kernels.cuh), 0 | PDL_FLAG the ring kernel with programmatic dependent launch;
-    None: default_variant(m), with PDL where with_default_pdl says."""
+    kernel (csrc/squeezellm_kernels.cuh), 0 | PDL_FLAG the ring kernel with programmatic dependent launch, and
+    | EARLY_FLAG with its early trigger; None: default_variant(m), with PDL where with_default_pdl says."""
     k, n = st["k"], st["n"]
     if x2.dim() != 2 or x2.shape[1] != k:
         raise ValueError(f"lpq lut_gemm: x must be [m, {k}], got {list(x2.shape)}")
@@ -267,12 +277,13 @@ def gemm(st: dict, x2: torch.Tensor, bias: torch.Tensor | None, warps: int | Non
         raise ValueError(f"lpq lut_gemm: bias must be a contiguous [{n}] tensor of dtype {x2.dtype}")
     if variant is None:
         sparse = st["sp_ptr"] is not None
-        variant = with_default_pdl(default_variant(x2.shape[0], sparse), x2.shape[0], sparse)
-    if variant not in (*VARIANTS.values(), VARIANTS["ring"] | PDL_FLAG):
-        raise ValueError(f"lpq lut_gemm: variant must be one of {sorted(VARIANTS.values())} or "
-                         f"{VARIANTS['ring'] | PDL_FLAG} (ring, programmatic dependent launch), got {variant}")
+        variant = with_default_pdl(default_variant(x2.shape[0], sparse), x2.shape[0], sparse, st["bits"])
+    if variant not in GEMM_CODES:
+        raise ValueError(f"lpq lut_gemm: variant must be one of {sorted(VARIANTS.values())}, "
+                         f"{VARIANTS['ring'] | PDL_FLAG} (ring, programmatic dependent launch) or "
+                         f"{VARIANTS['ring'] | PDL_FLAG | EARLY_FLAG} (the same with the early trigger), got {variant}")
     if warps is None:
-        warps = default_warps(st, x2.shape[0], variant & ~PDL_FLAG)
+        warps = default_warps(st, x2.shape[0], variant & ~(PDL_FLAG | EARLY_FLAG))
     if not 1 <= warps <= 8:
         raise ValueError(f"lpq lut_gemm: warps must be in 1..8, got {warps}")
     problem = fused_problem(st)

@@ -175,48 +175,61 @@ def pdl_settings(env: str | None, balance_env: str | None = None) -> tuple[bool,
 PDL, PDL_RULES = pdl_settings(os.environ.get("LPQ_PDL"), os.environ.get("LPQ_PDL_BALANCE"))
 # what the extensions read from LPQ_PDL_BALANCE (csrc/async_copy.cuh): the padding of PDL launches, on unless "0"
 PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
-# or-ed in with PDL_FLAG into variant 4 or 5: the grid lets the next kernel launch right after its own wait rather
-# than after its main loop (the early trigger), for layers whose code width is in PDL_EARLY_BITS (LPQ_PDL_EARLY).
-# 4-bit only by default: in a paired A/B of the 7B-shaped decode step on the H100 (bench/decode_ab.py, 10 alternating
-# pairs each) it took W4 0.991x the time (every pair 0.990-0.992) and W3 1.024x (1.022-1.024), the fp16 control
-# 1.001x; in the kernel benchmark it took W4 11008x4096 from 11.5 to 10.6 us and 8192x8192 from 15.8 to 14.8.
+# The early trigger: a grid launched with PDL lets the next kernel launch right after its own griddepcontrol.wait
+# rather than after its main loop. Which kernels take it is LPQ_PDL_EARLY's list of kernel keys (PDL_EARLY):
+# w2/w3/w4 the m = 1 uniform kernels (variants 4 and 5, or-ed with EARLY_FLAG) of those code widths, s2/s3/s4 the
+# m = 1 squeezellm LUT ring kernel of those widths (squeezellm_cuda), p161 the ptq161 ring kernel (ptq161_cuda).
+# 4-bit uniform layers only by default: in a paired A/B of the 7B-shaped decode step on the H100 (bench/decode_ab.py,
+# 10 alternating pairs each) it took W4 0.991x the time (every pair 0.990-0.992) and W3 1.024x (1.022-1.024), the
+# fp16 control 1.001x; in the kernel benchmark it took W4 11008x4096 from 11.5 to 10.6 us and 8192x8192 from 15.8 to
+# 14.8.
 EARLY_FLAG = 16
-EARLY_WIDTHS = frozenset((2, 3, 4))  # the widths variants 4 and 5 serve
-DEFAULT_EARLY_BITS: frozenset[int] = frozenset((4,))
+EARLY_ORDER = ("w2", "w3", "w4", "s2", "s3", "s4", "p161")
+EARLY_KEYS = frozenset(EARLY_ORDER)
+DEFAULT_EARLY: frozenset[str] = frozenset(("w4",))
 
 
-def early_bits(env: str | None) -> frozenset[int]:
-    """Code widths whose m = 1 kernels take the early trigger, from LPQ_PDL_EARLY: unset or empty -> the default
-    (DEFAULT_EARLY_BITS); "0" -> none; "1" -> all (2, 3, 4); a comma list such as "4" or "3,4" -> those widths.
-    Anything else is logged and read as unset, as the other LPQ_ launch settings are."""
+def early_kernels(env: str | None) -> frozenset[str]:
+    """Kernel keys that take the early trigger, from LPQ_PDL_EARLY: unset or empty -> the default (DEFAULT_EARLY);
+    "0" -> none; "1" -> all (EARLY_KEYS); a comma list of keys such as "w4,s3,p161" (a bare width N means wN, so "4"
+    and "3,4" name uniform widths) -> those. Anything else is logged and read as unset, as the other LPQ_ launch
+    settings are."""
     if env is None or env.strip() == "":
-        return DEFAULT_EARLY_BITS
+        return DEFAULT_EARLY
     if env.strip() == "0":
         return frozenset()
     if env.strip() == "1":
-        return EARLY_WIDTHS
-    try:
-        widths = frozenset(int(v) for v in env.split(","))
-    except ValueError:
-        widths = frozenset((-1,))
-    if not widths <= EARLY_WIDTHS:
-        log.warning("LPQ_PDL_EARLY=%r is not 0, 1 or a list of code widths among 2, 3, 4 (such as 4 or 3,4): "
-                    "using the default", env)
-        return DEFAULT_EARLY_BITS
-    return widths
+        return EARLY_KEYS
+    keys = frozenset(("w" + t if t.isdigit() else t) for t in (v.strip().lower() for v in env.split(",")))
+    if not keys <= EARLY_KEYS:
+        log.warning("LPQ_PDL_EARLY=%r is not 0, 1 or a list of kernel keys among %s (such as w4 or w4,s3,p161): "
+                    "using the default", env, ", ".join(sorted(EARLY_KEYS)))
+        return DEFAULT_EARLY
+    return keys
 
 
-PDL_EARLY_BITS = early_bits(os.environ.get("LPQ_PDL_EARLY"))
+PDL_EARLY = early_kernels(os.environ.get("LPQ_PDL_EARLY"))
+
+
+def early_words(keys: frozenset[str] | None = None) -> str:
+    """'W4' or 'W4/S3/P161': the kernel keys that take the early trigger (default: PDL_EARLY), for bench notes."""
+    keys = PDL_EARLY if keys is None else keys
+    return "/".join(k.upper() for k in EARLY_ORDER if k in keys)
+
+
+def takes_early(key: str) -> bool:
+    """Whether the kernel of ``key`` (w4, s3, p161, ...) takes the early trigger under this process's settings."""
+    return key in PDL_EARLY
 
 
 def with_default_pdl(variant: int, m: int, bits: int | None = None) -> int:
     """The variant as the op launches it when the caller did not choose: with PDL_FLAG or-ed in where programmatic
     dependent launch is on for it (PDL_RULES), and EARLY_FLAG with it on variants 4 and 5 of a layer whose code
-    width ``bits`` is in PDL_EARLY_BITS."""
+    width ``bits`` takes the early trigger (PDL_EARLY)."""
     lo_hi = PDL_RULES.get(variant)
     if not PDL or lo_hi is None or not lo_hi[0] <= m <= lo_hi[1]:
         return variant
-    return variant | PDL_FLAG | (EARLY_FLAG if bits in PDL_EARLY_BITS and variant in (4, 5) else 0)
+    return variant | PDL_FLAG | (EARLY_FLAG if takes_early(f"w{bits}") and variant in (4, 5) else 0)
 
 
 def _valid_variant(v: int) -> bool:

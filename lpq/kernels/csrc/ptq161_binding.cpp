@@ -36,7 +36,7 @@ ptq161::StreamPlan choose_plan(int64_t variant, bool bf16, int mc, int64_t n, in
 // aligned word tensors.
 std::vector<int64_t> ptq161_plan(int64_t m, int64_t n, int64_t k, int64_t s, int64_t variant, int64_t ksplit, bool bf16) {
   TORCH_CHECK(m >= 1 && m <= ptq161::kMaxStreamM && n >= 1 && s >= 0 && s <= k, "lpq ptq161_plan: bad problem");
-  variant &= ~ptq161::kVariantPDL;  // a launch property
+  variant &= ~(ptq161::kVariantPDL | ptq161::kVariantEarly);  // launch properties
   TORCH_CHECK(variant >= 0 && variant <= 8 && variant != 1, "lpq ptq161_plan: the first kernel has no plan");
   const ptq161::StreamPlan p = choose_plan(variant, bf16, (int)m, n, k, s, ksplit, true);
   return {p.ring ? 1 : 0, p.ksplit, p.rows_per_thread, p.ring ? p.ring_stages : 0, p.ring ? p.ring_words : 0};
@@ -47,7 +47,8 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
                        const c10::optional<at::Tensor>& bias, const at::Tensor& counters, int64_t n, int64_t k,
                        int64_t variant_flags, int64_t ksplit) {
   const bool pdl = (variant_flags & ptq161::kVariantPDL) != 0;
-  const int64_t variant = variant_flags & ~ptq161::kVariantPDL;
+  const bool early = (variant_flags & ptq161::kVariantEarly) != 0;
+  const int64_t variant = variant_flags & ~(ptq161::kVariantPDL | ptq161::kVariantEarly);
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "lpq ptq161_gemv: x must be a contiguous CUDA [m, ", k, "] tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "lpq ptq161_gemv: activations must be float16 or bfloat16");
   const int64_t s = sal_idx.numel(), b = bin_idx.numel();
@@ -68,7 +69,10 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
               "lpq ptq161_gemv: variant must be 0 (automatic), 1 (first kernel), 2 (streaming, one row a thread), "
               "3 (streaming, salient codes by FFMA), 4 (ring), 5 (streaming), 6 (ring of 3 stages), 7 (ring of 2) "
               "or 8 (ring of 2 stages of 8 words), optionally or-ed with ", ptq161::kVariantPDL,
-              " (a ring kernel launched with programmatic dependent launch)");
+              " (a ring kernel launched with programmatic dependent launch) and then ", ptq161::kVariantEarly,
+              " (its early trigger)");
+  TORCH_CHECK(!early || pdl, "lpq ptq161_gemv: the early trigger (", ptq161::kVariantEarly, ") needs ",
+              ptq161::kVariantPDL, " (programmatic dependent launch) with it");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
@@ -98,6 +102,7 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
       ptq161::StreamPlan plan = choose_plan(variant, bf16, mc, n, k, s, ksplit, aligned16);
       const bool ring = plan.ring;
       plan.pdl = ring && pdl;
+      plan.pdl_early = plan.pdl && early;
       at::Tensor partial;
       if (plan.ksplit > 1) partial = at::empty({plan.ksplit, mc, n}, x.options().dtype(at::kFloat));
       ptq161::StreamArgs a{static_cast<const char*>(x.data_ptr()) + t0 * k * esz, bin_idx.data_ptr<int>(),

@@ -64,6 +64,8 @@ struct StreamPlan {
   int ring_stages = 4;      // ring: stages a warp's ring (2, 3 or 4)
   int ring_words = 4;       // ring: words a stage (4; 8 with 2 stages)
   bool pdl = false;         // ring: launched with programmatic dependent launch (sm_90+; a plain launch before)
+  bool pdl_early = false;   // ring with pdl: the next kernel may launch right after the block's griddepcontrol.wait
+                            // (the early trigger) rather than after its main loop
 };
 
 // The launch plan; ksplit_request > 0 forces the number of K splits (clamped to 1..kMaxSplit); one_row
@@ -74,6 +76,7 @@ cudaError_t launch_stream(bool bf16, const StreamArgs& a, const StreamPlan& p, c
 // The ring kernel (ptq161_ring.cu): the streaming kernel's maths with the words brought in by cp.async.
 constexpr int kMaxRingM = 4;         // tokens (one tile a launch)
 constexpr int kVariantPDL = 16;      // or-ed into a gemv variant: a ring kernel it launches uses programmatic dependent launch
+constexpr int kVariantEarly = 32;    // or-ed in with kVariantPDL: that ring kernel takes the early trigger (StreamPlan::pdl_early)
 constexpr int kMaxRingSplit = 32;    // K splits at most
 constexpr int kRingTableWords = 64;  // tokens x binarized words of a split: one table of at most 32 KB
 

@@ -82,7 +82,7 @@ template <int MT> __host__ __device__ constexpr int ring_min_blocks() {
 
 // NS: stages a warp's ring (NS - 1 in flight while one is summed)
 template <typename T, int MT, int R, int NS, int W>
-__global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(StreamArgs a, int tab_words, int sal_words) {
+__global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(StreamArgs a, int tab_words, int sal_words, int pdl_early) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float red[2][MT][kThreads / 32];
   __shared__ int last_block;
@@ -134,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) issue(st);
   pdl_wait();
+  if (pdl_early) pdl_launch_dependents();  // the early trigger (StreamPlan::pdl_early)
 
   float acc_b[MT][R], acc_s[MT][R], sum_b[MT], sum_s[MT];
   zero_sums<MT, R>(acc_b, acc_s, sum_b, sum_s);
@@ -207,8 +208,9 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
     }
     __syncwarp();  // the slot is read before the next iteration refills it
   }
-  // every word is requested: the next kernel in the stream may be scheduled (late, as in the uniform kernel)
-  pdl_launch_dependents();
+  // every word is requested: the next kernel in the stream may be scheduled (late, unless the early trigger has
+  // already let it in)
+  if (!pdl_early) pdl_launch_dependents();
   cp_async_wait<0>();
   __syncwarp();
 
@@ -333,8 +335,9 @@ template <typename T, int MT, int R, int NS, int W>
 cudaError_t launch_ring_mt(const StreamArgs& a, const StreamPlan& p, cudaStream_t stream) {
   dim3 grid(p.row_blocks, p.ksplit, 1);
   if (p.pdl && device_has_pdl())
-    return launch_with_pdl(ring_kernel<T, MT, R, NS, W>, grid, dim3(kThreads), p.smem, stream, a, p.tab_words, p.sal_words);
-  ring_kernel<T, MT, R, NS, W><<<grid, kThreads, p.smem, stream>>>(a, p.tab_words, p.sal_words);
+    return launch_with_pdl(ring_kernel<T, MT, R, NS, W>, grid, dim3(kThreads), p.smem, stream, a, p.tab_words, p.sal_words,
+                           p.pdl_early ? 1 : 0);
+  ring_kernel<T, MT, R, NS, W><<<grid, kThreads, p.smem, stream>>>(a, p.tab_words, p.sal_words, 0);
   return cudaGetLastError();
 }
 

@@ -41,9 +41,11 @@ at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tens
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
   TORCH_CHECK(warps >= 1 && warps <= 8, "lpq lut_gemm: warps must be in 1..8");
-  TORCH_CHECK(variant == 0 || variant == 1 || variant == (0 | kLutVariantPDL),
-              "lpq lut_gemm: variant must be 0 (ring), 1 (register prefetch) or ", kLutVariantPDL,
-              " (ring, programmatic dependent launch), got ", variant);
+  TORCH_CHECK(variant == 0 || variant == 1 || variant == (0 | kLutVariantPDL) ||
+                  variant == (0 | kLutVariantPDL | kLutVariantEarly),
+              "lpq lut_gemm: variant must be 0 (ring), 1 (register prefetch), ", kLutVariantPDL,
+              " (ring, programmatic dependent launch) or ", kLutVariantPDL | kLutVariantEarly,
+              " (the same with the early trigger), got ", variant);
   const int* pp = nullptr;
   const uint32_t* pe = nullptr;
   if (sp_ptr.has_value() && sp_ptr->defined()) {
@@ -67,8 +69,10 @@ at::Tensor lut_gemm(const at::Tensor& x_in, const at::Tensor& qw, const at::Tens
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
   LutGemmArgs a{x.data_ptr(), reinterpret_cast<const uint32_t*>(qw.data_ptr()), reinterpret_cast<const uint32_t*>(tab.data_ptr()),
-                pp, pe, bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks, (int)n_tiles};
-  cudaError_t err = launch_lut_gemm((int)bits, x.scalar_type() == at::kBFloat16, a, (int)warps, (int)variant,
+                pp, pe, bptr, y.data_ptr(), (int)m, (int)n, (int)k, (int)chunks, (int)n_tiles,
+                (variant & kLutVariantEarly) != 0 ? 1 : 0};
+  cudaError_t err = launch_lut_gemm((int)bits, x.scalar_type() == at::kBFloat16, a, (int)warps,
+                                    (int)(variant & ~kLutVariantEarly),
                                     c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "lpq lut_gemm launch failed: ", cudaGetErrorString(err));
   return y;

@@ -537,6 +537,7 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
     }
   }
   pdl_wait();
+  if (p.pdl_early) pdl_launch_dependents();  // the early trigger (LutGemmArgs::pdl_early)
   if (0 < n_my) issue_x();
   cp_async_commit();
 #pragma unroll
@@ -601,9 +602,9 @@ __global__ void __launch_bounds__(256, (SPARSE && XR == 1 && BITS != 4) ? 4 : 1)
     });
     __syncwarp();  // every lane has read the slot before it is refilled
   }
-  // every stage is requested: the next kernel in the stream may be scheduled (as in the uniform kernel, late rather
-  // than right after the wait)
-  pdl_launch_dependents();
+  // every stage is requested: the next kernel in the stream may be scheduled (late, unless the early trigger has
+  // already let it in; a second trigger is a no-op)
+  if (!p.pdl_early) pdl_launch_dependents();
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the reduction; sp_acc is zeroed
 

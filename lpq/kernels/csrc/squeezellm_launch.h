@@ -16,6 +16,8 @@ struct LutGemmArgs {
   const void* bias;       // [N] T or null
   void* y;                // [M, N] T
   int M, N, K, chunks, n_tiles;
+  int pdl_early;          // 1: the ring kernel lets the next kernel launch right after its own griddepcontrol.wait
+                          // (the early trigger, kLutVariantEarly); 0: after its main loop
 };
 
 struct LutDequantArgs {
@@ -27,9 +29,11 @@ struct LutDequantArgs {
 
 // Or-ed into variant 0: the ring kernel launched with programmatic dependent launch (on sm_90+; a plain launch before).
 constexpr int kLutVariantPDL = 8;
+// Or-ed in with kLutVariantPDL: the early trigger (LutGemmArgs::pdl_early).
+constexpr int kLutVariantEarly = 16;
 
 // Each returns cudaSuccess or the launch error. nwarps in 1..8 (warps of a block split K); variant 0:
-// the cp.async ring kernel, 1: the register-prefetch kernel (squeezellm_kernels.cuh); 0 | kLutVariantPDL.
+// the cp.async ring kernel, 1: the register-prefetch kernel (squeezellm_kernels.cuh); 0 | kLutVariantPDL, optionally | kLutVariantEarly.
 cudaError_t launch_lut_gemm(int bits, bool bf16, const LutGemmArgs& args, int nwarps, int variant, cudaStream_t stream);
 cudaError_t launch_lut_dequant(int bits, bool bf16, const LutDequantArgs& args, cudaStream_t stream);
 
