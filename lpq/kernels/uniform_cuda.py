@@ -179,14 +179,17 @@ PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
 # rather than after its main loop. Which kernels take it is LPQ_PDL_EARLY's list of kernel keys (PDL_EARLY):
 # w2/w3/w4 the m = 1 uniform kernels (variants 4 and 5, or-ed with EARLY_FLAG) of those code widths, s2/s3/s4 the
 # m = 1 squeezellm LUT ring kernel of those widths (squeezellm_cuda), p161 the ptq161 ring kernel (ptq161_cuda).
-# 4-bit uniform layers only by default: in a paired A/B of the 7B-shaped decode step on the H100 (bench/decode_ab.py,
-# 10 alternating pairs each) it took W4 0.991x the time (every pair 0.990-0.992) and W3 1.024x (1.022-1.024), the
-# fp16 control 1.001x; in the kernel benchmark it took W4 11008x4096 from 11.5 to 10.6 us and 8192x8192 from 15.8 to
-# 14.8.
+# On by default for w4, s3, s4 and p161, each chosen by a paired A/B of the 7B-shaped decode step on the H100
+# (bench/decode_ab.py, alternating pairs; bench/RESULTS.md) beside the kernel benchmark:
+# - w4: decode 0.991x the time (every pair 0.990-0.992); kernel, 11008x4096 11.5 -> 10.6 us, 8192x8192 15.8 -> 14.8.
+# - w3: decode 1.024x (1.022-1.024): off, as are w2 and s2 (not measured in decode).
+# - s3: decode 0.998x (0.993-0.998); kernel, 3-bit dense 11008x4096 10.2 -> 9.6 us, 8192x8192 12.8 -> 12.2.
+# - s4: decode 1.001x (0.996-1.002), level; kernel, 11008x4096 14.4 -> 13.3 us, 8192x8192 18.3 -> 17.4.
+# - p161: decode 0.987x (0.986-0.993, unfused blocks); kernel, 11008x4096 9.9 -> 9.3 us, 28672x8192 25.9 -> 24.7.
 EARLY_FLAG = 16
 EARLY_ORDER = ("w2", "w3", "w4", "s2", "s3", "s4", "p161")
 EARLY_KEYS = frozenset(EARLY_ORDER)
-DEFAULT_EARLY: frozenset[str] = frozenset(("w4",))
+DEFAULT_EARLY: frozenset[str] = frozenset(("w4", "s3", "s4", "p161"))
 
 
 def early_kernels(env: str | None) -> frozenset[str]:
