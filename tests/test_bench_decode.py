@@ -291,11 +291,15 @@ def test_ab_setting_is_applied_and_restored():
         assert uniform_cuda.PDL_EARLY == {"s3", "p161"}
     with decode_ab.launch_setting("LPQ_PDL", "0"):
         assert uniform_cuda.PDL is False and uniform_cuda.PDL_RULES == {}
+    tall = {"bits": 3, "n": 11008, "k": 4096}
+    with decode_ab.launch_setting("LPQ_TALL_WARPS", "8"):
+        assert uniform_cuda.default_warps(tall, 1, 5) == 8
+    assert uniform_cuda.default_warps(tall, 1, 5) == uniform_cuda.TALL_LOW_BIT_WARPS
     assert (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY) == before
 
 
 @pytest.mark.parametrize("setting", ["LPQ_FOO=1", "LPQ_PDL", "LPQ_PDL=2", "LPQ_PDL_EARLY=8", "LPQ_PDL_EARLY=",
-                                     "LPQ_PDL_EARLY=s5"])
+                                     "LPQ_PDL_EARLY=s5", "LPQ_TALL_WARPS=6"])
 def test_ab_script_refuses_bad_settings(setting, capsys):
     assert decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--setting", setting, "--no-write"]) == 2
     err = capsys.readouterr().err

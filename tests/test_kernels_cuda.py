@@ -340,7 +340,11 @@ def test_default_variant_rule():
                 assert uniform_cuda.default_warps(st, m, v) in (4, 8)
     # the measured winners (bench/RESULTS.md "round 5")
     pick = uniform_cuda.default_variant
-    assert (pick(st_of(3, 28672, 8192), 1), uniform_cuda.default_warps(st_of(3, 28672, 8192), 1, 5)) == (5, 8)
+    # taller than wide: 4 warps for 2-/3-bit codes since round 14 (TALL_LOW_BIT_WARPS), 8 for 4-bit
+    assert (pick(st_of(3, 28672, 8192), 1), uniform_cuda.default_warps(st_of(3, 28672, 8192), 1, 5)) == (
+        5, uniform_cuda.TALL_LOW_BIT_WARPS)
+    assert uniform_cuda.default_warps(st_of(4, 11008, 4096), 1, 5) == 8
+    assert uniform_cuda.tall_low_bit_warps(None) == 4 and uniform_cuda.tall_low_bit_warps("8") == 8
     assert (pick(st_of(2, 8192, 28672), 1), uniform_cuda.default_warps(st_of(2, 8192, 28672), 1, 4)) == (4, 4)
     assert (pick(st_of(4, 8192, 28672), 1), uniform_cuda.default_warps(st_of(4, 8192, 28672), 1, 5)) == (5, 4)
     assert pick(st_of(3, 28672, 8192), 8) == 3 and pick(st_of(4, 28672, 8192), 8) == 4

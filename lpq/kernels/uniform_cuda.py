@@ -251,21 +251,38 @@ def _valid_variant(v: int) -> bool:
 M1_WIDE_K = 3  # K >= M1_WIDE_K * N: at m = 1, 2-/3-bit codes keep two n-tiles (variant 4)
 
 
+def tall_low_bit_warps(env: str | None) -> int:
+    """Warps of the m = 1 kernel (variant 5) for 2-/3-bit layers taller than wide, from LPQ_TALL_WARPS: 4 unless it
+    says 8 (the rule before round 14, for A/B runs)."""
+    return 8 if env is not None and env.strip() == "8" else 4
+
+
+TALL_LOW_BIT_WARPS = tall_low_bit_warps(os.environ.get("LPQ_TALL_WARPS"))
+
+
 def default_warps(st: dict, m: int, variant: int = 0) -> int:
-    """Warps per block of the fused kernel, fitted to the H100 timings (bench/NOTES-kernels.md rounds 4
-    and 5). Variant 5 at m = 1: 8 warps when the layer is taller than wide (N > K), or for 2-/3-bit codes wider
-    than tall (K > N), else 4. Variant 4:
+    """Warps per block of the fused kernel, fitted to the H100 timings (bench/NOTES-kernels.md rounds 4,
+    5 and 14). Variant 5 at m = 1: 8 warps for 4-bit layers taller than wide (N > K) and 2-/3-bit ones wider than
+    tall (K > N); TALL_LOW_BIT_WARPS (4) for 2-/3-bit layers taller than wide; else 4. Variant 4:
     4 warps from 129 blocks of two n-tiles up, 8 below (4096x11008, 4096x4096). Variants 0 and 3 (round
     4): with few blocks (< 340) each must keep more chunks in flight, so 8 warps; with many, 4; one
     n-tile per block also 8 when K is short (<= 32 chunks of 128); two n-tiles between 128 and 340
-    blocks: 8 only for long K (>= 128 chunks)."""
+    blocks: 8 only for long K (>= 128 chunks). LPQ_UNIFORM_WARPS=4 or 8 forces one (for A/B runs)."""
+    forced = os.environ.get("LPQ_UNIFORM_WARPS")
+    if forced in ("4", "8"):
+        return int(forced)
     small_m = m <= 8
     n, k = st["n"], st["k"]
     if small_m and variant == 5:
         # 2-/3-bit layers wider than tall (N < K < 3 N) also take 8 (4096x11008 at m = 1, H100, three runs: W3
         # 9.7-10.0 us against 10.2-10.6 with 4; two runs: W2 8.4-9.0 against 9.2-9.6); 4-bit ones keep 4 (11.5-11.6
         # against 11.7-12.0)
-        return 8 if n > k or (st["bits"] in (2, 3) and k > n) else 4
+        if n > k:
+            # taller than wide: 8, but 2-/3-bit layers 4 since round 14 (TALL_LOW_BIT_WARPS), with PDL and the late
+            # trigger (H100, one run each: 11008x4096 W3 10.4 -> 9.3 us, W2 9.8 -> 8.8; 28672x8192 W3 38.2 -> 38.8,
+            # W2 33.6 -> 32.1; W4 level or slower with 4)
+            return TALL_LOW_BIT_WARPS if st["bits"] in (2, 3) else 8
+        return 8 if st["bits"] in (2, 3) and k > n else 4
     two_tiles = not small_m or variant in (3, 4)  # the m > 8 kernels always take two n-tiles per block
     blocks = st["sc"].shape[1] // (2 if two_tiles else 1)
     if small_m and variant == 4:
