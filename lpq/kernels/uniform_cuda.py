@@ -179,17 +179,19 @@ PDL_BALANCE = os.environ.get("LPQ_PDL_BALANCE") != "0"
 # rather than after its main loop. Which kernels take it is LPQ_PDL_EARLY's list of kernel keys (PDL_EARLY):
 # w2/w3/w4 the m = 1 uniform kernels (variants 4 and 5, or-ed with EARLY_FLAG) of those code widths, s2/s3/s4 the
 # m = 1 squeezellm LUT ring kernel of those widths (squeezellm_cuda), p161 the ptq161 ring kernel (ptq161_cuda).
-# On by default for w4, s3, s4 and p161, each chosen by a paired A/B of the 7B-shaped decode step on the H100
-# (bench/decode_ab.py, alternating pairs; bench/RESULTS.md) beside the kernel benchmark:
+# On by default for every key but s2 (not measured in decode), each chosen by a paired A/B of the 7B-shaped decode
+# step on the H100 (bench/decode_ab.py, alternating pairs; bench/RESULTS.md) beside the kernel benchmark:
 # - w4: decode 0.991x the time (every pair 0.990-0.992); kernel, 11008x4096 11.5 -> 10.6 us, 8192x8192 15.8 -> 14.8.
-# - w3: decode 1.024x (1.022-1.024): off, as are w2 and s2 (not measured in decode).
+# - w3, w2: with 8-warp blocks on layers taller than wide (before round 14) W3 lost, decode 1.024x (1.022-1.024);
+#   with 4-warp blocks there (TALL_LOW_BIT_WARPS) they gain: W3 0.998x (0.997-0.998), W2 0.996x (0.994-0.998);
+#   kernel, 11008x4096 W3 9.5 -> 8.3 us, W2 8.7 -> 8.0.
 # - s3: decode 0.998x (0.993-0.998); kernel, 3-bit dense 11008x4096 10.2 -> 9.6 us, 8192x8192 12.8 -> 12.2.
 # - s4: decode 1.001x (0.996-1.002), level; kernel, 11008x4096 14.4 -> 13.3 us, 8192x8192 18.3 -> 17.4.
 # - p161: decode 0.987x (0.986-0.993, unfused blocks); kernel, 11008x4096 9.9 -> 9.3 us, 28672x8192 25.9 -> 24.7.
 EARLY_FLAG = 16
 EARLY_ORDER = ("w2", "w3", "w4", "s2", "s3", "s4", "p161")
 EARLY_KEYS = frozenset(EARLY_ORDER)
-DEFAULT_EARLY: frozenset[str] = frozenset(("w4", "s3", "s4", "p161"))
+DEFAULT_EARLY: frozenset[str] = frozenset(("w2", "w3", "w4", "s3", "s4", "p161"))
 
 
 def early_kernels(env: str | None) -> frozenset[str]:
@@ -278,9 +280,10 @@ def default_warps(st: dict, m: int, variant: int = 0) -> int:
         # 9.7-10.0 us against 10.2-10.6 with 4; two runs: W2 8.4-9.0 against 9.2-9.6); 4-bit ones keep 4 (11.5-11.6
         # against 11.7-12.0)
         if n > k:
-            # taller than wide: 8, but 2-/3-bit layers 4 since round 14 (TALL_LOW_BIT_WARPS), with PDL and the late
-            # trigger (H100, one run each: 11008x4096 W3 10.4 -> 9.3 us, W2 9.8 -> 8.8; 28672x8192 W3 38.2 -> 38.8,
-            # W2 33.6 -> 32.1; W4 level or slower with 4)
+            # taller than wide: 8, but 2-/3-bit layers 4 since round 14 (TALL_LOW_BIT_WARPS). H100 with PDL and the
+            # late trigger, one run each: 11008x4096 W3 10.4 -> 9.3 us, W2 9.8 -> 8.8; 28672x8192 W3 38.2 -> 38.8,
+            # W2 33.6 -> 32.1; W4 level or slower with 4. Decode A/B (bench/decode_ab.py, LPQ_TALL_WARPS=8 against
+            # 4): 8 warps took W3 1.041x and W2 1.042x the time of 4 (every pair 1.037-1.043)
             return TALL_LOW_BIT_WARPS if st["bits"] in (2, 3) else 8
         return 8 if st["bits"] in (2, 3) and k > n else 4
     two_tiles = not small_m or variant in (3, 4)  # the m > 8 kernels always take two n-tiles per block
