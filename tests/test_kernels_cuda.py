@@ -345,6 +345,7 @@ def test_default_variant_rule():
         5, uniform_cuda.TALL_LOW_BIT_WARPS)
     assert uniform_cuda.default_warps(st_of(4, 11008, 4096), 1, 5) == 8
     assert uniform_cuda.tall_low_bit_warps(None) == 4 and uniform_cuda.tall_low_bit_warps("8") == 8
+    assert uniform_cuda.tall_low_bit_warps("6") == 4  # logged, read as unset
     assert (pick(st_of(2, 8192, 28672), 1), uniform_cuda.default_warps(st_of(2, 8192, 28672), 1, 4)) == (4, 4)
     assert (pick(st_of(4, 8192, 28672), 1), uniform_cuda.default_warps(st_of(4, 8192, 28672), 1, 5)) == (5, 4)
     assert pick(st_of(3, 28672, 8192), 8) == 3 and pick(st_of(4, 28672, 8192), 8) == 4

@@ -255,8 +255,13 @@ M1_WIDE_K = 3  # K >= M1_WIDE_K * N: at m = 1, 2-/3-bit codes keep two n-tiles (
 
 def tall_low_bit_warps(env: str | None) -> int:
     """Warps of the m = 1 kernel (variant 5) for 2-/3-bit layers taller than wide, from LPQ_TALL_WARPS: 4 unless it
-    says 8 (the rule before round 14, for A/B runs)."""
-    return 8 if env is not None and env.strip() == "8" else 4
+    says 8 (the rule before round 14, for A/B runs). Another value is logged and read as unset."""
+    if env is None or env.strip() in ("", "4"):
+        return 4
+    if env.strip() == "8":
+        return 8
+    log.warning("LPQ_TALL_WARPS=%r is not 4 or 8: using 4", env)
+    return 4
 
 
 TALL_LOW_BIT_WARPS = tall_low_bit_warps(os.environ.get("LPQ_TALL_WARPS"))
