@@ -14,8 +14,9 @@ called from Python, and A's tokens must equal B's (a launch setting must not cha
 
 Settings: LPQ_PDL_EARLY (the early trigger, by kernel key: 0, 1, or keys such as w4 or w4,s3,p161; w2-w4 the m = 1
 uniform kernels, s2-s4 the m = 1 squeezellm LUT kernels, p161 the ptq161 ring kernel) and LPQ_PDL (programmatic
-dependent launch of the uniform, LUT, ptq161 and attention kernels: 0 or 1) and LPQ_TALL_WARPS (warps a block of the
-m = 1 uniform kernel for 2-/3-bit layers taller than wide: 4, the default, or 8).
+dependent launch of the uniform, LUT, ptq161 and attention kernels: 0 or 1), LPQ_TALL_WARPS (warps a block of the
+m = 1 uniform kernel for 2-/3-bit layers taller than wide: 4, the default, or 8) and LPQ_PTQ161_VARIANT (the ptq161
+kernel variant, a name of lpq.kernels.ptq161_cuda.VARIANTS).
 
 Writes the section "## End to end: decode A/B, SETTING=VALUE" of bench/RESULTS.md and bench/results/decode-ab.json
 (--section / --records name others; --no-write writes neither).
@@ -43,7 +44,7 @@ import decode  # noqa: E402
 from lpq.errors import LpqError  # noqa: E402
 from results_io import device_name, publish, versions  # noqa: E402
 
-SETTINGS = ("LPQ_PDL_EARLY", "LPQ_PDL", "LPQ_TALL_WARPS")
+SETTINGS = ("LPQ_PDL_EARLY", "LPQ_PDL", "LPQ_TALL_WARPS", "LPQ_PTQ161_VARIANT")
 
 
 def parse_setting(text: str) -> tuple[str, str]:
@@ -56,6 +57,11 @@ def parse_setting(text: str) -> tuple[str, str]:
         raise LpqError(f"--setting {text}: LPQ_PDL takes 0 or 1")
     if name == "LPQ_TALL_WARPS" and value not in ("4", "8"):
         raise LpqError(f"--setting {text}: LPQ_TALL_WARPS takes 4 or 8")
+    if name == "LPQ_PTQ161_VARIANT":
+        from lpq.kernels import ptq161_cuda
+
+        if value not in ptq161_cuda.VARIANTS:
+            raise LpqError(f"--setting {text}: LPQ_PTQ161_VARIANT takes one of {', '.join(ptq161_cuda.VARIANTS)}")
     if name == "LPQ_PDL_EARLY":
         from lpq.kernels import uniform_cuda as u
 
@@ -76,8 +82,11 @@ def launch_setting(name: str | None, value: str | None):
     from lpq.kernels import uniform_cuda as u
 
     saved = (u.PDL, u.PDL_RULES, u.PDL_EARLY, u.TALL_LOW_BIT_WARPS)
+    saved_env = os.environ.get("LPQ_PTQ161_VARIANT")
     try:
-        if name == "LPQ_PDL_EARLY":
+        if name == "LPQ_PTQ161_VARIANT":  # read by ptq161_cuda.gemv at each call (so at capture)
+            os.environ[name] = value
+        elif name == "LPQ_PDL_EARLY":
             u.PDL_EARLY = u.early_kernels(value)
         elif name == "LPQ_TALL_WARPS":
             u.TALL_LOW_BIT_WARPS = u.tall_low_bit_warps(value)
@@ -86,6 +95,10 @@ def launch_setting(name: str | None, value: str | None):
         yield
     finally:
         u.PDL, u.PDL_RULES, u.PDL_EARLY, u.TALL_LOW_BIT_WARPS = saved
+        if saved_env is None:
+            os.environ.pop("LPQ_PTQ161_VARIANT", None)
+        else:
+            os.environ["LPQ_PTQ161_VARIANT"] = saved_env
 
 
 def arm_decoder(model, prompt, steps: int, mode: str, setting: tuple[str | None, str | None]):

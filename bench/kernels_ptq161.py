@@ -116,9 +116,10 @@ def main() -> None:
     body = "\n".join([
         f"GPU: {gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}; date {today}; command: "
         f"`{pdl_env_prefix()}{shlex.join(['python', 'bench/kernels_ptq161.py', *sys.argv[1:]])}`. auto: the default choice (m <= 4: "
-        f"the ring kernel with 2 stages of 8 words a warp where it applies, else the streaming kernel); ring / "
-        f"ring3 / ring2 / ring2w8: the ring kernel (cp.async ring of 4 / 3 / 2 stages of 4 words, 2 of 8 words "
-        f"a warp; m <= 4); stream: the streaming kernel (register double buffers); stream-ffma: the same with the salient codes FMA'd in fp32; stream-1row: one row a "
+        f"the ring kernel with 2 stages of 8 words a warp where it applies, 3 at m = 1 where a warp's share of a K "
+        f"split is 80 words of 32 rows or more, else the streaming kernel); ring / ring3 / ring2 / ring2w8 / ring3w8 / ring4w8: the ring "
+        f"kernel (cp.async ring of 4 / 3 / 2 stages of 4 words, 2 / 3 / 4 of 8 words a warp; m <= 4, 3 or 4 of 8 at "
+        f"m = 1 only); stream: the streaming kernel (register double buffers); stream-ffma: the same with the salient codes FMA'd in fp32; stream-1row: one row a "
         f"thread; first: the first kernel (short K tiles, fp32 atomics, memset + epilogue launches); NAME@S: S "
         f"splits along K forced. 'launched': the kernel and K splits that ran. Random ptq161 layers "
         f"({args.salient:.0%} salient channels at 4 bits, the rest binarized), activations fp16. Median of >= 200 calls, "

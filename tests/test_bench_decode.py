@@ -4,6 +4,7 @@ that the comparison catches a wrong position, the timing record, and the script 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -296,10 +297,17 @@ def test_ab_setting_is_applied_and_restored():
         assert uniform_cuda.default_warps(tall, 1, 5) == 8
     assert uniform_cuda.default_warps(tall, 1, 5) == uniform_cuda.TALL_LOW_BIT_WARPS
     assert (uniform_cuda.PDL, uniform_cuda.PDL_RULES, uniform_cuda.PDL_EARLY) == before
+    from lpq.kernels import ptq161_cuda
+
+    env = os.environ.get("LPQ_PTQ161_VARIANT")
+    with decode_ab.launch_setting("LPQ_PTQ161_VARIANT", "ring4w8"):
+        assert ptq161_cuda._variant_from_env() == "ring4w8"
+    assert os.environ.get("LPQ_PTQ161_VARIANT") == env
 
 
 @pytest.mark.parametrize("setting", ["LPQ_FOO=1", "LPQ_PDL", "LPQ_PDL=2", "LPQ_PDL_EARLY=8", "LPQ_PDL_EARLY=",
-                                     "LPQ_PDL_EARLY=s5", "LPQ_TALL_WARPS=6"])
+                                     "LPQ_PDL_EARLY=s5", "LPQ_TALL_WARPS=6",
+                                     "LPQ_PTQ161_VARIANT=fastest"])
 def test_ab_script_refuses_bad_settings(setting, capsys):
     assert decode_ab.main(["--tiny", "--device", "cpu", "--mode", "eager", "--setting", setting, "--no-write"]) == 2
     err = capsys.readouterr().err

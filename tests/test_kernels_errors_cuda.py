@@ -92,7 +92,7 @@ CHILD = textwrap.dedent(r'''
         bad("gemv 3 salient channels", lambda: op.gemv(xp, qw, sw, binz, sal[:3].contiguous(), colscale, rowvec, None, cnt, n, k, 0, 0))
         bad("gemv float32 x", lambda: op.gemv(xp.float(), qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
         bad("gemv x [1, 32]", lambda: op.gemv(xp[:, :32].contiguous(), qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
-        bad("gemv variant 9", lambda: op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 9, 0))
+        bad("gemv variant 11", lambda: op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 11, 0))
         bad("gemv no counters", lambda: op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt[:0], n, k, 0, 0))
         alive(op.gemv(xp, qw, sw, binz, sal, colscale, rowvec, None, cnt, n, k, 0, 0))
 ''')
@@ -114,7 +114,7 @@ EXPECTED = {
         ("gemv 3 salient channels", "salient/binarized split does not fit in_features=64"),
         ("gemv float32 x", "activations must be float16 or bfloat16"),
         ("gemv x [1, 32]", "x must be a contiguous CUDA [m, 64] tensor"),
-        ("gemv variant 9", "variant must be 0 (automatic), 1 (first kernel), 2"),
+        ("gemv variant 11", "variant must be 0 (automatic), 1 (first kernel), 2"),
         ("gemv no counters", "counters must be int32"),
     ]),
 }

@@ -85,7 +85,7 @@ def test_default_pdl_rule(monkeypatch):
     """Programmatic dependent launch for every variant that may run the ring kernel when it is on (uniform_cuda.PDL,
     the one switch LPQ_PDL sets for every lpq kernel); never for the streaming or first kernels; none with it off."""
     flag, early = ptq161_cuda.PDL_FLAG, ptq161_cuda.EARLY_FLAG
-    rings = ("auto", "ring", "ring3", "ring2", "ring2w8")
+    rings = ("auto", "ring", "ring3", "ring2", "ring2w8", "ring3w8", "ring4w8")
     monkeypatch.setattr(uniform_cuda, "PDL", True)
     monkeypatch.setattr(uniform_cuda, "PDL_EARLY", frozenset())
     assert {v: ptq161_cuda.with_default_pdl(v) & (flag | early) for v in ptq161_cuda.VARIANTS} == {
@@ -126,7 +126,8 @@ SHAPES = [(1, 40, 8), (200, 320, 64), (257, 1064, 136), (300, 576, 0), (64, 128,
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k,s", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["auto", "ring", "ring3", "ring2", "ring2w8", "stream", "stream-ffma", "stream-1row", "first"])
+@pytest.mark.parametrize("variant", ["auto", "ring", "ring3", "ring2", "ring2w8", "ring3w8", "ring4w8", "stream", "stream-ffma",
+                                     "stream-1row", "first"])
 def test_gemv_matches_reference(n, k, s, dtype, variant):
     qw = random_layer(n, k, s, device="cuda", seed=n + k)
     w = qw.dequantize()  # fp32 reference weight
@@ -165,6 +166,10 @@ def test_plan_picks_the_ring_kernel_where_it_applies():
         assert ptq161_cuda.plan(st, m, variant="ring3")["stages"] == 3
         assert ptq161_cuda.plan(st, m, variant="ring2")["stages"] == 2
         assert ptq161_cuda.plan(st, m, variant="ring2w8")["words"] == 8
+        # 3 and 4 stages of 8 words: built for m = 1; other m take 2 stages of 8
+        for name, stages in (("ring3w8", 3), ("ring4w8", 4)):
+            deep = ptq161_cuda.plan(st, m, variant=name)
+            assert (deep["stages"], deep["words"]) == (stages if m == 1 else 2, 8), (m, name, deep)
         assert ptq161_cuda.plan(st, m, variant="stream")["kernel"] == "stream"
     for m in (5, 8, 16):
         assert ptq161_cuda.plan(st, m)["kernel"] == "stream"
@@ -177,6 +182,17 @@ def test_plan_picks_the_ring_kernel_where_it_applies():
     forced = ptq161_cuda.plan(st_wide, 4, variant="ring2w8")
     assert forced["kernel"] == "ring" and forced["ksplit"] == 18
     assert ptq161_cuda.plan(st_wide, 1)["kernel"] == "ring"
+    # m = 1 on a large layer: a third stage of 8 words where a warp's share of a 2-stage split is >= 80 words of
+    # 32 rows (here (45 + 48) x 2); never at m > 1
+    big = random_layer(8192, 28672, 5728, device="cuda", seed=7)
+    st_big = ptq161_cuda.prepare_state(big.tensors, big.spec, 28672, 8192)
+    p1 = ptq161_cuda.plan(st_big, 1)
+    assert p1["kernel"] == "ring" and (p1["stages"], p1["words"]) == (3, 8), p1
+    assert ptq161_cuda.plan(st_big, 2)["kernel"] == "stream"  # m = 2: its table needs more than 16 splits
+    p2 = ptq161_cuda.plan(st_big, 2, variant="ring3w8")  # forced onto the ring: 2 stages of 8 at m = 2
+    assert p2["kernel"] == "ring" and (p2["stages"], p2["words"]) == (2, 8), p2
+    assert (ptq161_cuda.plan(st_big, 1, variant="ring2w8")["stages"]) == 2  # a named variant is kept
+    del big, st_big
     odd = random_layer(258, 576, 64, device="cuda")  # N = 258: not a multiple of 4
     st_odd = ptq161_cuda.prepare_state(odd.tensors, odd.spec, 576, 258)
     assert ptq161_cuda.plan(st_odd, 1)["kernel"] == "stream"

@@ -12,7 +12,9 @@ the first CUDA forward, like the uniform kernels (``cuda_build``). Kernel regist
                m > 16: the format's dequantize on the GPU + cuBLAS.
                ``LPQ_PTQ161_VARIANT`` (default ``auto``, the choice above): ``ring`` / ``ring3`` /
                ``ring2`` the ring kernel with 4 / 3 / 2 stages of 4 words where it applies, ``ring2w8``
-               with 2 stages of 8 words; ``stream`` the streaming kernel;
+               / ``ring3w8`` / ``ring4w8`` with 2 / 3 / 4 stages of 8 words (3 and 4 at m = 1 only;
+               ``auto`` takes 2, or 3 at m = 1 where a warp's share of a K split is 80 words of 32
+               rows or more: the large layers); ``stream`` the streaming kernel;
                ``stream-1row`` the streaming kernel with one row a thread where its plan would take
                two; ``stream-ffma`` the streaming kernel with the salient codes converted to fp32 and
                FMA'd (its first form); ``first`` the first kernel (csrc/ptq161_kernels.cu: short K
@@ -47,7 +49,8 @@ MAX_FUSED_M = 16
 SOURCES = ["ptq161_binding.cpp", "ptq161_kernels.cu", "ptq161_stream.cu", "ptq161_ring.cu"]
 HEADERS = ["ptq161_launch.h", "ptq161_common.cuh", "async_copy.cuh"]
 
-VARIANTS = {"auto": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3, "ring": 4, "stream": 5, "ring3": 6, "ring2": 7, "ring2w8": 8}
+VARIANTS = {"auto": 0, "first": 1, "stream-1row": 2, "stream-ffma": 3, "ring": 4, "stream": 5, "ring3": 6, "ring2": 7, "ring2w8": 8,
+            "ring3w8": 9, "ring4w8": 10}
 ROWS_PER_COUNTER = 256  # the kernel's smallest row block; two token tiles per launch
 # Or-ed into the variant: a ring kernel the call launches uses programmatic dependent launch (csrc/ptq161_launch.h
 # kVariantPDL): its prologue requests weight words only, then waits for the kernel ahead of it. On by default with the
@@ -56,7 +59,7 @@ PDL_FLAG = 16
 # Or-ed in with PDL_FLAG (kVariantEarly): that ring kernel lets the next kernel launch right after its own
 # griddepcontrol.wait (the early trigger); at m = 1 where the key p161 is in uniform_cuda.PDL_EARLY (LPQ_PDL_EARLY).
 EARLY_FLAG = 32
-RING_VARIANTS = ("auto", "ring", "ring3", "ring2", "ring2w8")
+RING_VARIANTS = ("auto", "ring", "ring3", "ring2", "ring2w8", "ring3w8", "ring4w8")
 
 
 def with_default_pdl(variant: str, m: int = 1) -> int:

@@ -20,6 +20,10 @@ __device__ __forceinline__ void cp_async16_ca(void* smem, const void* gmem, int 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// A hint that the line holding p be brought into L1 (and L2): no register, no wait; a later load of it then
+// misses neither.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
+
 // Programmatic dependent launch (sm_90+): wait for the grid this one depends on (all its memory
 // visible), and let the next grid launch early. Both are no-ops for a grid launched without the
 // programmatic-serialization attribute, and compiled out below sm_90.

@@ -16,15 +16,17 @@ namespace lpq {
 namespace {
 
 // variants 0 (automatic: 2 stages of 8 words, the fastest ring on most shapes and batches measured on the
-// H100), 4, 6, 7 and 8 (ring): the ring kernel where its plan applies (m <= kMaxRingM, N a multiple of 4,
+// H100; 3 at m = 1 on large layers, see plan_ring), 4, 6, 7, 8, 9 and 10 (ring: 4, 3, 2 stages of 4 words, 2, 3, 4 stages of 8): the ring kernel where its plan applies (m <= kMaxRingM, N a multiple of 4,
 // both word tensors 16-byte aligned for its cp.async copies), else the streaming kernel; 2, 3 and 5: the
 // streaming kernel
 ptq161::StreamPlan choose_plan(int64_t variant, bool bf16, int mc, int64_t n, int64_t k, int64_t s, int64_t ksplit,
                                bool aligned16) {
   ptq161::StreamPlan plan;
-  if ((variant == 0 || variant == 4 || variant == 6 || variant == 7 || variant == 8) && aligned16 &&
-      ptq161::plan_ring(plan, bf16, mc, (int)n, (int)k, (int)s, (int)ksplit,
-                        variant == 4 ? 4 : variant == 6 ? 3 : 2, variant == 0 || variant == 8 ? 8 : 4, variant == 0))
+  const bool ring = variant == 0 || variant == 4 || (variant >= 6 && variant <= 10);
+  const int stages = variant == 4 || variant == 10 ? 4 : variant == 6 || variant == 9 ? 3 : 2;
+  const int words = variant == 0 || variant >= 8 ? 8 : 4;
+  if (ring && aligned16 &&
+      ptq161::plan_ring(plan, bf16, mc, (int)n, (int)k, (int)s, (int)ksplit, stages, words, variant == 0))
     return plan;
   return ptq161::plan_stream(mc, (int)n, (int)k, (int)s, (int)ksplit, variant == 2, variant != 3);
 }
@@ -37,7 +39,7 @@ ptq161::StreamPlan choose_plan(int64_t variant, bool bf16, int mc, int64_t n, in
 std::vector<int64_t> ptq161_plan(int64_t m, int64_t n, int64_t k, int64_t s, int64_t variant, int64_t ksplit, bool bf16) {
   TORCH_CHECK(m >= 1 && m <= ptq161::kMaxStreamM && n >= 1 && s >= 0 && s <= k, "lpq ptq161_plan: bad problem");
   variant &= ~(ptq161::kVariantPDL | ptq161::kVariantEarly);  // launch properties
-  TORCH_CHECK(variant >= 0 && variant <= 8 && variant != 1, "lpq ptq161_plan: the first kernel has no plan");
+  TORCH_CHECK(variant >= 0 && variant <= 10 && variant != 1, "lpq ptq161_plan: the first kernel has no plan");
   const ptq161::StreamPlan p = choose_plan(variant, bf16, (int)m, n, k, s, ksplit, true);
   return {p.ring ? 1 : 0, p.ksplit, p.rows_per_thread, p.ring ? p.ring_stages : 0, p.ring ? p.ring_words : 0};
 }
@@ -65,10 +67,10 @@ at::Tensor ptq161_gemv(const at::Tensor& x, const at::Tensor& qw, const at::Tens
     TORCH_CHECK(bias->numel() == n && bias->scalar_type() == x.scalar_type() && bias->is_contiguous(), "lpq ptq161_gemv: bad bias");
     bptr = bias->data_ptr();
   }
-  TORCH_CHECK(variant >= 0 && variant <= 8,
+  TORCH_CHECK(variant >= 0 && variant <= 10,
               "lpq ptq161_gemv: variant must be 0 (automatic), 1 (first kernel), 2 (streaming, one row a thread), "
-              "3 (streaming, salient codes by FFMA), 4 (ring), 5 (streaming), 6 (ring of 3 stages), 7 (ring of 2) "
-              "or 8 (ring of 2 stages of 8 words), optionally or-ed with ", ptq161::kVariantPDL,
+              "3 (streaming, salient codes by FFMA), 4 (ring), 5 (streaming), 6 (ring of 3 stages), 7 (ring of 2), "
+              "8, 9 or 10 (ring of 2, 3 or 4 stages of 8 words), optionally or-ed with ", ptq161::kVariantPDL,
               " (a ring kernel launched with programmatic dependent launch) and then ", ptq161::kVariantEarly,
               " (its early trigger)");
   TORCH_CHECK(!early || pdl, "lpq ptq161_gemv: the early trigger (", ptq161::kVariantEarly, ") needs ",

@@ -44,24 +44,40 @@ __device__ __forceinline__ void zero_sums(float (&acc_b)[MT][R], float (&acc_s)[
 // (channels 4g..4g+3 of the stage), v = the 4 sign bits, entry = sum_i (bit i ? +1 : -1) colscale x. Also adds
 // the unscaled inputs of the stage to sum_b[t] (this thread's share; reduced over the block at the end).
 // Item e of the table (token e / groups, group e % groups): its four colscale x, loads only (so that a caller
-// can put other loads beside them), adding the inputs to sum_b.
-template <typename T, int MT>
-__device__ __forceinline__ void table_item_inputs(const StreamArgs& a, int t0, int mt, int w, int groups, int e,
-                                                  float (&q)[4], float (&sum_b)[MT]) {
-  const int t = e / groups, g = e - t * groups;
+// can put other loads beside them), adding the inputs to sum_b. Split in two: the constants of the item (its
+// four input channels and column scales: weights of the layer, which a kernel may load before its
+// griddepcontrol.wait) and the inputs gathered through them (only after it).
+struct TableConsts {
+  int4 idx;   // the four input channels of the item's nibble group
+  float4 cs;  // their column scales
+};
+
+__device__ __forceinline__ TableConsts table_item_consts(const StreamArgs& a, int w, int groups, int e) {
+  const int g = e % groups;
   const int c = w * 32 + 4 * g;  // position in the binarized run
+  return TableConsts{*reinterpret_cast<const int4*>(a.bin_idx + c), *reinterpret_cast<const float4*>(a.colscale + c)};
+}
+
+template <typename T, int MT>
+__device__ __forceinline__ void table_item_gather(const StreamArgs& a, int t0, int mt, int groups, int e,
+                                                  const TableConsts& k, float (&q)[4], float (&sum_b)[MT]) {
+  const int t = e / groups;
   q[0] = q[1] = q[2] = q[3] = 0.f;
   if (t < mt) {
     const T* __restrict__ xr = reinterpret_cast<const T*>(a.x) + (size_t)(t0 + t) * a.k;
-    const int4 idx = *reinterpret_cast<const int4*>(a.bin_idx + c);
-    const float4 cs = *reinterpret_cast<const float4*>(a.colscale + c);
-    const float x0 = to_f(xr[idx.x]), x1 = to_f(xr[idx.y]), x2 = to_f(xr[idx.z]), x3 = to_f(xr[idx.w]);
+    const float x0 = to_f(xr[k.idx.x]), x1 = to_f(xr[k.idx.y]), x2 = to_f(xr[k.idx.z]), x3 = to_f(xr[k.idx.w]);
     sum_b[t] += (x0 + x1) + (x2 + x3);
-    q[0] = cs.x * x0;
-    q[1] = cs.y * x1;
-    q[2] = cs.z * x2;
-    q[3] = cs.w * x3;
+    q[0] = k.cs.x * x0;
+    q[1] = k.cs.y * x1;
+    q[2] = k.cs.z * x2;
+    q[3] = k.cs.w * x3;
   }
+}
+
+template <typename T, int MT>
+__device__ __forceinline__ void table_item_inputs(const StreamArgs& a, int t0, int mt, int w, int groups, int e,
+                                                  float (&q)[4], float (&sum_b)[MT]) {
+  table_item_gather<T, MT>(a, t0, mt, groups, e, table_item_consts(a, w, groups, e), q, sum_b);
 }
 
 // the 16 signed sums of item e's four inputs into the table
@@ -136,20 +152,34 @@ __device__ __forceinline__ uint32_t nibbles_or(uint32_t a, uint32_t magic) {
 // Adds the inputs to sum_s[t].
 // Slot e of the staged inputs (cnt slots a token: token e / cnt, word rem / 8, slot rem % 8): its input, a
 // load only, added to sum_s; +0 past the run. Stored at xh[(t * ssw + word) * 8 + slot] = xh[index].
-template <typename T, int MT>
-__device__ __forceinline__ T salient_item_input(const StreamArgs& a, int t0, int mt, int w, int end, int cnt, int ssw,
-                                                int e, int& index, float (&sum_s)[MT]) {
-  const int t = e / cnt, rem = e - t * cnt;
+// Split in two as the table's items are: the slot's input channel (a constant of the layer; -1 past the run),
+// then the input gathered through it.
+__device__ __forceinline__ int salient_item_col(const StreamArgs& a, int w, int end, int cnt, int e) {
+  const int rem = e % cnt;
   const int wl = rem >> 3, slot = rem & 7;
   const int code = (slot >> 1) + ((slot & 1) << 2);
+  return w + wl < end ? a.sal_idx[(w + wl) * 8 + code] : -1;
+}
+
+template <typename T, int MT>
+__device__ __forceinline__ T salient_item_gather(const StreamArgs& a, int t0, int mt, int cnt, int ssw, int e, int col,
+                                                 int& index, float (&sum_s)[MT]) {
+  const int t = e / cnt, rem = e - t * cnt;
+  const int wl = rem >> 3, slot = rem & 7;
   index = (t * ssw + wl) * 8 + slot;
   T v;
   *reinterpret_cast<unsigned short*>(&v) = 0;  // +0 in both fp16 and bf16
-  if (t < mt && w + wl < end) {
-    v = reinterpret_cast<const T*>(a.x)[(size_t)(t0 + t) * a.k + a.sal_idx[(w + wl) * 8 + code]];
+  if (t < mt && col >= 0) {
+    v = reinterpret_cast<const T*>(a.x)[(size_t)(t0 + t) * a.k + col];
     sum_s[t] += to_f(v);
   }
   return v;
+}
+
+template <typename T, int MT>
+__device__ __forceinline__ T salient_item_input(const StreamArgs& a, int t0, int mt, int w, int end, int cnt, int ssw,
+                                                int e, int& index, float (&sum_s)[MT]) {
+  return salient_item_gather<T, MT>(a, t0, mt, cnt, ssw, e, salient_item_col(a, w, end, cnt, e), index, sum_s);
 }
 
 template <typename T, int MT>

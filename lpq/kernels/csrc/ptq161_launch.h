@@ -79,11 +79,13 @@ constexpr int kVariantPDL = 16;      // or-ed into a gemv variant: a ring kernel
 constexpr int kVariantEarly = 32;    // or-ed in with kVariantPDL: that ring kernel takes the early trigger (StreamPlan::pdl_early)
 constexpr int kMaxRingSplit = 32;    // K splits at most
 constexpr int kRingTableWords = 64;  // tokens x binarized words of a split: one table of at most 32 KB
+constexpr int kDeepRingWords = 80;   // automatic, m = 1: 3 stages of 8 words from this many words of 32 rows a warp
 
 // The ring kernel's plan for this problem into p; false where it does not apply (m > kMaxRingM, N not a
 // multiple of 4, a table that would need more splits than kMaxRingSplit), and the streaming kernel runs.
-// stages, words: the ring's stages a warp (2, 3 or 4) and words a stage (4, or 8 with 2 stages); automatic:
-// also false where the table would need more than 16 splits (the automatic choice takes the streaming kernel).
+// stages, words: the ring's stages a warp (2, 3 or 4) and words a stage (4 or 8; 3 or 4 stages of 8 at m = 1
+// only); automatic: also false where the table would need more than 16 splits (the automatic choice takes the
+// streaming kernel), and 3 stages of 8 words at m = 1 where a warp's share of a split is kDeepRingWords or more.
 bool plan_ring(StreamPlan& p, bool bf16, int m, int n, int k, int s, int ksplit_request, int stages, int words,
                bool automatic);
 cudaError_t launch_ring(bool bf16, const StreamArgs& a, const StreamPlan& p, cudaStream_t stream);

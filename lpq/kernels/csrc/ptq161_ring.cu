@@ -133,6 +133,31 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
   // counters of the split-K reduction, are touched only after griddepcontrol.wait.
 #pragma unroll
   for (int st = 0; st < NS - 1; ++st) issue(st);
+  // Also before the wait, the other constants the block needs after it, so that none of them is a DRAM round
+  // trip on the block's path once the inputs are readable: the channels and column scales of this thread's
+  // first staging items (held in registers across the wait; the inputs are then gathered in one round), and
+  // the warp's rows of the four row vectors, which finish_block reads at the end (prefetched into L1: no
+  // registers held through the loop).
+  const int groups = (wb1 - wb0) * 8, cnt = ((ws1 - ws0 + W - 1) / W) * W * 8;  // cnt: whole stages of inputs
+  const int items = MT * (groups > cnt ? groups : cnt);
+  // Only at m = 1: at m = 2 and 4 the held constants took the kernel from 80 to 96 registers.
+  constexpr bool kHoist = MT == 1;
+  TableConsts first_tab = {make_int4(0, 0, 0, 0), make_float4(0.f, 0.f, 0.f, 0.f)};
+  int first_col = -1;
+  if (kHoist && threadIdx.x < MT * groups) first_tab = table_item_consts(a, wb0, groups, threadIdx.x);
+  if (kHoist && threadIdx.x < MT * cnt) first_col = salient_item_col(a, ws0, ws1, cnt, threadIdx.x);
+  if (lane < 12) {
+    // vector lane / 3 at the warp's first, middle and last row: the 32 R floats span at most 3 lines
+    const int part = lane % 3;
+    int row = warp_row0 + (part == 0 ? 0 : part == 1 ? 16 * R : 32 * R - 1);
+    row = row < a.n ? row : a.n - 1;
+    prefetch_l1(a.rowvec + (size_t)(lane / 3) * a.n + row);
+  } else if (lane < 15 && a.bias) {  // the bias the same way (2-byte elements: 32 R of them span at most 2 lines)
+    const int part = lane - 12;
+    int row = warp_row0 + (part == 0 ? 0 : part == 1 ? 16 * R : 32 * R - 1);
+    row = row < a.n ? row : a.n - 1;
+    prefetch_l1(reinterpret_cast<const T*>(a.bias) + row);
+  }
   pdl_wait();
   if (pdl_early) pdl_launch_dependents();  // the early trigger (StreamPlan::pdl_early)
 
@@ -141,23 +166,24 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
   // the block's table and salient inputs, while the first stages are in flight: a table item and a salient
   // slot a thread and iteration, their loads side by side (two dependent rounds, indices then inputs,
   // instead of four)
-  {
-    const int groups = (wb1 - wb0) * 8, cnt = ((ws1 - ws0 + W - 1) / W) * W * 8;  // whole stages of inputs
-    const int items = MT * (groups > cnt ? groups : cnt);
-    for (int e = threadIdx.x; e < items; e += kThreads) {
-      float q[4];
-      int index = 0;
-      T v;
-      if (e < MT * groups) table_item_inputs<T, MT>(a, t0, mt, wb0, groups, e, q, sum_b);
-      if (e < MT * cnt) v = salient_item_input<T, MT>(a, t0, mt, ws0, ws1, cnt, sal_words, e, index, sum_s);
-      if (e < MT * groups) table_item_store(tab, e, q);
-      if (e < MT * cnt) xh[index] = v;
+  for (int e = threadIdx.x; e < items; e += kThreads) {
+    TableConsts tk = first_tab;
+    int col = first_col;
+    if (!kHoist || e != threadIdx.x) {  // a later item: its constants now
+      if (e < MT * groups) tk = table_item_consts(a, wb0, groups, e);
+      if (e < MT * cnt) col = salient_item_col(a, ws0, ws1, cnt, e);
     }
+    float q[4];
+    int index = 0;
+    T v;
+    if (e < MT * groups) table_item_gather<T, MT>(a, t0, mt, groups, e, tk, q, sum_b);
+    if (e < MT * cnt) v = salient_item_gather<T, MT>(a, t0, mt, cnt, sal_words, e, col, index, sum_s);
+    if (e < MT * groups) table_item_store(tab, e, q);
+    if (e < MT * cnt) xh[index] = v;
   }
   __syncthreads();
 
   const char* tab_bytes = reinterpret_cast<const char*>(tab);
-  const int groups = (wb1 - wb0) * 8;
   float cacc[NT16][4];
 #pragma unroll
   for (int j = 0; j < NT16; ++j) cacc[j][0] = cacc[j][1] = cacc[j][2] = cacc[j][3] = 0.f;
@@ -309,9 +335,16 @@ bool plan_ring_mt(StreamPlan& p, int n, int k, int s, int ksplit_request, bool a
   return true;
 }
 
-// the ring's shape (stages, words a stage): (4, 4), (3, 4), (2, 4) or (2, 8)
+// the ring's shape (stages, words a stage): (4, 4), (3, 4), (2, 4), (2, 8), and at m = 1 also (3, 8) and (4, 8):
+// 16 or 24 words a warp in flight, for grids of few blocks an SM, whose warps otherwise wait on one stage at a
+// time (other m: not built, to keep the build short; the plan falls back to (2, 8))
+template <int MT, int NS, int W> constexpr bool ring_built() { return W == 4 || NS == 2 || MT == 1; }
+
 template <typename T, int MT, int R>
 bool plan_ring_ns(StreamPlan& p, int n, int k, int s, int ksplit_request, bool automatic) {
+  if (p.ring_words == 8 && MT != 1) p.ring_stages = 2;
+  if (p.ring_words == 8 && p.ring_stages == 4) return plan_ring_mt<T, MT, R, ring_built<MT, 4, 8>() ? 4 : 2, 8>(p, n, k, s, ksplit_request, automatic);
+  if (p.ring_words == 8 && p.ring_stages == 3) return plan_ring_mt<T, MT, R, ring_built<MT, 3, 8>() ? 3 : 2, 8>(p, n, k, s, ksplit_request, automatic);
   if (p.ring_words == 8) return plan_ring_mt<T, MT, R, 2, 8>(p, n, k, s, ksplit_request, automatic);
   if (p.ring_stages == 2) return plan_ring_mt<T, MT, R, 2, 4>(p, n, k, s, ksplit_request, automatic);
   return p.ring_stages == 3 ? plan_ring_mt<T, MT, R, 3, 4>(p, n, k, s, ksplit_request, automatic)
@@ -343,6 +376,8 @@ cudaError_t launch_ring_mt(const StreamArgs& a, const StreamPlan& p, cudaStream_
 
 template <typename T, int MT, int R>
 cudaError_t launch_ring_ns(const StreamArgs& a, const StreamPlan& p, cudaStream_t stream) {
+  if (p.ring_words == 8 && p.ring_stages == 4) return launch_ring_mt<T, MT, R, ring_built<MT, 4, 8>() ? 4 : 2, 8>(a, p, stream);
+  if (p.ring_words == 8 && p.ring_stages == 3) return launch_ring_mt<T, MT, R, ring_built<MT, 3, 8>() ? 3 : 2, 8>(a, p, stream);
   if (p.ring_words == 8) return launch_ring_mt<T, MT, R, 2, 8>(a, p, stream);
   if (p.ring_stages == 2) return launch_ring_mt<T, MT, R, 2, 4>(a, p, stream);
   return p.ring_stages == 3 ? launch_ring_mt<T, MT, R, 3, 4>(a, p, stream)
@@ -366,15 +401,30 @@ cudaError_t launch_ring_t(const StreamArgs& a, const StreamPlan& p, cudaStream_t
 bool plan_ring(StreamPlan& p, bool bf16, int m, int n, int k, int s, int ksplit_request, int stages, int words,
                bool automatic) {
   if (m < 1 || m > kMaxRingM || n % 4 != 0) return false;  // 16-byte copies of 4 rows' words
-  p = StreamPlan{};
-  p.ring = true;
-  p.ring_words = words == 8 ? 8 : 4;
-  p.ring_stages = p.ring_words == 8 ? 2 : (stages == 2 || stages == 3) ? stages : 4;
-  p.salient_mma = true;
-  p.rows_per_thread = (n % 2 == 0 && n >= 8192) ? 2 : 1;
-  p.row_blocks = (n + kThreads * p.rows_per_thread - 1) / (kThreads * p.rows_per_thread);
-  return bf16 ? plan_ring_t<__nv_bfloat16>(p, m, n, k, s, ksplit_request, automatic)
-              : plan_ring_t<__half>(p, m, n, k, s, ksplit_request, automatic);
+  auto plan_with = [&](StreamPlan& q, int ns) {
+    q = StreamPlan{};
+    q.ring = true;
+    q.ring_words = words == 8 ? 8 : 4;
+    q.ring_stages = (ns == 2 || ns == 3) ? ns : 4;
+    if (q.ring_words == 8 && m != 1) q.ring_stages = 2;  // (3, 8) and (4, 8) are built for m = 1 only
+    q.salient_mma = true;
+    q.rows_per_thread = (n % 2 == 0 && n >= 8192) ? 2 : 1;
+    q.row_blocks = (n + kThreads * q.rows_per_thread - 1) / (kThreads * q.rows_per_thread);
+    return bf16 ? plan_ring_t<__nv_bfloat16>(q, m, n, k, s, ksplit_request, automatic)
+                : plan_ring_t<__half>(q, m, n, k, s, ksplit_request, automatic);
+  };
+  if (!plan_with(p, stages)) return false;
+  // The automatic choice at m = 1: a third stage of 8 words where a warp's share of a split, under the 2-stage
+  // plan, is at least kDeepRingWords words of 32 rows (sign words + salient words rounded to whole stages, times
+  // the rows a thread). Measured on the H100 (us, 2 -> 3 stages; that count in brackets): 28672x8192 (94)
+  // 24.0 -> 22.5, 8192x28672 (186) 24.2 -> 23.5; 8192x8192 (58) 10.3 -> 11.0, 4096x11008 (42) 8.4 -> 8.6,
+  // 11008x4096 (30) 8.9 -> 9.9.
+  if (automatic && m == 1 && p.ring_words == 8 && p.ring_stages == 2 &&
+      (p.tab_words + p.sal_words) * p.rows_per_thread >= kDeepRingWords) {
+    StreamPlan deep;
+    if (plan_with(deep, 3)) p = deep;
+  }
+  return true;
 }
 
 cudaError_t launch_ring(bool bf16, const StreamArgs& a, const StreamPlan& p, cudaStream_t stream) {
