@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, ring_min_blocks<MT>()) ring_kernel(S
   zero_sums<MT, R>(acc_b, acc_s, sum_b, sum_s);
   // the block's table and salient inputs, while the first stages are in flight: a table item and a salient
   // slot a thread and iteration, their loads side by side (two dependent rounds, indices then inputs,
-  // instead of four)
+  // instead of four; at m = 1 the first items' indices came before the wait, so one round for them)
   for (int e = threadIdx.x; e < items; e += kThreads) {
     TableConsts tk = first_tab;
     int col = first_col;
@@ -336,8 +336,8 @@ bool plan_ring_mt(StreamPlan& p, int n, int k, int s, int ksplit_request, bool a
 }
 
 // the ring's shape (stages, words a stage): (4, 4), (3, 4), (2, 4), (2, 8), and at m = 1 also (3, 8) and (4, 8):
-// 16 or 24 words a warp in flight, for grids of few blocks an SM, whose warps otherwise wait on one stage at a
-// time (other m: not built, to keep the build short; the plan falls back to (2, 8))
+// 16 or 24 words a warp in flight; measured faster on the large layers only (the automatic rule in plan_ring).
+// Other m: not built, to keep the build short; the plan falls back to (2, 8).
 template <int MT, int NS, int W> constexpr bool ring_built() { return W == 4 || NS == 2 || MT == 1; }
 
 template <typename T, int MT, int R>
